@@ -1,0 +1,132 @@
+"""Shared experiment defaults, model-size presets and config validation.
+
+Experiment files in `experiments/` start from `base_config()` and change
+what they need; `validate(config)` runs before anything is built or compiled
+and names the offending key in its error.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from jaxlm.models.config import ConfigError, ModelConfig
+
+# Model-size presets: overrides of ModelConfig's defaults.
+MODEL_PRESETS = {
+    # A few hundred K parameters: unit tests and CI end-to-end runs.
+    "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
+    # The quickstart model: trains on 2 CPU cores in minutes.
+    "small": dict(vocab_size=4096, embed_dim=256, num_layers=4, num_heads=4, mlp_dim=768, max_len=512),
+    # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
+    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+    # GPT-2 medium (350M).
+    "gpt2_350m": dict(vocab_size=50304, embed_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096, max_len=1024,
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+    # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
+    "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5),
+}
+
+
+def model_config_dict(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
+  """The `model` section: every ModelConfig field, from a preset plus overrides."""
+  if preset not in MODEL_PRESETS:
+    raise ConfigError(f"Unknown model preset {preset!r}; known presets: {sorted(MODEL_PRESETS)}.")
+  values = dataclasses.asdict(ModelConfig(**{**MODEL_PRESETS[preset], **overrides}))
+  return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every training experiment (each key has a one-line comment)."""
+  config = ml_collections.ConfigDict()
+  config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm
+  config.seed = 0  # seeds parameter init, data shuffling and dropout
+
+  config.model = model_config_dict("small")
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "pystdlib_lm"  # built-in corpus or TFDS name (tiny_shakespeare, lm1b, c4, ...)
+  config.data.data_dir = ""  # TFDS data directory; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.text_field = "text"  # record field that holds the document text
+  config.data.train_split = "train"  # split trained on
+  config.data.eval_split = "validation"  # split evaluated on
+  config.data.tokenizer = ""  # SentencePiece .model; '' = train one on the train split (cached in data_dir)
+  config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
+  config.data.seq_len = 256  # tokens per packed row
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 1000  # optimizer steps
+  config.train.batch_size = 32  # global batch (rows of data.seq_len tokens)
+  config.train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
+  config.train.learning_rate = 3e-4  # peak learning rate
+  config.train.schedule = "cosine"  # after warmup: cosine, linear or constant
+  config.train.warmup_steps = 100  # linear warmup from 0 to the peak
+  config.train.end_learning_rate_fraction = 0.1  # final LR as a fraction of the peak (cosine/linear)
+  config.train.weight_decay = 0.1  # AdamW decoupled decay on kernels and embeddings (not norms, biases)
+  config.train.b1 = 0.9  # Adam beta1
+  config.train.b2 = 0.95  # Adam beta2
+  config.train.eps = 1e-8  # Adam epsilon
+  config.train.grad_clip = 1.0  # clip by global norm; 0 disables
+  config.train.log_every = 10  # steps between train-metric rows
+  config.train.eval_every = 200  # steps between evaluations; 0 = only at the end
+  config.train.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
+  config.train.keep_checkpoints = 2  # most recent checkpoints kept (plus the best by eval loss)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 32  # global eval batch
+  config.eval.num_batches = 20  # batches per evaluation (the same ones every time); -1 = whole split
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompt = "def "  # prompt of the greedy sample printed at the end ('' = no sample)
+  config.sample.max_new_tokens = 64  # tokens generated for it
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # data-parallel ways; -1 = all devices left
+  config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) ways
+  config.mesh.tensor = 1  # tensor-parallel ways
+  return config
+
+
+TASKS = ("causal_lm",)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks the whole config before anything is built; returns the frozen ModelConfig.
+
+  Raises ConfigError naming the key and the fix. (Unknown keys and wrong
+  types are already refused by the locked ConfigDict when overrides apply.)
+  """
+
+  def check(ok: bool, key: str, message: str):
+    if not ok:
+      raise ConfigError(f"{key}: {message}")
+
+  for section in ("model", "data", "train", "eval", "sample", "mesh"):
+    check(section in config, section, "missing section; start the config from jaxlm.configs.base_config().")
+  check(config.task in TASKS, "task", f"{config.task!r} is not one of {TASKS}.")
+  model_config = ModelConfig.from_config(config.model)
+
+  train, data = config.train, config.data
+  for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    check(train[key] > 0, f"train.{key}", f"must be positive, got {train[key]}.")
+  check(train.eval_every >= 0, "train.eval_every", f"must be >= 0, got {train.eval_every}.")
+  check(train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {train.warmup_steps}.")
+  check(train.learning_rate > 0, "train.learning_rate", f"must be positive, got {train.learning_rate}.")
+  check(train.schedule in SCHEDULES, "train.schedule", f"{train.schedule!r} is not one of {SCHEDULES}.")
+  check(train.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
+        f"{train.grad_accum_steps} micro-batches do not divide train.batch_size={train.batch_size}.")
+  check(data.seq_len > 1, "data.seq_len", f"must be at least 2, got {data.seq_len}.")
+  check(data.seq_len <= model_config.max_len, "data.seq_len",
+        f"{data.seq_len} exceeds model.max_len={model_config.max_len}; raise model.max_len or lower data.seq_len.")
+  check(bool(data.name), "data.name", "must name a dataset.")
+  check(data.tokenizer or data.vocab_size > 4, "data.vocab_size", "must exceed the 4 special pieces.")
+  check(data.tokenizer or data.vocab_size <= model_config.vocab_size, "data.vocab_size",
+        f"{data.vocab_size} exceeds model.vocab_size={model_config.vocab_size}; the embedding table needs a "
+        "row per token.")
+  check(config.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {config.eval.batch_size}.")
+  check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
+        f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
+  check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
+  return model_config

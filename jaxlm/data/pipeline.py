@@ -1,0 +1,96 @@
+"""grain pipelines: source -> tokenize -> pack -> batch.
+
+A language-modelling batch is a dict of int32 `[B, T]` arrays:
+- `tokens`: documents as `[bos] + ids + [eos]`, concatenated and cut into rows
+  of T tokens (a long document continues in the next row);
+- `segment_ids`: 1, 2, ... for the document pieces of a row, 0 for padding;
+- `positions`: index of each token within its piece of the row (restarts at 0).
+The model attends only within a segment, so packing never leaks across
+documents. Iterators are grain `DatasetIterator`s, whose position is saved in
+checkpoints (`jaxlm.training.checkpoint`).
+"""
+
+import os
+import re
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
+
+from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
+
+
+def record_text(record: dict, field: str, index: int, dataset: str) -> str:
+  """The UTF-8 text of `record[field]`; a clear error for a missing field, bad bytes or an empty text."""
+  if field not in record:
+    raise KeyError(f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
+                   "set data.text_field to the field that holds the text.")
+  value = record[field]
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError as error:
+      raise ValueError(f"{dataset} record {index}, field {field!r}, is not valid UTF-8 ({error}); "
+                       "fix or remove the record in the source data.") from error
+  if not value:
+    raise ValueError(f"{dataset} record {index}, field {field!r}, is empty; remove empty records from the source data.")
+  return value
+
+
+def tokenizer_for(data_config, train_source) -> Tokenizer:
+  """Loads `data.tokenizer`, or trains one on the train split and caches it in the data directory.
+
+  The cache path names the dataset, text field and vocabulary size, so a
+  changed setting never picks up a stale model.
+  """
+  if data_config.tokenizer:
+    return Tokenizer(data_config.tokenizer)
+  data_dir = os.path.expanduser(data_config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_config.name}-{data_config.text_field}-v{data_config.vocab_size}")
+  path = os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
+  if os.path.exists(path):
+    return Tokenizer(path)
+  texts = (record_text(train_source[i], data_config.text_field, i, data_config.name) for i in range(len(train_source)))
+  return train_tokenizer(texts, path, data_config.vocab_size)
+
+
+def _pad_rows(batch: dict, batch_size: int) -> dict:
+  """Pads a short final batch with all-padding rows (segment id 0: no loss, no metrics)."""
+  missing = batch_size - batch["tokens"].shape[0]
+  if missing == 0:
+    return batch
+  return {key: np.pad(value, ((0, missing), (0, 0))) for key, value in batch.items()}
+
+
+def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
+               dataset_name: str, shuffle_seed: int | None, repeat: bool,
+               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Packed language-modelling batches of `batch_size` rows (this process's share of the global batch).
+
+  Training: `shuffle_seed` set and `repeat=True` (reshuffled every epoch).
+  Evaluation: in order, one pass, the last batch padded to full size.
+  Each process reads only its own records (`process_index::process_count`).
+  """
+
+  def tokenize(index, record):
+    ids = tokenizer.encode(record_text(record, text_field, index, dataset_name))
+    return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)}
+
+  documents = grain.MapDataset.source(source).map_with_index(tokenize)
+  documents = documents[process_index::process_count]
+  if shuffle_seed is not None:
+    documents = documents.shuffle(seed=shuffle_seed)
+  if repeat:
+    documents = documents.repeat(None)
+  stream = documents.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+  rows = ConcatThenSplitIterDataset(stream, length_struct={"tokens": seq_len})
+  batches = rows.batch(batch_size, drop_remainder=repeat)
+
+  def to_model_batch(batch):
+    return _pad_rows({
+        "tokens": batch["tokens"].astype(np.int32),
+        "segment_ids": batch["tokens_segment_ids"].astype(np.int32),
+        "positions": batch["tokens_positions"].astype(np.int32),
+    }, batch_size)
+
+  return batches.map(to_model_batch)

@@ -1,0 +1,41 @@
+"""Command line: `python -m jaxlm.main --config=experiments/quickstart.py --workdir=DIR`.
+
+Overrides: `--config.train.steps=50`, `--config.model.num_layers=2`, ...
+(the config is locked: a misspelt key or a wrong type is an error).
+"""
+
+import logging as python_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_library_logs(record) -> bool:
+  """Keeps Orbax's per-save INFO chatter out of the console (its warnings still show)."""
+  return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_library_logs)
+  from jaxlm.training import loop  # imported here so that --help stays fast
+  logging.info("jaxlm %s: config %s, workdir %s", _MODE.value, _CONFIG.value.get("task"), _WORKDIR.value)
+  if _MODE.value == "train":
+    loop.train_and_evaluate(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+
+
+def run():
+  """Entry point of the `jaxlm` console script."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,53 @@
+"""Transformer models built from the blocks in `layers.py`.
+
+Shape legend: B batch, T length, D model width, V vocabulary.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxlm.models import layers
+from jaxlm.models.config import ModelConfig
+from jaxlm.sharding import BATCH, EMBED, LENGTH, POSITION, VOCAB
+
+
+class Decoder(nn.Module):
+  """Decoder-only language model (GPT-2 / Llama style).
+
+  Documents packed into one row are kept apart by `segment_ids`: a token
+  attends only to earlier tokens of its own segment.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
+    """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] (compute dtype)."""
+    config = self.config
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+
+    token_embed = nn.Embed(
+        config.vocab_size, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (VOCAB, EMBED)),
+        dtype=config.compute_dtype, param_dtype=config.weight_dtype, name="token_embed")
+    x = token_embed(tokens)  # [B, T, D]
+    if config.position == "learned":
+      x += nn.Embed(
+          config.max_len, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (POSITION, EMBED)),
+          dtype=config.compute_dtype, param_dtype=config.weight_dtype, name="position_embed")(positions)
+    x = nn.Dropout(config.dropout_rate, deterministic=deterministic)(x)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+
+    mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+    x, _ = layers.stacked_blocks(config, deterministic)(x, positions, mask)
+    x = layers.norm(config, "final_norm")(x)
+
+    if config.tie_embeddings:
+      logits = token_embed.attend(x)
+    else:
+      lm_head = layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB),
+                              config.init_std, bias=False, name="lm_head")
+      logits = lm_head(x)
+    return nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))

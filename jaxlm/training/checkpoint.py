@@ -1,0 +1,59 @@
+"""Orbax checkpoints of the train state together with the data iterator's position.
+
+`WORKDIR/checkpoints/<step>/` holds two items: `state` (the TrainState, saved
+sharded by every process) and `data` (the grain iterator state). Saving is
+asynchronous and atomic: Orbax writes into a temporary directory and renames
+it when complete, so a run killed mid-save leaves the previous checkpoint as
+the latest one and never a half-written one. Kept: the `keep` most recent
+checkpoints plus the one with the lowest eval loss.
+"""
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+BEST_METRIC = "eval_loss"
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator) pairs in one directory."""
+
+  def __init__(self, directory: str, keep: int):
+    policy = preservation_policy.AnyPreservationPolicy([
+        preservation_policy.LatestN(keep),
+        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+    self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
+    """Starts an asynchronous save; `metrics` (with `eval_loss`) ranks it for best-keeping."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
+        metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
+    """The state at `step` in the shardings of `abstract_state`; `data_iterator` is moved in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

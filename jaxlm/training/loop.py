@@ -1,0 +1,205 @@
+"""The one train / eval loop.
+
+`train_and_evaluate(config, workdir)`:
+  1. validates the config and writes WORKDIR/config.json;
+  2. builds the mesh, the data (training a tokenizer if none is named), the model;
+  3. restores, in this order: the latest checkpoint in WORKDIR/checkpoints
+     (state and data position), else initialises from `config.seed`;
+  4. compiles the train and eval steps once, before the loop, and logs their memory;
+  5. trains, logging every `train.log_every` steps, evaluating every
+     `train.eval_every` and checkpointing every `train.checkpoint_every`;
+     on SIGTERM it saves a checkpoint and returns;
+  6. evaluates, saves a final checkpoint and prints a greedy sample.
+"""
+
+import functools
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from jaxlm import configs, sharding
+from jaxlm.data import pipeline, sources
+from jaxlm.inference import decode
+from jaxlm.models.config import ConfigError
+from jaxlm.models.transformer import Decoder
+from jaxlm.tasks import causal_lm
+from jaxlm.training import checkpoint, optim, steps
+from jaxlm.training import state as state_lib
+from jaxlm.training.writer import MetricWriter
+
+TASKS = {"causal_lm": causal_lm}
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop checks it between steps, saves and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    self._previous = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_batch_sizes(config, mesh) -> None:
+  parallel = sharding.data_parallel_size(mesh)
+  for key, size in (("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
+                    ("eval.batch_size", config.eval.batch_size)):
+    per = "per micro-batch " if key.startswith("train") and config.train.grad_accum_steps > 1 else ""
+    if size % parallel or size % jax.process_count():
+      raise ConfigError(f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
+                        f"shards (mesh.data x mesh.fsdp) and {jax.process_count()} processes.")
+
+
+def _data(config):
+  """(tokenizer, train batches, eval batches as a list of host batches) for this process."""
+  data = config.data
+  data_dir = data.data_dir or None
+  train_source = sources.get_source(data.name, data.train_split, data_dir)
+  eval_source = sources.get_source(data.name, data.eval_split, data_dir)
+  tokenizer = pipeline.tokenizer_for(data, train_source)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's "
+                      f"{tokenizer.vocab_size} pieces ({tokenizer.path}); raise model.vocab_size.")
+  common = dict(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  train_batches = pipeline.lm_batches(train_source, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
+                                      shuffle_seed=config.seed, repeat=True, **common)
+  eval_batches = pipeline.lm_batches(eval_source, tokenizer, batch_size=config.eval.batch_size // jax.process_count(),
+                                     shuffle_seed=None, repeat=False, **common)
+  limit = None if config.eval.num_batches == -1 else config.eval.num_batches
+  eval_list = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), eval_batches)]
+  if not eval_list:
+    raise ValueError(f"The {data.eval_split!r} split of {data.name!r} gave no eval batch.")
+  return tokenizer, train_batches, eval_list
+
+
+def _to_global(batch: dict, batch_sharding) -> dict:
+  """This process's rows -> global arrays laid out over the mesh."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in batch.items()}
+
+
+def _log_compiled(name: str, compiled) -> None:
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info("%s: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB per device", name,
+                 memory.argument_size_in_bytes / 2**20, memory.output_size_in_bytes / 2**20,
+                 memory.temp_size_in_bytes / 2**20)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains and evaluates `config` in `workdir`; returns the last eval metrics."""
+  model_config = configs.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  writer = MetricWriter(workdir)
+  writer.write_config(workdir, config)
+  mesh = sharding.create_mesh(config.mesh)
+  _check_batch_sizes(config, mesh)
+  logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+
+  task = TASKS[config.task]
+  tokenizer, train_batches, eval_batches = _data(config)
+  train_iterator = iter(train_batches)
+  unigram_entropy = causal_lm.unigram_entropy(eval_batches)
+  model = Decoder(model_config)
+  optimizer, schedule = optim.create_optimizer(config.train)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+
+  # Restore order: the workdir's latest checkpoint, else a fresh init.
+  abstract_state, state_sharding = state_lib.state_shardings(model, optimizer, config.data.seq_len, mesh)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
+    state = checkpointer.restore(latest, abstract_state, train_iterator)
+  else:
+    logging.info("No checkpoint in %s: initialising from seed %d", workdir, config.seed)
+    state, _ = state_lib.create_train_state(model, optimizer, config.data.seq_len, mesh, init_rng)
+  logging.info("Model: %s parameters", f"{state_lib.count_params(state.params):,}")
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  global_batch = lambda rows: {key: jax.ShapeDtypeStruct((rows, config.data.seq_len), np.int32, sharding=batch_sharding)
+                               for key in ("tokens", "segment_ids", "positions")}
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
+                        dropout_rng=dropout_rng, grad_accum_steps=config.train.grad_accum_steps),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model, task=task),
+                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+  with sharding.mesh_context(mesh):
+    start = time.perf_counter()
+    train_step = train_step.lower(abstract_state, global_batch(config.train.batch_size)).compile()
+    eval_step = eval_step.lower(abstract_state.params, global_batch(config.eval.batch_size)).compile()
+  logging.info("Compiled the train and eval steps in %.1f s", time.perf_counter() - start)
+  _log_compiled("train_step", train_step)
+
+  def evaluate(step: int) -> dict:
+    totals = None
+    for batch in eval_batches:
+      sums = eval_step(state.params, _to_global(batch, batch_sharding))
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    metrics = {**task.summarize(jax.device_get(totals)), "unigram_entropy": unigram_entropy}
+    writer.write(step, "eval", metrics)
+    logging.info("step %d eval: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+  step = int(state.step)
+  eval_metrics = {}
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  progress = tqdm.tqdm(total=config.train.steps, initial=step, desc="train", unit="step",
+                       disable=jax.process_index() != 0 or not sys.stderr.isatty())
+  try:
+    with _PreemptionFlag() as preemption:
+      interval_start, interval_steps = time.perf_counter(), 0
+      while step < config.train.steps:
+        state, metrics = train_step(state, _to_global(next(train_iterator), batch_sharding))
+        step += 1
+        interval_steps += 1
+        progress.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - interval_start
+          row = {**task.summarize(metrics), **{k: metrics[k] for k in
+                 ("grad_norm", "update_norm", "param_norm", "learning_rate")},
+                 "tokens_per_sec": interval_steps * tokens_per_step / elapsed}
+          writer.write(step, "train", row)
+          progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+          logging.info("step %d train: loss %.4f, %.0f tokens/s", step, row["loss"], row["tokens_per_sec"])
+          interval_start, interval_steps = time.perf_counter(), 0
+        is_last = step == config.train.steps
+        if (config.train.eval_every and step % config.train.eval_every == 0) or is_last:
+          eval_metrics = evaluate(step)
+        if step % config.train.checkpoint_every == 0 or is_last or preemption.requested:
+          evaluated_now = eval_metrics and (is_last or (config.train.eval_every and step % config.train.eval_every == 0))
+          checkpointer.save(step, state, train_iterator,
+                            metrics={"eval_loss": eval_metrics["loss"]} if evaluated_now else None)
+        if preemption.requested:
+          logging.warning("SIGTERM: saved the checkpoint at step %d; rerun the same command to resume.", step)
+          return eval_metrics
+      if not eval_metrics:  # resumed a finished run
+        eval_metrics = evaluate(step)
+  finally:
+    progress.close()
+    checkpointer.close()  # waits for pending saves
+    writer.close()
+
+  if config.sample.prompt and config.sample.max_new_tokens and jax.process_index() == 0:
+    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(config.sample.prompt)]
+    generated = decode.greedy_decode(model, state.params, prompt_ids, config.sample.max_new_tokens, tokenizer.eos_id)
+    print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{tokenizer.decode(generated)}\n---", flush=True)
+  return eval_metrics

@@ -1,0 +1,64 @@
+"""The pure train and eval steps. The task supplies the loss; nothing here is task specific."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.training.state import TrainState
+
+
+def _micro_batches(batch: dict, num_micro: int) -> dict:
+  """[B, ...] -> [M, B/M, ...]. Micro-batch j takes rows j, j+M, ..., so each stays spread over all devices."""
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedule, dropout_rng,
+               grad_accum_steps: int = 1):
+  """One optimizer step on the mean loss over all target tokens of the global batch.
+
+  Gradient accumulation sums per-token losses and gradients over micro-batches
+  and divides once by the total token count, so it gives the same update as
+  the whole batch at once. Dropout keys come from `fold_in(dropout_rng, step)`.
+  """
+  rng = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params, micro_batch, micro_rng):
+    return task.loss_and_metrics(model, params, micro_batch, train=True, rng=micro_rng)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (_, sums), grads = grad_fn(state.params, batch, rng)
+  else:
+    def accumulate(carry, inputs):
+      micro_batch, index = inputs
+      (_, micro_sums), micro_grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
+
+    micro = _micro_batches(batch, grad_accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
+
+  weight = jnp.maximum(sums["weight"], 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      **sums,
+      "grad_norm": optax.global_norm(grads),
+      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.global_norm(params),
+      "learning_rate": schedule(state.step),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model, task) -> dict:
+  """Metric sums of one batch (summed over the global batch, so across devices too)."""
+  _, sums = task.loss_and_metrics(model, params, batch, train=False)
+  return sums
