@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tokenizer = ""  # SentencePiece .model; '' = train one on the train split (cached in data_dir)
   config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
   config.data.seq_len = 256  # tokens per packed row
+  config.data.shuffle_window = 1024  # packed training rows shuffled together (spreads long documents)
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000  # optimizer steps
@@ -75,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32  # global eval batch
-  config.eval.num_batches = 20  # batches per evaluation (the same ones every time); -1 = whole split
+  config.eval.num_batches = 20  # batches per evaluation (a fixed sample of the split); -1 = whole split
 
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "def "  # prompt of the greedy sample printed at the end ('' = no sample)

@@ -15,7 +15,7 @@ import re
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
 
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -63,12 +63,14 @@ def _pad_rows(batch: dict, batch_size: int) -> dict:
 
 
 def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
-               dataset_name: str, shuffle_seed: int | None, repeat: bool,
+               dataset_name: str, shuffle_seed: int | None, repeat: bool, shuffle_window: int = 0,
                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Packed language-modelling batches of `batch_size` rows (this process's share of the global batch).
 
-  Training: `shuffle_seed` set and `repeat=True` (reshuffled every epoch).
-  Evaluation: in order, one pass, the last batch padded to full size.
+  Training: `shuffle_seed` set and `repeat=True` (documents reshuffled every epoch), and
+  `shuffle_window` > 0: packed rows are shuffled within windows of that many rows, so that
+  the rows of one long document spread over many batches instead of filling consecutive ones.
+  Evaluation: one pass (in a fixed shuffled order if `shuffle_seed` is set), the last batch padded.
   Each process reads only its own records (`process_index::process_count`).
   """
 
@@ -84,6 +86,8 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     documents = documents.repeat(None)
   stream = documents.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   rows = ConcatThenSplitIterDataset(stream, length_struct={"tokens": seq_len})
+  if shuffle_window > 1 and shuffle_seed is not None:
+    rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=shuffle_seed)
   batches = rows.batch(batch_size, drop_remainder=repeat)
 
   def to_model_batch(batch):

@@ -34,6 +34,7 @@ from jaxlm.training import state as state_lib
 from jaxlm.training.writer import MetricWriter
 
 TASKS = {"causal_lm": causal_lm}
+EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
 
 
 class _PreemptionFlag:
@@ -77,9 +78,12 @@ def _data(config):
   common = dict(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
                 process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = pipeline.lm_batches(train_source, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
-                                      shuffle_seed=config.seed, repeat=True, **common)
+                                      shuffle_seed=config.seed, repeat=True, shuffle_window=data.shuffle_window,
+                                      **common)
+  # Evaluation reads the split's documents once in a fixed shuffled order, so that the first
+  # eval.num_batches batches are a representative sample, and the same one at every evaluation.
   eval_batches = pipeline.lm_batches(eval_source, tokenizer, batch_size=config.eval.batch_size // jax.process_count(),
-                                     shuffle_seed=None, repeat=False, **common)
+                                     shuffle_seed=EVAL_ORDER_SEED, repeat=False, **common)
   limit = None if config.eval.num_batches == -1 else config.eval.num_batches
   eval_list = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), eval_batches)]
   if not eval_list:

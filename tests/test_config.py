@@ -1,0 +1,101 @@
+"""Experiment configs: every file parses and validates; bad values fail early, naming the key."""
+
+import glob
+import os
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs, sharding
+from jaxlm.models.config import ConfigError
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
+VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"]}
+
+
+def load(path, arg=None, overrides=()):
+  """Loads a config file the way main.py does (locked), with `--config.X=Y` overrides."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  flag_values(["prog", f"--config={path}{':' + arg if arg else ''}", *overrides])
+  return flag_values.config
+
+
+def test_every_experiment_has_known_variants():
+  assert {os.path.basename(p) for p in EXPERIMENTS} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_every_experiment_parses_and_validates(path):
+  for arg in VARIANTS[os.path.basename(path)]:
+    config = load(path, arg)
+    model_config = configs.validate(config)
+    for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+      assert key in config.train
+    assert model_config.vocab_size >= config.data.vocab_size
+    assert config.data.seq_len <= model_config.max_len
+
+
+def test_overrides_apply_and_typos_are_refused():
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py")
+  config = load(path, "tiny", ["--config.train.steps=50", "--config.model.num_layers=3"])
+  assert (config.train.steps, config.model.num_layers) == (50, 3)
+  with pytest.raises(Exception, match="stpes"):
+    load(path, "tiny", ["--config.train.stpes=50"])
+  with pytest.raises(Exception, match="steps"):
+    load(path, "tiny", ["--config.train.steps=many"])
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  config = configs.base_config()
+  config.model = configs.model_config_dict("tiny")
+  config.data.vocab_size = 512
+  config.data.seq_len = 64
+  return config
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.num_heads", 3, "model.num_heads: 3 heads do not divide embed_dim=64"),
+    ("data.seq_len", 4096, "data.seq_len: 4096 exceeds model.max_len=128"),
+    ("train.grad_accum_steps", 5, "train.grad_accum_steps: 5 micro-batches do not divide"),
+    ("train.schedule", "exponential", "train.schedule"),
+    ("data.vocab_size", 100000, "data.vocab_size: 100000 exceeds model.vocab_size=512"),
+    ("train.steps", 0, "train.steps: must be positive"),
+    ("task", "translation", "task: 'translation'"),
+])
+def test_invalid_values_fail_with_the_key(key, value, message):
+  config = tiny_config()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    configs.validate(config)
+
+
+def test_unknown_model_key_is_refused():
+  config = tiny_config()
+  config.model.unlock()
+  config.model.num_experts = 8
+  with pytest.raises(ConfigError, match="model.num_experts: unknown model option"):
+    configs.validate(config)
+
+
+@pytest.mark.parametrize("mesh, devices, expected", [
+    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
+    (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
+    (dict(data=1, fsdp=1, tensor=-1), 4, (1, 1, 4)),
+])
+def test_mesh_shape(mesh, devices, expected):
+  assert sharding.mesh_shape(mesh, devices) == expected
+
+
+@pytest.mark.parametrize("mesh, message", [
+    (dict(data=-1, fsdp=-1, tensor=1), "at most one"),
+    (dict(data=3, fsdp=-1, tensor=1), "do not divide"),
+    (dict(data=2, fsdp=2, tensor=1), "set one of"),
+    (dict(data=0, fsdp=1, tensor=-1), "mesh.data"),
+])
+def test_bad_mesh_is_a_clear_error(mesh, message):
+  with pytest.raises(ConfigError, match=message):
+    sharding.mesh_shape(mesh, 8)

@@ -1,0 +1,149 @@
+"""Training pieces: optimizer mask and schedule, gradient accumulation, NaN guard, one sharded run."""
+
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxlm import configs, sharding
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.transformer import Decoder
+from jaxlm.tasks import causal_lm
+from jaxlm.training import loop, optim, steps
+from jaxlm.training import state as state_lib
+from jaxlm.training.writer import MetricWriter, NonFiniteLossError
+
+
+def train_config(**overrides):
+  config = configs.base_config().train
+  config.update(overrides)
+  return config
+
+
+def test_schedule_warms_up_then_decays_to_the_end_fraction():
+  schedule = optim.learning_rate_schedule(train_config(steps=110, warmup_steps=10, learning_rate=1.0,
+                                                       end_learning_rate_fraction=0.1))
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-4)  # cosine midpoint
+  assert float(schedule(110)) == pytest.approx(0.1, rel=1e-4)
+  linear = optim.learning_rate_schedule(train_config(steps=110, warmup_steps=10, learning_rate=1.0,
+                                                     schedule="linear", end_learning_rate_fraction=0.0))
+  assert float(linear(60)) == pytest.approx(0.5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {"layers": {"mlp": {"up": {"kernel": 1, "bias": 2}}, "mlp_norm": {"scale": 3}},
+            "token_embed": {"embedding": 4}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"layers": {"mlp": {"up": {"kernel": True, "bias": False}}, "mlp_norm": {"scale": False}},
+                  "token_embed": {"embedding": True}}
+
+
+def _setup(mesh_config, grad_accum_steps=1, seed=0):
+  model = Decoder(ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16,
+                              use_bias=True, norm="layernorm"))
+  config = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, grad_accum_steps=grad_accum_steps)
+  optimizer, schedule = optim.create_optimizer(config)
+  mesh = sharding.create_mesh(mesh_config)
+  state, shardings = state_lib.create_train_state(model, optimizer, 16, mesh, jax.random.key(seed))
+  step = jax.jit(functools.partial(steps.train_step, model=model, task=causal_lm, optimizer=optimizer,
+                                   schedule=schedule, dropout_rng=jax.random.key(1),
+                                   grad_accum_steps=grad_accum_steps),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
+  return state, step, mesh
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 64, size=(8, 16)).astype(np.int32)
+  segment_ids = np.repeat([[1] * 10 + [2] * 6], 8, axis=0).astype(np.int32)
+  segment_ids[3, 12:] = 0  # some padding
+  positions = np.concatenate([np.arange(10), np.arange(6)])[None].repeat(8, 0).astype(np.int32)
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def test_gradient_accumulation_gives_the_same_update():
+  whole_state, whole_step, mesh = _setup(dict(data=-1, fsdp=1, tensor=1))
+  accum_state, accum_step, _ = _setup(dict(data=-1, fsdp=1, tensor=1), grad_accum_steps=4)
+  with sharding.mesh_context(mesh):
+    for seed in range(3):
+      whole_state, whole_metrics = whole_step(whole_state, _batch(seed))
+      accum_state, accum_metrics = accum_step(accum_state, _batch(seed))
+      np.testing.assert_allclose(whole_metrics["loss_sum"], accum_metrics["loss_sum"], rtol=1e-5)
+      assert float(whole_metrics["weight"]) == float(accum_metrics["weight"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               whole_state.params, accum_state.params)
+
+
+def test_loss_is_mean_cross_entropy_over_targets():
+  """The task's loss against a NumPy computation from the logits."""
+  model = Decoder(ModelConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=16))
+  batch = _batch(1)
+  params = jax.jit(model.init)(jax.random.key(0), batch["tokens"])["params"]
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  loss_sum, sums = causal_lm.loss_and_metrics(model, params, batch, train=False)
+  logits = np.asarray(model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]),
+                      np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  total, count = 0.0, 0
+  for b in range(8):
+    for t in range(15):
+      seg = batch["segment_ids"][b]
+      if seg[t] != 0 and seg[t + 1] == seg[t]:
+        total -= log_probs[b, t, batch["tokens"][b, t + 1]]
+        count += 1
+  assert float(sums["weight"]) == count
+  assert float(loss_sum) == pytest.approx(total, rel=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  writer.write(1, "train", {"loss": 2.0})
+  with pytest.raises(NonFiniteLossError, match="train loss is nan at step 2"):
+    writer.write(2, "train", {"loss": float("nan")})
+  writer.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert rows == [{"step": 1, "split": "train", "loss": 2.0}]
+
+
+def load_experiment(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
+  """End to end in-process on a data x FSDP x tensor mesh: data, eval, metrics, checkpoints, sample."""
+  config = load_experiment("quickstart", "tiny")
+  config.data.data_dir = data_dir
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  config.train.update(dict(steps=12, eval_every=4, checkpoint_every=4, keep_checkpoints=1, learning_rate=1e-2))
+  final = loop.train_and_evaluate(config, str(tmp_path))
+
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  eval_rows = [r for r in rows if r["split"] == "eval"]
+  assert [r["step"] for r in train_rows] == list(range(1, 13))
+  assert [r["step"] for r in eval_rows] == [4, 8, 12]
+  assert all({"loss", "perplexity", "token_accuracy", "unigram_entropy"} <= set(r) for r in eval_rows)
+  assert eval_rows[-1]["loss"] < eval_rows[0]["loss"]
+  assert final["loss"] == eval_rows[-1]["loss"]
+  assert eval_rows[-1]["perplexity"] == pytest.approx(np.exp(eval_rows[-1]["loss"]))
+  assert json.load(open(tmp_path / "config.json"))["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert os.listdir(tmp_path / "tensorboard")
+  # Kept: the latest checkpoint and the one with the lowest eval loss.
+  best = min(eval_rows, key=lambda r: r["loss"])["step"]
+  kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert kept == sorted({12, best})
+  assert "--- greedy sample (step 12) ---" in capsys.readouterr().out
