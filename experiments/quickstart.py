@@ -15,15 +15,15 @@ def get_config(arg: str | None = None):
   config = configs.base_config()
   config.model = configs.model_config_dict("small")
   config.data.seq_len = 256
-  config.train.steps = 300
+  config.train.steps = 220
   config.train.batch_size = 16
-  config.train.learning_rate = 3e-3
+  config.train.learning_rate = 2e-3
   config.train.warmup_steps = 30
   config.train.log_every = 10
-  config.train.eval_every = 100
-  config.train.checkpoint_every = 100
+  config.train.eval_every = 55
+  config.train.checkpoint_every = 55
   config.eval.batch_size = 16
-  config.eval.num_batches = 16
+  config.eval.num_batches = 8
 
   if arg == "tiny":  # seconds on CPU: tests and smoke runs
     config.model = configs.model_config_dict("tiny")

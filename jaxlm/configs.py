@@ -16,7 +16,7 @@ MODEL_PRESETS = {
     # A few hundred K parameters: unit tests and CI end-to-end runs.
     "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
     # The quickstart model: trains on 2 CPU cores in minutes.
-    "small": dict(vocab_size=4096, embed_dim=256, num_layers=4, num_heads=4, mlp_dim=768, max_len=512),
+    "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
     # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
     "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
                       position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),

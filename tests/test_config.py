@@ -17,9 +17,10 @@ VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_
 
 def load(path, arg=None, overrides=()):
   """Loads a config file the way main.py does (locked), with `--config.X=Y` overrides."""
+  argv = ["prog", f"--config={path}{':' + arg if arg else ''}", *overrides]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
-  flag_values(["prog", f"--config={path}{':' + arg if arg else ''}", *overrides])
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
   return flag_values.config
 
 
