@@ -125,19 +125,29 @@ def test_targets_never_cross_documents():
   np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]])
 
 
-def test_training_stream_is_reproducible_and_resumable(data_dir, tokenizer):
+def test_training_stream_resumes_exactly_from_a_checkpoint(data_dir, tokenizer, tmp_path):
+  """The iterator position saved with Orbax (asynchronously, while reading goes on) resumes the same stream."""
+  import jax.numpy as jnp
+  from jaxlm.training.checkpoint import Checkpointer, abstract_like
+
   source = sources.get_source("pystdlib_lm", "validation", data_dir)
   make = lambda: iter(pipeline.lm_batches(source, tokenizer, text_field="text", seq_len=32, batch_size=4,
                                           dataset_name="pystdlib_lm", shuffle_seed=3, repeat=True,
                                           shuffle_window=16))
   reference = make()
-  expected = [next(reference) for _ in range(6)]
-  resumed = make()
+  expected = [next(reference) for _ in range(12)]
+  iterator = make()
   for _ in range(3):
-    next(resumed)
-  state = resumed.get_state()
+    next(iterator)
+  checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  state = {"w": jnp.ones(2)}
+  checkpointer.save(3, state, iterator)
+  for _ in range(5):
+    next(iterator)  # reading goes on while the save completes
+  checkpointer.wait()
   restarted = make()
-  restarted.set_state(state)
+  checkpointer.restore(3, abstract_like(state), restarted)
+  checkpointer.close()
   for want in expected[3:]:
     got = next(restarted)
     for key in want:

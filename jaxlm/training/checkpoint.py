@@ -8,12 +8,46 @@ the latest one and never a half-written one. Kept: the `keep` most recent
 checkpoints plus the one with the lowest eval loss.
 """
 
+import json
+
 import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 BEST_METRIC = "eval_loss"
+
+
+def _lists_to_tuples(value):
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value
+
+
+class _IteratorState:
+  """What grain's Orbax handler saves and restores in place of the iterator itself.
+
+  - Saving: the state is taken when `save` is called, not when the asynchronous
+    write runs, so it belongs to the saved step even if training has moved on.
+  - Restoring: JSON turns tuples into lists, and grain's packing iterator
+    compares its state against tuples; lists are turned back into tuples.
+  The handler writes one file per process, so each process resumes its own shard.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+    self._state = iterator.get_state()
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state).encode()
+
+  def set_state(self, raw: bytes) -> None:
+    self._iterator.set_state(_lists_to_tuples(json.loads(raw)))
+
+  def start_prefetch(self) -> None:
+    pass  # the iterator prefetches on its own once read
 
 
 class Checkpointer:
@@ -37,13 +71,14 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; `metrics` (with `eval_loss`) ranks it for best-keeping."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))),
         metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
     """The state at `step` in the shardings of `abstract_state`; `data_iterator` is moved in place."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
     return restored["state"]
 
   def wait(self) -> None:
