@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
   config.train.checkpoint_every = 55
   config.eval.batch_size = 16
   config.eval.num_batches = 8
+  config.sample.prompt = "    def __init__(self"
 
   if arg == "tiny":  # seconds on CPU: tests and smoke runs
     config.model = configs.model_config_dict("tiny")

@@ -13,6 +13,7 @@
 """
 
 import functools
+import itertools
 import os
 import signal
 import sys
@@ -85,7 +86,7 @@ def _data(config):
   eval_batches = pipeline.lm_batches(eval_source, tokenizer, batch_size=config.eval.batch_size // jax.process_count(),
                                      shuffle_seed=EVAL_ORDER_SEED, repeat=False, **common)
   limit = None if config.eval.num_batches == -1 else config.eval.num_batches
-  eval_list = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), eval_batches)]
+  eval_list = list(itertools.islice(eval_batches, limit))
   if not eval_list:
     raise ValueError(f"The {data.eval_split!r} split of {data.name!r} gave no eval batch.")
   return tokenizer, train_batches, eval_list
@@ -152,10 +153,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("Compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   _log_compiled("train_step", train_step)
 
-  def evaluate(step: int) -> dict:
+  def evaluate(step: int, params) -> dict:
     totals = None
     for batch in eval_batches:
-      sums = eval_step(state.params, _to_global(batch, batch_sharding))
+      sums = eval_step(params, _to_global(batch, batch_sharding))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     metrics = {**task.summarize(jax.device_get(totals)), "unigram_entropy": unigram_entropy}
     writer.write(step, "eval", metrics)
@@ -186,17 +187,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
           logging.info("step %d train: loss %.4f, %.0f tokens/s", step, row["loss"], row["tokens_per_sec"])
           interval_start, interval_steps = time.perf_counter(), 0
         is_last = step == config.train.steps
-        if (config.train.eval_every and step % config.train.eval_every == 0) or is_last:
-          eval_metrics = evaluate(step)
+        evaluated_now = (config.train.eval_every and step % config.train.eval_every == 0) or is_last
+        if evaluated_now:
+          eval_metrics = evaluate(step, state.params)
         if step % config.train.checkpoint_every == 0 or is_last or preemption.requested:
-          evaluated_now = eval_metrics and (is_last or (config.train.eval_every and step % config.train.eval_every == 0))
+          # Only checkpoints with an eval loss of their own step compete for "best".
           checkpointer.save(step, state, train_iterator,
                             metrics={"eval_loss": eval_metrics["loss"]} if evaluated_now else None)
         if preemption.requested:
           logging.warning("SIGTERM: saved the checkpoint at step %d; rerun the same command to resume.", step)
           return eval_metrics
       if not eval_metrics:  # resumed a finished run
-        eval_metrics = evaluate(step)
+        eval_metrics = evaluate(step, state.params)
   finally:
     progress.close()
     checkpointer.close()  # waits for pending saves
