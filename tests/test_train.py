@@ -52,7 +52,8 @@ def _setup(mesh_config, grad_accum_steps=1, seed=0):
   config = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, grad_accum_steps=grad_accum_steps)
   optimizer, schedule = optim.create_optimizer(config)
   mesh = sharding.create_mesh(mesh_config)
-  state, shardings = state_lib.create_train_state(model, optimizer, 16, mesh, jax.random.key(seed))
+  _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
+  state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(seed))
   step = jax.jit(functools.partial(steps.train_step, model=model, task=causal_lm, optimizer=optimizer,
                                    schedule=schedule, dropout_rng=jax.random.key(1),
                                    grad_accum_steps=grad_accum_steps),

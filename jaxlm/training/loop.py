@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = checkpointer.restore(latest, abstract_state, train_iterator)
   else:
     logging.info("No checkpoint in %s: initialising from seed %d", workdir, config.seed)
-    state, _ = state_lib.create_train_state(model, optimizer, config.data.seq_len, mesh, init_rng)
+    state = state_lib.create_train_state(model, optimizer, config.data.seq_len, mesh, state_sharding, init_rng)
   logging.info("Model: %s parameters", f"{state_lib.count_params(state.params):,}")
 
   batch_sharding = sharding.batch_sharding(mesh)

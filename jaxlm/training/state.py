@@ -38,13 +38,12 @@ def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
   return abstract, shardings
 
 
-def create_train_state(model, optimizer, seq_len: int, mesh, rng) -> tuple[TrainState, Any]:
-  """Initialises parameters and optimizer state directly in their shardings: no host holds the full model."""
-  _, shardings = state_shardings(model, optimizer, seq_len, mesh)
+def create_train_state(model, optimizer, seq_len: int, mesh, shardings, rng) -> TrainState:
+  """Initialises parameters and optimizer state directly in `shardings` (from `state_shardings`):
+  no host ever holds the full model."""
   init = _init_fn(model, optimizer, seq_len)
   with sharding.mesh_context(mesh):
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-  return state, shardings
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
 
 
 def count_params(params) -> int:
