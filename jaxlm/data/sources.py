@@ -16,6 +16,8 @@ from jaxlm.models.config import ConfigError
 # Built-in corpora: TFDS name -> module that defines (and so registers) its builder.
 BUILTIN_DATASETS = {
     "pystdlib_lm": "jaxlm.data.builders.pystdlib_lm",
+    "pystdlib_packages": "jaxlm.data.builders.pystdlib_packages",
+    "pystdlib_docstrings": "jaxlm.data.builders.pystdlib_docstrings",
 }
 
 

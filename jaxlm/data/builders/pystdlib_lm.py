@@ -40,10 +40,14 @@ def stdlib_python_files(root: pathlib.Path) -> list[str]:
   return sorted(paths)
 
 
+def bucket_of(relative_path: str) -> int:
+  """0..99, from the first 8 hex digits of the SHA-256 of the path (the same on every machine)."""
+  return int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
 def split_of(relative_path: str, validation_percent: int = VALIDATION_PERCENT) -> str:
-  """'validation' or 'train', from the first 8 hex digits of the SHA-256 of the path."""
-  bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8], 16) % 100
-  return "validation" if bucket < validation_percent else "train"
+  """'validation' or 'train', from the path's bucket."""
+  return "validation" if bucket_of(relative_path) < validation_percent else "train"
 
 
 def read_python_source(path: pathlib.Path) -> str | None:
