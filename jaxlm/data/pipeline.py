@@ -1,12 +1,16 @@
-"""grain pipelines: source -> tokenize -> pack -> batch.
+"""grain pipelines: source -> tokenize -> pack or pad -> batch.
 
-A language-modelling batch is a dict of int32 `[B, T]` arrays:
+Pretraining packs documents (`lm_batches`); fine-tuning pads one example per
+row (`classification_batches`, `sft_batches`), so that each row has one label
+or one prompt/target pair. A language-modelling batch is a dict of int32 `[B, T]` arrays:
 - `tokens`: documents as `[bos] + ids + [eos]`, concatenated and cut into rows
   of T tokens (a long document continues in the next row);
 - `segment_ids`: 1, 2, ... for the document pieces of a row, 0 for padding;
 - `positions`: index of each token within its piece of the row (restarts at 0).
 The model attends only within a segment, so packing never leaks across
-documents. Iterators are grain `DatasetIterator`s, whose position is saved in
+documents. Padded batches use the same keys (segment id 1 for the example, 0 for
+padding; positions from 0), plus `label` `[B]` (classification) or `loss_mask`
+`[B, T]` (SFT: 1 on the target tokens the loss is taken on). Iterators are grain `DatasetIterator`s, whose position is saved in
 checkpoints (`jaxlm.training.checkpoint`).
 """
 
@@ -59,7 +63,7 @@ def _pad_rows(batch: dict, batch_size: int) -> dict:
   missing = batch_size - batch["tokens"].shape[0]
   if missing == 0:
     return batch
-  return {key: np.pad(value, ((0, missing), (0, 0))) for key, value in batch.items()}
+  return {key: np.pad(value, [(0, missing)] + [(0, 0)] * (value.ndim - 1)) for key, value in batch.items()}
 
 
 def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
@@ -98,3 +102,68 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     }, batch_size)
 
   return batches.map(to_model_batch)
+
+
+TRUNCATIONS = ("right", "left")
+
+
+def truncate(ids: list[int], length: int, side: str) -> list[int]:
+  """At most `length` ids: 'right' keeps the beginning (cuts the end), 'left' keeps the end."""
+  if len(ids) <= length:
+    return ids
+  return ids[:length] if side == "right" else ids[len(ids) - length:]
+
+
+def _padded_row(ids: list[int], seq_len: int) -> dict:
+  """`tokens`, `segment_ids`, `positions` [T] of one example right-padded to `seq_len`."""
+  tokens = np.zeros(seq_len, np.int32)
+  tokens[:len(ids)] = ids
+  return {"tokens": tokens, "segment_ids": (np.arange(seq_len) < len(ids)).astype(np.int32),
+          "positions": np.arange(seq_len, dtype=np.int32)}
+
+
+def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len: int, truncation: str) -> dict:
+  """`[bos] + text + [eos]`, the text cut to fit (`truncation`: which side is cut), with its `label`."""
+  ids = truncate(tokenizer.encode(text), seq_len - 2, truncation)
+  return {**_padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
+
+
+def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
+                separator: str) -> dict:
+  """`[bos] + prompt + separator + target + [eos]`; `loss_mask` is 1 on target and eos only.
+
+  The target (with eos) keeps up to half the row; the prompt is cut to fit the rest
+  (`truncation`: which side of the prompt is cut); the separator is never cut.
+  """
+  target_ids = truncate(tokenizer.encode(target), seq_len // 2 - 1, "right") + [tokenizer.eos_id]
+  separator_ids = tokenizer.encode(separator) if separator else []
+  prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids) - len(target_ids), truncation)
+  context = [tokenizer.bos_id, *prompt_ids, *separator_ids]
+  row = _padded_row(context + target_ids, seq_len)
+  row["loss_mask"] = np.zeros(seq_len, np.int32)
+  row["loss_mask"][len(context):len(context) + len(target_ids)] = 1
+  return row
+
+
+def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None, repeat: bool,
+                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """One example per row: `encode(index, record) -> dict of arrays`, batched (`lm_batches` for the options)."""
+  examples = grain.MapDataset.source(source).map_with_index(encode)[process_index::process_count]
+  if shuffle_seed is not None:
+    examples = examples.shuffle(seed=shuffle_seed)
+  if repeat:
+    examples = examples.repeat(None)
+  stream = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+  return stream.batch(batch_size, drop_remainder=repeat).map(lambda batch: _pad_rows(batch, batch_size))
+
+
+def record_label(record: dict, field: str, index: int, dataset: str, num_classes: int) -> int:
+  """The integer class of `record[field]`, checked against the number of classes."""
+  if field not in record:
+    raise KeyError(f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
+                   "set data.label_field to the field that holds the class.")
+  label = int(record[field])
+  if not 0 <= label < num_classes:
+    raise ValueError(f"{dataset} record {index} has label {label}, outside [0, {num_classes}); "
+                     "unlabelled splits (label -1, e.g. GLUE test) cannot be trained or evaluated on.")
+  return label

@@ -48,6 +48,9 @@ class ModelConfig:
   remat: str = "none"  # rematerialise each block: "none", "full" or "save_dots"
   attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto/xla/cudnn
   init_std: float = 0.02  # stddev of the normal initialiser of weights
+  lora_rank: int = 0  # rank r of LoRA adapters (models/lora.py) on the targeted Einsum kernels; 0 = none
+  lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / r) * A @ B
+  lora_targets: str = "attention/(query|value)"  # regex searched in module paths, e.g. "layers/mlp/up"
 
   def __post_init__(self):
     def check(ok: bool, key: str, message: str):
@@ -65,6 +68,7 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       check(getattr(self, key) in DTYPES, key, f"{getattr(self, key)!r} is not one of {tuple(DTYPES)}.")
     check(0.0 <= self.dropout_rate < 1.0, "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
+    check(self.lora_rank >= 0, "lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
     check(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0 (0 means num_heads).")
     if not self.head_dim:
       check(self.embed_dim % self.num_heads == 0, "num_heads",

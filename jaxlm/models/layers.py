@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models import lora
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP
 
@@ -72,6 +73,8 @@ class Einsum(nn.Module):
   """`einsum(equation, x, kernel) (+ bias)` with a kernel that carries logical axis names.
 
   The bias (if `config.use_bias` and `bias`) spans the kernel's last `output_dims` axes.
+  A module whose path matches `config.lora_targets` gets LoRA adapters when `config.lora_rank` > 0
+  (`jaxlm.models.lora`).
   """
 
   config: ModelConfig
@@ -90,6 +93,8 @@ class Einsum(nn.Module):
     if config.use_bias and self.bias:
       bias_shape, bias_axes = self.shape[-self.output_dims:], self.axes[-self.output_dims:]
       y += self.param("bias", zeros_init(bias_axes), bias_shape, config.weight_dtype).astype(config.compute_dtype)
+    if config.lora_rank and lora.is_target(config, self.scope.path):
+      y += lora.adapter(self, x, self.equation, self.shape, self.axes, self.output_dims)
     return y
 
 

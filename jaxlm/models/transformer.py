@@ -21,8 +21,11 @@ class Decoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
-    """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] (compute dtype)."""
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True, return_hidden: bool = False):
+    """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] (compute dtype).
+
+    `return_hidden=True` returns the final-norm hidden states [B, T, D] instead (for task heads).
+    """
     config = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -43,6 +46,8 @@ class Decoder(nn.Module):
     mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
     x, _ = layers.stacked_blocks(config, deterministic)(x, positions, mask)
     x = layers.norm(config, "final_norm")(x)
+    if return_hidden:
+      return x
 
     if config.tie_embeddings:
       logits = token_embed.attend(x)

@@ -2,12 +2,20 @@
 
 A task turns a batch and the model into `(loss_sum, metric_sums)`. Sums (not
 means) let the train step accumulate micro-batches and the eval loop add
-batches exactly; `summarize` turns sums into the reported numbers.
+batches exactly; `summarize` turns sums into the reported numbers. `CausalLm`
+is this objective as a `jaxlm.tasks.base.Task` (packed batches of a corpus);
+`seq2seq` reuses its loss with a prompt mask.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlm.data import pipeline
+from jaxlm.models.transformer import Decoder
+from jaxlm.tasks import base
 
 
 def target_weights(segment_ids: jax.Array) -> jax.Array:
@@ -17,22 +25,23 @@ def target_weights(segment_ids: jax.Array) -> jax.Array:
   return weights.at[:, -1].set(False).astype(jnp.float32)
 
 
+def next_token_sums(logits, tokens, weights) -> tuple[jax.Array, dict]:
+  """Summed cross-entropy of predicting tokens[t + 1] from logits[t], weighted by weights[t] ([B, T])."""
+  targets = jnp.roll(tokens, -1, axis=1)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  loss_sum = jnp.sum(nll * weights)
+  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+  return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": correct}
+
+
 def loss_and_metrics(model, params, batch, *, train: bool, rng=None):
   """Summed next-token cross-entropy over the batch's targets, and metric sums.
 
   batch: `tokens`, `segment_ids`, `positions`, int32 [B, T].
   Returns (loss_sum, {"loss_sum", "weight", "correct"}); `weight` counts targets.
   """
-  tokens = batch["tokens"]
-  logits = model.apply({"params": params}, tokens, batch["positions"], batch["segment_ids"],
-                       deterministic=not train, rngs={"dropout": rng} if train else {})
-  targets = jnp.roll(tokens, -1, axis=1)
-  weights = target_weights(batch["segment_ids"])
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  loss_sum = jnp.sum(nll * weights)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-  return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": correct}
+  return CausalLm.loss_and_metrics(CausalLm(), model, params, batch, train=train, rng=rng)
 
 
 def summarize(sums: dict) -> dict:
@@ -58,3 +67,37 @@ def unigram_entropy(batches) -> float:
   total = np.array(list(counts.values()), dtype=np.float64)
   p = total / total.sum()
   return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLm(base.Task):
+  """Next-token prediction on packed documents (pretraining)."""
+
+  text_field: str = "text"  # record field with the document
+  seq_len: int = 256  # T
+  dataset_name: str = ""  # for error messages
+  shuffle_window: int = 0  # packed training rows shuffled together
+
+  def build_model(self, model_config):
+    return Decoder(model_config)
+
+  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count):
+    return pipeline.lm_batches(source, tokenizer, text_field=self.text_field, seq_len=self.seq_len,
+                               batch_size=batch_size, dataset_name=self.dataset_name, shuffle_seed=shuffle_seed,
+                               repeat=repeat, shuffle_window=self.shuffle_window if repeat else 0,
+                               process_index=process_index, process_count=process_count)
+
+  def batch_shapes(self, rows):
+    return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}
+
+  def weights(self, batch):
+    return target_weights(batch["segment_ids"])
+
+  def loss_sums(self, logits, batch):
+    return next_token_sums(logits, batch["tokens"], self.weights(batch))
+
+  def summarize(self, sums):
+    return summarize(sums)
+
+  def baselines(self, batches):
+    return {"unigram_entropy": unigram_entropy(batches)}

@@ -1,0 +1,120 @@
+"""Sequence classification: backbone -> pooling -> linear head, one label per row.
+
+Loss options (training-time calibration): label smoothing (the target puts
+1 - eps on the label and eps / C on every class), focal loss (each example's
+cross-entropy times (1 - p_label)^gamma; with `focal_adaptive` gamma is 5 when
+p_label < 0.2 and 3 otherwise, FLSD-53 of Mukhoti et al. 2020), and class
+weights (each example's loss times the weight of its label; the mean is
+weighted too). Metrics: loss, NLL, accuracy and macro-F1, the latter from a
+streamed `[C, C]` confusion matrix (rows: true class, columns: predicted).
+
+Shape legend: B batch, T length, C classes.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.data import pipeline
+from jaxlm.models.heads import SequenceClassifier
+from jaxlm.models.transformer import Decoder
+from jaxlm.tasks import base
+
+ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P, ADAPTIVE_GAMMA_HIGH_P = 0.2, 5.0, 3.0
+
+
+def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+                   focal_adaptive: bool = False):
+  """Per-example training loss [B] from logits [B, C] and labels [B] (see the module docstring)."""
+  num_classes = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  targets = jax.nn.one_hot(labels, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
+  loss = -jnp.sum(targets * log_probs, axis=-1)
+  if focal_gamma or focal_adaptive:
+    p_label = jnp.exp(jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0])
+    gamma = focal_gamma
+    if focal_adaptive:
+      gamma = jax.lax.stop_gradient(jnp.where(p_label < ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P,
+                                              ADAPTIVE_GAMMA_HIGH_P))
+    loss = (1 - p_label) ** gamma * loss
+  return loss
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+  """Mean per-class F1 over the classes that occur as a label or a prediction (as scikit-learn's default)."""
+  confusion = np.asarray(confusion, np.float64)
+  true_positives = np.diag(confusion)
+  denominator = confusion.sum(axis=0) + confusion.sum(axis=1)  # 2 TP + FP + FN
+  present = denominator > 0
+  return float(np.mean(2 * true_positives[present] / denominator[present])) if present.any() else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(base.Task):
+  """One class per padded row; the head is new on top of a pretrained backbone."""
+
+  num_classes: int  # C
+  text_field: str = "text"  # record field with the text
+  label_field: str = "label"  # record field with the integer class
+  seq_len: int = 256  # T: rows are [bos] text [eos], the text truncated to fit
+  truncation: str = "right"  # which end of a too-long text is cut: "right" (keep its start) or "left"
+  dataset_name: str = ""  # for error messages
+  pooling: str = "last"  # heads.POOLINGS
+  label_smoothing: float = 0.0
+  focal_gamma: float = 0.0  # 0 = plain cross-entropy
+  focal_adaptive: bool = False
+  class_weights: tuple[float, ...] = ()  # () = all 1
+
+  new_params = r"^head/"
+
+  def build_model(self, model_config):
+    return SequenceClassifier(Decoder(model_config), model_config, self.num_classes, self.pooling)
+
+  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count):
+    def encode(index, record):
+      text = pipeline.record_text(record, self.text_field, index, self.dataset_name)
+      label = pipeline.record_label(record, self.label_field, index, self.dataset_name, self.num_classes)
+      return pipeline.classification_example(tokenizer, text, label, self.seq_len, self.truncation)
+
+    return pipeline.padded_batches(source, encode, batch_size=batch_size, shuffle_seed=shuffle_seed, repeat=repeat,
+                                   process_index=process_index, process_count=process_count)
+
+  def batch_shapes(self, rows):
+    return {**{key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}, "label": (rows,)}
+
+  def weights(self, batch):
+    """[B]: 1 for rows that hold an example, 0 for padding rows."""
+    return jnp.any(batch["segment_ids"] != 0, axis=1).astype(jnp.float32)
+
+  def loss_sums(self, logits, batch):
+    labels = batch["label"]
+    rows = self.weights(batch)
+    weights = rows * jnp.asarray(self.class_weights, jnp.float32)[labels] if self.class_weights else rows
+    losses = example_losses(logits, labels, label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
+                            focal_adaptive=self.focal_adaptive)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
+    predictions = jnp.argmax(logits, axis=-1)
+    confusion = jnp.zeros((self.num_classes, self.num_classes), jnp.float32).at[labels, predictions].add(rows)
+    loss_sum = jnp.sum(losses * weights)
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "nll_sum": jnp.sum(nll * rows),
+                      "examples": jnp.sum(rows), "confusion": confusion}
+
+  def summarize(self, sums):
+    examples = max(float(sums["examples"]), 1.0)
+    confusion = np.asarray(sums["confusion"])
+    return {"loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
+            "nll": float(sums["nll_sum"]) / examples,
+            "accuracy": float(np.trace(confusion)) / examples,
+            "macro_f1": macro_f1(confusion)}
+
+  def baselines(self, batches):
+    """Always predicting the most frequent class of these very batches."""
+    counts = np.zeros(self.num_classes)
+    for batch in batches:
+      rows = np.asarray(batch["segment_ids"]).any(axis=1)
+      np.add.at(counts, np.asarray(batch["label"])[rows], 1)
+    confusion = np.zeros((self.num_classes, self.num_classes))
+    confusion[:, counts.argmax()] = counts
+    return {"majority_accuracy": counts.max() / max(counts.sum(), 1), "majority_macro_f1": macro_f1(confusion)}
