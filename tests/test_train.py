@@ -1,6 +1,5 @@
 """Training pieces: optimizer mask and schedule, gradient accumulation, NaN guard, one sharded run."""
 
-import functools
 import importlib.util
 import json
 import os
@@ -54,10 +53,9 @@ def _setup(mesh_config, grad_accum_steps=1, seed=0):
   mesh = sharding.create_mesh(mesh_config)
   _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
   state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(seed))
-  step = jax.jit(functools.partial(steps.train_step, model=model, task=causal_lm, optimizer=optimizer,
-                                   schedule=schedule, dropout_rng=jax.random.key(1),
-                                   grad_accum_steps=grad_accum_steps),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
+  step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
+                            dropout_rng=jax.random.key(1), grad_accum_steps=grad_accum_steps,
+                            state_sharding=shardings, mesh=mesh)
   return state, step, mesh
 
 

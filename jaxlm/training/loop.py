@@ -12,7 +12,6 @@
   6. evaluates, saves a final checkpoint and prints a greedy sample.
 """
 
-import functools
 import itertools
 import os
 import signal
@@ -137,15 +136,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("Model: %s parameters", f"{state_lib.count_params(state.params):,}")
 
   batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
   global_batch = lambda rows: {key: jax.ShapeDtypeStruct((rows, config.data.seq_len), np.int32, sharding=batch_sharding)
                                for key in ("tokens", "segment_ids", "positions")}
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
-                        dropout_rng=dropout_rng, grad_accum_steps=config.train.grad_accum_steps),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model, task=task),
-                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+  train_step, eval_step = steps.jit_steps(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                          dropout_rng=dropout_rng, grad_accum_steps=config.train.grad_accum_steps,
+                                          state_sharding=state_sharding, mesh=mesh)
   with sharding.mesh_context(mesh):
     start = time.perf_counter()
     train_step = train_step.lower(abstract_state, global_batch(config.train.batch_size)).compile()
