@@ -9,7 +9,11 @@ import dataclasses
 
 import ml_collections
 
+from jaxlm import tasks
+from jaxlm.data import pipeline
+from jaxlm.models import heads
 from jaxlm.models.config import ConfigError, ModelConfig
+from jaxlm.training import optim
 
 # Model-size presets: overrides of ModelConfig's defaults.
 MODEL_PRESETS = {
@@ -40,17 +44,23 @@ def model_config_dict(preset: str = "small", **overrides) -> ml_collections.Conf
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every training experiment (each key has a one-line comment)."""
   config = ml_collections.ConfigDict()
-  config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm
+  config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm, classification or seq2seq (prompt-masked SFT)
   config.seed = 0  # seeds parameter init, data shuffling and dropout
+  config.init_from = ""  # WORKDIR or WORKDIR/checkpoints/<step> of a pretrained run: backbone + tokenizer
 
   config.model = model_config_dict("small")
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "pystdlib_lm"  # built-in corpus or TFDS name (tiny_shakespeare, lm1b, c4, ...)
   config.data.data_dir = ""  # TFDS data directory; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  config.data.text_field = "text"  # record field that holds the document text
+  config.data.text_field = "text"  # record field that holds the document text (seq2seq: the prompt)
+  config.data.label_field = "label"  # classification: record field with the integer class
+  config.data.target_field = "target"  # seq2seq: record field with the target text
+  config.data.separator = "\n"  # seq2seq: text between prompt and target
+  config.data.truncation = "right"  # padded tasks: cut a too-long text (prompt) at its "right" end or its "left"
   config.data.train_split = "train"  # split trained on
-  config.data.eval_split = "validation"  # split evaluated on
+  config.data.eval_split = "validation"  # split evaluated on every train.eval_every steps
+  config.data.test_split = ""  # split of the final evaluation (best checkpoint) -> WORKDIR/eval/report.json; '' = none
   config.data.tokenizer = ""  # SentencePiece .model; '' = train one on the train split (cached in data_dir)
   config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
   config.data.seq_len = 256  # tokens per packed row
@@ -72,11 +82,30 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every = 10  # steps between train-metric rows
   config.train.eval_every = 200  # steps between evaluations; 0 = only at the end
   config.train.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
-  config.train.keep_checkpoints = 2  # most recent checkpoints kept (plus the best by eval loss)
+  config.train.keep_checkpoints = 2  # most recent checkpoints kept (plus the best by train.best_metric)
+  config.train.best_metric = "eval_loss"  # eval metric that ranks checkpoints, e.g. eval_accuracy, eval_macro_f1
+  config.train.best_mode = "min"  # "min" or "max": which way best_metric is better
+  config.train.early_stopping_patience = 0  # stop after this many evaluations without a better best_metric; 0 = off
+  config.train.trainable = "all"  # what trains: "all" (full), "head" (task's new layer only), "lora" (adapters + head)
+  config.train.frozen = ""  # regex of parameter paths also kept frozen, e.g. "token_embed|attention"; '' = none
+
+  config.classification = ml_collections.ConfigDict()
+  config.classification.pooling = "last"  # hidden state the head reads: "last" non-pad token, "first" or "mean"
+  config.classification.label_smoothing = 0.0  # eps: target = (1 - eps) one-hot + eps / classes
+  config.classification.focal_gamma = 0.0  # focal loss (1 - p)^gamma * CE; 0 = plain cross-entropy
+  config.classification.focal_adaptive = False  # adaptive gamma of Mukhoti et al. 2020 (5 if p < 0.2 else 3)
+  config.classification.class_weights = ()  # loss weight per class, e.g. "(1.0, 3.0)"; () = all classes weigh 1
+
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ""  # WORKDIR or checkpoint of a teacher for the same task; '' = no distillation
+  config.distill.weight = 0.5  # loss = (1 - weight) task loss + weight tau^2 KL(teacher || student)
+  config.distill.temperature = 2.0  # tau, softening both distributions
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32  # global eval batch
   config.eval.num_batches = 20  # batches per evaluation (a fixed sample of the split); -1 = whole split
+  config.eval.generate_examples = 0  # seq2seq: test examples decoded greedily for exact match / ROUGE-L in the report
+  config.eval.max_new_tokens = 32  # tokens generated for each of them
 
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "def "  # prompt of the greedy sample printed at the end ('' = no sample)
@@ -89,7 +118,6 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-TASKS = ("causal_lm",)
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -104,9 +132,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if not ok:
       raise ConfigError(f"{key}: {message}")
 
-  for section in ("model", "data", "train", "eval", "sample", "mesh"):
+  for section in ("model", "data", "train", "eval", "sample", "mesh", "classification", "distill"):
     check(section in config, section, "missing section; start the config from jaxlm.configs.base_config().")
-  check(config.task in TASKS, "task", f"{config.task!r} is not one of {TASKS}.")
+  check(config.task in tasks.TASKS, "task", f"{config.task!r} is not one of {tasks.TASKS}.")
   model_config = ModelConfig.from_config(config.model)
 
   train, data = config.train, config.data
@@ -130,4 +158,23 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
         f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
   check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
+  check(data.truncation in pipeline.TRUNCATIONS, "data.truncation",
+        f"{data.truncation!r} is not one of {pipeline.TRUNCATIONS}.")
+  check(train.best_mode in ("min", "max"), "train.best_mode", f"must be 'min' or 'max', got {train.best_mode!r}.")
+  check(train.best_metric.startswith("eval_"), "train.best_metric",
+        f"{train.best_metric!r} must name an eval metric, e.g. eval_loss or eval_accuracy.")
+  check(train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = off).")
+  check(train.trainable in optim.TRAINABLE, "train.trainable",
+        f"{train.trainable!r} is not one of {optim.TRAINABLE}.")
+  check(train.trainable != "head" or config.task == "classification", "train.trainable",
+        f"'head' trains only a task's new head, and task {config.task!r} adds none; use 'all', 'lora' or train.frozen.")
+  check(train.trainable != "lora" or model_config.lora_rank > 0, "train.trainable",
+        "'lora' needs adapters: set model.lora_rank > 0 (and model.lora_targets).")
+  check(config.classification.pooling in heads.POOLINGS, "classification.pooling",
+        f"{config.classification.pooling!r} is not one of {heads.POOLINGS}.")
+  check(0.0 <= config.classification.label_smoothing < 1.0, "classification.label_smoothing", "must be in [0, 1).")
+  check(config.classification.focal_gamma >= 0, "classification.focal_gamma", "must be >= 0.")
+  check(0.0 <= config.distill.weight <= 1.0, "distill.weight", f"must be in [0, 1], got {config.distill.weight}.")
+  check(config.distill.temperature > 0, "distill.temperature", f"must be positive, got {config.distill.temperature}.")
+  check(config.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0.")
   return model_config

@@ -90,8 +90,9 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a `[batch, length]` input array: rows over data and fsdp."""
-  spec = nn.logical_to_mesh_axes((BATCH, LENGTH), LOGICAL_AXIS_RULES)
+  """Sharding of an input array `[batch, ...]` of any rank (`[B, T]` tokens, `[B]` labels): rows over data and
+  fsdp, the other axes whole."""
+  spec = nn.logical_to_mesh_axes((BATCH,), LOGICAL_AXIS_RULES)
   return NamedSharding(mesh, spec)
 
 

@@ -49,13 +49,19 @@ def tokenizer_for(data_config, train_source) -> Tokenizer:
   """
   if data_config.tokenizer:
     return Tokenizer(data_config.tokenizer)
-  data_dir = os.path.expanduser(data_config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_config.name}-{data_config.text_field}-v{data_config.vocab_size}")
-  path = os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
+  path = tokenizer_cache_path(data_config)
   if os.path.exists(path):
     return Tokenizer(path)
   texts = (record_text(train_source[i], data_config.text_field, i, data_config.name) for i in range(len(train_source)))
   return train_tokenizer(texts, path, data_config.vocab_size)
+
+
+def tokenizer_cache_path(data_config) -> str:
+  """Where `tokenizer_for` caches the tokenizer it trains for `data_config` (a ConfigDict or a dict)."""
+  data_dir = os.path.expanduser(data_config["data_dir"] or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                f"{data_config['name']}-{data_config['text_field']}-v{data_config['vocab_size']}")
+  return os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
 
 
 def _pad_rows(batch: dict, batch_size: int) -> dict:

@@ -117,4 +117,4 @@ class Classification(base.Task):
       np.add.at(counts, np.asarray(batch["label"])[rows], 1)
     confusion = np.zeros((self.num_classes, self.num_classes))
     confusion[:, counts.argmax()] = counts
-    return {"majority_accuracy": counts.max() / max(counts.sum(), 1), "majority_macro_f1": macro_f1(confusion)}
+    return {"majority_accuracy": float(counts.max() / max(counts.sum(), 1)), "majority_macro_f1": macro_f1(confusion)}

@@ -5,7 +5,7 @@ sharded by every process) and `data` (the grain iterator state). Saving is
 asynchronous and atomic: Orbax writes into a temporary directory and renames
 it when complete, so a run killed mid-save leaves the previous checkpoint as
 the latest one and never a half-written one. Kept: the `keep` most recent
-checkpoints plus the one with the lowest eval loss.
+checkpoints plus the best one by `best_metric` (lowest or highest, `best_mode`).
 """
 
 import json
@@ -14,8 +14,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
-
-BEST_METRIC = "eval_loss"
 
 
 def _lists_to_tuples(value):
@@ -53,11 +51,12 @@ class _IteratorState:
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, best_metric: str = "eval_loss", best_mode: str = "min"):
+    self.best_metric, self.best_mode = best_metric, best_mode
     policy = preservation_policy.AnyPreservationPolicy([
         preservation_policy.LatestN(keep),
-        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,
-                                  keep_checkpoints_without_metrics=False),
+        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
+                                  n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
@@ -68,8 +67,16 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None if no checkpoint has one)."""
+    scored = [(metrics[self.best_metric], step) for step in self.all_steps()
+              if (metrics := self.manager.metrics(step)) and self.best_metric in metrics]
+    if not scored:
+      return None
+    return (min if self.best_mode == "min" else max)(scored)[1]
+
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
-    """Starts an asynchronous save; `metrics` (with `eval_loss`) ranks it for best-keeping."""
+    """Starts an asynchronous save; `metrics` (with `best_metric`) ranks it for best-keeping."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))),
         metrics=metrics, force=True)

@@ -1,7 +1,18 @@
-"""Optimizer: AdamW with warmup + decay schedule, global-norm clipping and a weight-decay mask."""
+"""Optimizer: AdamW with warmup + decay schedule, global-norm clipping, a weight-decay mask, and the
+trainable-parameter mask of fine-tuning (full, head-only, LoRA, frozen by name pattern).
+
+Frozen parameters go through `optax.set_to_zero()` inside `optax.multi_transform`:
+their update is exactly zero, and AdamW keeps no moments for them.
+"""
+
+import re
 
 import jax
 import optax
+
+from jaxlm.models import lora
+
+TRAINABLE = ("all", "head", "lora")
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -21,20 +32,51 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def param_path(path) -> str:
+  """'/'-joined names of a tree path, e.g. 'backbone/layers/attention/query/kernel'."""
+  return "/".join(str(key.key) for key in path if hasattr(key, "key"))
+
+
 def weight_decay_mask(params):
-  """True for matrices (`kernel`, `embedding`), False for norm scales and biases."""
+  """True for matrices (`kernel`, `embedding`, LoRA factors), False for norm scales and biases."""
 
   def decays(path, _):
     names = {getattr(key, "key", None) for key in path}
-    return bool(names & {"kernel", "embedding"})
+    return bool(names & {"kernel", "embedding", *lora.ADAPTER_NAMES})
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def trainable_mask(params, trainable: str = "all", frozen: str = "", new_params: str | None = None):
+  """True for the parameters that train, from the `train.trainable` recipe and the `train.frozen` regex.
+
+  "all": every parameter (full fine-tuning); "head": only the task's new parameters (`new_params`, e.g. a
+  classification head: "replace the last layer"); "lora": only LoRA adapters, plus the task's new parameters.
+  Then every parameter whose path matches `frozen` (if set) is frozen, e.g. "token_embed|attention".
+  """
+
+  def trains(path, _):
+    name = param_path(path)
+    is_new = bool(new_params) and re.search(new_params, name) is not None
+    chosen = {"all": True, "head": is_new, "lora": is_new or name.rsplit("/", 1)[-1] in lora.ADAPTER_NAMES}[trainable]
+    return chosen and not (frozen and re.search(frozen, name))
+
+  return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def create_optimizer(train_config, trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ clipping) on the parameters where the `trainable` mask (a tree of bools, or a function of the
+  params giving one) is True; the others are frozen. `trainable=None` trains everything."""
   schedule = learning_rate_schedule(train_config)
   adamw = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
                       weight_decay=train_config.weight_decay, mask=weight_decay_mask)
   if train_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw), schedule
-  return adamw, schedule
+    adamw = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
+  if trainable is None:
+    return adamw, schedule
+
+  def labels(params):
+    mask = trainable(params) if callable(trainable) else trainable
+    return jax.tree.map(lambda train: "train" if train else "frozen", mask)
+
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
