@@ -12,7 +12,9 @@ from jaxlm import configs, sharding
 from jaxlm.models.config import ConfigError
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
-VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"]}
+VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"],
+            "finetune_packages.py": [None, "head_only", "lora", "distill", "scratch", "tiny", "tiny,lora"],
+            "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"]}
 
 
 def load(path, arg=None, overrides=()):
@@ -65,6 +67,10 @@ def tiny_config() -> ml_collections.ConfigDict:
     ("data.vocab_size", 100000, "data.vocab_size: 100000 exceeds model.vocab_size=512"),
     ("train.steps", 0, "train.steps: must be positive"),
     ("task", "translation", "task: 'translation'"),
+    ("train.trainable", "lora", "train.trainable: 'lora' needs adapters: set model.lora_rank > 0"),
+    ("train.trainable", "head", "train.trainable: 'head' trains only a task's new head"),
+    ("train.best_mode", "best", "train.best_mode: must be 'min' or 'max'"),
+    ("classification.pooling", "max", "classification.pooling: 'max' is not one of"),
 ])
 def test_invalid_values_fail_with_the_key(key, value, message):
   config = tiny_config()
