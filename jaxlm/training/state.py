@@ -33,8 +33,11 @@ def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
   with sharding.mesh_context(mesh):
     abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(abstract), shardings)
+  # Frozen parameters leave an empty `optax.MaskedNode` in the optimizer state, which the sharding tree holds
+  # as one (prefix) leaf: keep the node.
+  abstract = jax.tree.map(
+      lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(abstract), shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   return abstract, shardings
 
 

@@ -14,7 +14,6 @@ pretrained on `pystdlib_lm`.
 import ast
 import dataclasses
 import pathlib
-import textwrap
 
 from absl import logging
 
@@ -36,7 +35,7 @@ def split_of(relative_path: str, test_percent: int, validation_percent: int) -> 
 class Function:
   path: str  # file path relative to the standard library root
   name: str  # qualified name within the file, e.g. "Parser.parse"
-  source: str  # dedented source from `def` to the end of the body (decorators excluded)
+  source: str  # source from `def` to the end of the body (decorators excluded), less the `def`'s indentation
   node: ast.FunctionDef | ast.AsyncFunctionDef  # its syntax tree (line numbers relative to the file)
 
 
@@ -44,6 +43,11 @@ def library_files() -> list[str]:
   """Standard-library `.py` files outside test directories (relative paths, sorted)."""
   return [f for f in pystdlib_lm.stdlib_python_files(pystdlib_lm.stdlib_root())
           if not _TEST_DIRS & set(f.split("/")[:-1])]
+
+
+def dedent(line: str, indent: int) -> str:
+  """`line` without the `def`'s indentation; a line indented less (inside a string literal) is kept whole."""
+  return line[indent:] if not line[:indent].strip() else line
 
 
 def functions_in(relative_path: str, text: str) -> list[Function]:
@@ -56,7 +60,7 @@ def functions_in(relative_path: str, text: str) -> list[Function]:
       if isinstance(node, ast.ClassDef):
         visit(node.body, f"{prefix}{node.name}.")
       elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        source = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
+        source = "\n".join(dedent(line, node.col_offset) for line in lines[node.lineno - 1:node.end_lineno])
         found.append(Function(relative_path, prefix + node.name, source, node))
 
   visit(ast.parse(text).body, "")
