@@ -1,0 +1,211 @@
+"""Fine-tuning: SFT prompt masking, classification losses/metrics/pooling, trainable masks, init_from, e2e runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from sklearn.metrics import f1_score
+
+from jaxlm import sharding
+from jaxlm.data import pipeline
+from jaxlm.models import heads
+from jaxlm.models.config import ModelConfig
+from jaxlm.tasks import classification, seq2seq
+from jaxlm.training import loop, optim, pretrained, steps
+from jaxlm.training import state as state_lib
+from test_train import load_experiment, train_config
+
+TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16)
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_sft_example_puts_the_mask_on_target_and_eos(tokenizer):
+  row = pipeline.sft_example(tokenizer, "def f(x):\n    return x" * 20, "Return x.", seq_len=48, truncation="right",
+                             separator='\n"""')
+  tokens, mask = row["tokens"], row["loss_mask"]
+  assert tokens[0] == tokenizer.bos_id and row["segment_ids"].sum() == 48  # the prompt was cut to fit
+  assert tokenizer.decode(tokens[mask == 1]) == "Return x." and tokens[mask == 1][-1] == tokenizer.eos_id
+  assert tokenizer.decode(tokens[:int(mask.argmax())]).startswith("def f(x):")  # right truncation keeps the start
+  assert tokenizer.decode(tokens[:int(mask.argmax())]).endswith('\n"""')  # the separator is never cut
+  left = pipeline.sft_example(tokenizer, "first " + "x" * 200, "t", 32, "left", "")
+  assert "first" not in tokenizer.decode(left["tokens"])
+
+
+def test_sft_loss_ignores_prompt_tokens():
+  """Loss on a hand-built batch against NumPy: only predictions of target tokens count."""
+  from jaxlm.models.transformer import Decoder
+  model = Decoder(TINY)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, 64, size=(2, 16)).astype(np.int32)
+  loss_mask = np.zeros((2, 16), np.int32)
+  loss_mask[0, 9:13] = 1  # prompt 0..8, target 9..12, padding after
+  loss_mask[1, 5:16] = 1
+  segment_ids = np.ones((2, 16), np.int32)
+  segment_ids[0, 13:] = 0
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+           "loss_mask": loss_mask}
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+  task = seq2seq.Seq2Seq(seq_len=16)
+  loss_sum, sums = task.loss_and_metrics(model, params, batch, train=False)
+  log_probs = _log_softmax(model.apply({"params": params}, tokens, batch["positions"], segment_ids))
+  expected = -sum(log_probs[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 16) if loss_mask[b, t])
+  assert float(sums["weight"]) == loss_mask.sum() == 15
+  assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
+  # Changing a prompt token's *prediction target* (the tokens themselves stay) cannot change the loss:
+  # the loss reads logits only where the next token is a target.
+  prompt_only = np.asarray(task.weights(batch))[0]
+  assert prompt_only[:8].sum() == 0 and prompt_only[8:12].sum() == 4 and prompt_only[12:].sum() == 0
+
+
+def test_classification_losses_against_numpy():
+  rng = np.random.default_rng(0)
+  logits, labels = rng.normal(0, 2, (6, 5)).astype(np.float32), rng.integers(0, 5, 6)
+  log_p = _log_softmax(logits)
+  p_label = np.exp(log_p[np.arange(6), labels])
+  ce = -log_p[np.arange(6), labels]
+  smooth = -(0.9 * log_p[np.arange(6), labels] + 0.1 / 5 * log_p.sum(-1))
+  np.testing.assert_allclose(classification.example_losses(logits, labels), ce, rtol=1e-5)
+  np.testing.assert_allclose(classification.example_losses(logits, labels, label_smoothing=0.1), smooth, rtol=1e-5)
+  np.testing.assert_allclose(classification.example_losses(logits, labels, focal_gamma=2.0), (1 - p_label) ** 2 * ce,
+                             rtol=1e-5)
+  gamma = np.where(p_label < 0.2, 5.0, 3.0)
+  np.testing.assert_allclose(classification.example_losses(logits, labels, focal_adaptive=True),
+                             (1 - p_label) ** gamma * ce, rtol=1e-5)
+
+
+def test_macro_f1_and_accuracy_match_sklearn():
+  rng = np.random.default_rng(1)
+  labels, predictions = rng.integers(0, 6, 200), rng.integers(0, 5, 200)
+  labels[labels == 3] = 4  # a class that never occurs as a label...
+  predictions[predictions == 3] = 0  # ...nor as a prediction: left out of the mean, as in scikit-learn
+  confusion = np.zeros((7, 7))
+  np.add.at(confusion, (labels, predictions), 1)
+  assert classification.macro_f1(confusion) == pytest.approx(f1_score(labels, predictions, average="macro"))
+
+
+def test_pooling_against_numpy():
+  rng = np.random.default_rng(2)
+  hidden = rng.normal(size=(3, 6, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+  np.testing.assert_allclose(heads.pool(hidden, mask, "last"), hidden[[0, 1, 2], [2, 5, 3]])
+  np.testing.assert_allclose(heads.pool(hidden, mask, "first"), hidden[[0, 1, 2], [0, 0, 2]])
+  mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  np.testing.assert_allclose(heads.pool(hidden, mask, "mean"), mean, rtol=1e-6)
+
+
+def _changed_after_training(trainable: str, frozen: str = "") -> set[str]:
+  task = classification.Classification(num_classes=3, seq_len=16)
+  model = task.build_model(TINY)
+  optimizer, schedule = optim.create_optimizer(
+      train_config(steps=10, warmup_steps=0, learning_rate=1e-2),
+      lambda p: optim.trainable_mask(p, trainable, frozen, task.new_params))
+  mesh = sharding.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
+  state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(0))
+  before = jax.device_get(state.params)
+  train_step, _ = steps.jit_steps(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                  dropout_rng=jax.random.key(1), grad_accum_steps=1, state_sharding=shardings,
+                                  mesh=mesh)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32), "segment_ids": np.ones((8, 16), np.int32),
+           "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)), "label": rng.integers(0, 3, 8).astype(np.int32)}
+  with sharding.mesh_context(mesh):
+    state, _ = train_step(state, batch)
+  flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
+  return {optim.param_path(p) for (p, a), b in zip(flat_before, jax.tree.leaves(jax.device_get(state.params)))
+          if not np.array_equal(a, b)}
+
+
+def test_head_only_changes_only_the_head():
+  assert _changed_after_training("head") == {"head/kernel", "head/bias"}
+
+
+def test_frozen_pattern_keeps_those_parameters():
+  changed = _changed_after_training("all", frozen="token_embed|attention/")
+  assert "head/kernel" in changed and "backbone/layers/mlp/up/kernel" in changed
+  assert not {name for name in changed if "token_embed" in name or "attention/" in name}
+
+
+@pytest.fixture(scope="module")
+def pretrained_workdir(data_dir, tokenizer, tmp_path_factory):
+  """A tiny pretrained language model (quickstart.py:tiny, 4 steps)."""
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  config = load_experiment("quickstart", "tiny")
+  config.data.data_dir = data_dir
+  config.train.update(dict(steps=4, eval_every=4, checkpoint_every=4))
+  config.sample.max_new_tokens = 0
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _classifier_params(model_config):
+  model = classification.Classification(num_classes=19, seq_len=64).build_model(model_config)
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(3), np.zeros((1, 64), np.int32))["params"])
+
+
+def test_init_from_restores_the_backbone_exactly(pretrained_workdir):
+  from jaxlm import configs
+  state_dir, run_config = pretrained.resolve(pretrained_workdir)
+  assert state_dir.endswith(os.path.join("checkpoints", "4", "state"))
+  assert pretrained.tokenizer_path(run_config).endswith(".model")
+  target = _classifier_params(ModelConfig.from_config(configs.model_config_dict("tiny")))
+  restored, new = pretrained.restore_params(state_dir, target, r"^head/")
+  assert new == ["head/bias", "head/kernel"]
+  source = ocp.PyTreeCheckpointer().restore(state_dir)["params"]
+  jax.tree.map(np.testing.assert_array_equal, restored["backbone"], source)
+  np.testing.assert_array_equal(restored["head"]["kernel"], target["head"]["kernel"])
+
+
+def test_init_from_mismatch_lists_the_offending_parameters(pretrained_workdir):
+  from jaxlm import configs
+  state_dir, _ = pretrained.resolve(pretrained_workdir)
+  other = ModelConfig.from_config(configs.model_config_dict("tiny", mlp_dim=96, position="learned"))
+  with pytest.raises(pretrained.InitFromError) as error:
+    pretrained.restore_params(state_dir, _classifier_params(other), r"^head/")
+  message = str(error.value)
+  for line in ("backbone/layers/mlp/up/kernel: shape (2, 64, 128) in the checkpoint, (2, 64, 96) in the model",
+               "backbone/layers/mlp/down/kernel: shape", "backbone/position_embed/embedding (128, 64): in the model, "
+               "not in the checkpoint"):
+    assert line in message
+  assert "head/kernel" not in message  # new by declaration, not a mismatch
+
+
+@pytest.mark.e2e
+def test_finetune_cli_from_a_pretrained_workdir_writes_the_report(pretrained_workdir, data_dir, tmp_path):
+  """The real CLI: LoRA fine-tuning of the tiny classifier; eval every 3 steps, best checkpoint, test report."""
+  command = [sys.executable, "-m", "jaxlm.main", "--config=experiments/finetune_packages.py:tiny,lora",
+             f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", f"--config.init_from={pretrained_workdir}"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.load(open(tmp_path / "eval" / "report.json"))
+  assert report["split"] == "test" and report["checkpoint_step"] in (3, 6)
+  assert {"accuracy", "macro_f1", "loss", "nll"} <= set(report["metrics"])
+  assert 0 < report["baselines"]["majority_accuracy"] < 1
+  assert 0 < report["trainable_params"] < report["total_params"] / 2  # adapters and head only
+  eval_rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+  assert [row["step"] for row in eval_rows] == [3, 6]
+
+
+@pytest.mark.e2e
+def test_sft_tiny_run_reports_generation(pretrained_workdir, data_dir, tmp_path):
+  config = load_experiment("sft_docstrings", "tiny")
+  config.data.data_dir = data_dir
+  config.init_from = pretrained_workdir
+  loop.train_and_evaluate(config, str(tmp_path))
+  report = json.load(open(tmp_path / "eval" / "report.json"))
+  generation = report["generation"]
+  assert len(generation["examples"]) == 2 and 0 <= generation["rouge_l"] <= 1
+  assert {"loss", "perplexity", "token_accuracy"} <= set(report["metrics"])
