@@ -19,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "plan"], "What to run.")
+_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = this machine's).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
@@ -46,7 +47,7 @@ def main(argv):
     loop.train_and_evaluate(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
   elif _MODE.value == "plan":
     from jaxlm import plan
-    print(plan.format_plan(plan.memory_plan(_CONFIG.value)), flush=True)
+    print(plan.format_plan(plan.memory_plan(_CONFIG.value, _PLAN_DEVICES.value or None)), flush=True)
 
 
 def run():

@@ -104,11 +104,11 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_model_fits_mesh(model_config, mesh: Mesh) -> None:
+def check_model_fits_mesh(model_config, mesh_axis_sizes: dict) -> None:
   """Raises ConfigError naming the `model.*` key whose size a mesh axis does not divide.
 
   Each sharded parameter dimension must split evenly over the mesh axes its logical name maps to
-  (e.g. heads over `tensor`, the width over `fsdp`).
+  (e.g. heads over `tensor`, the width over `fsdp`). `mesh_axis_sizes`: e.g. `mesh.shape`.
   """
   sizes = {
       HEADS: ("model.num_heads", model_config.num_heads),
@@ -121,7 +121,7 @@ def check_model_fits_mesh(model_config, mesh: Mesh) -> None:
   for logical, (key, size) in sizes.items():
     axes = rules[logical]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    ways = int(np.prod([mesh.shape[axis] for axis in axes]))
+    ways = int(np.prod([mesh_axis_sizes[axis] for axis in axes]))
     if size % ways:
       names = " x ".join(f"mesh.{axis}" for axis in axes)
       raise ConfigError(f"{key}={size} does not split over {names} = {ways} devices; choose a size divisible "

@@ -97,6 +97,6 @@ def test_tensor_parallel_splits_heads_and_mlp():
 def test_mesh_that_does_not_divide_the_model_is_a_clear_error():
   mesh = sharding.create_mesh(dict(data=1, fsdp=1, tensor=8))
   with pytest.raises(ConfigError, match="model.num_heads"):
-    sharding.check_model_fits_mesh(ModelConfig(vocab_size=128, embed_dim=48, num_heads=4, mlp_dim=128), mesh)
+    sharding.check_model_fits_mesh(ModelConfig(vocab_size=128, embed_dim=48, num_heads=4, mlp_dim=128), mesh.shape)
   with pytest.raises(ConfigError, match="model.mlp_dim"):
-    sharding.check_model_fits_mesh(ModelConfig(vocab_size=128, embed_dim=64, num_heads=8, mlp_dim=100), mesh)
+    sharding.check_model_fits_mesh(ModelConfig(vocab_size=128, embed_dim=64, num_heads=8, mlp_dim=100), mesh.shape)

@@ -132,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write_config(workdir, config)
   mesh = sharding.create_mesh(config.mesh)
   _check_batch_sizes(config, mesh)
-  sharding.check_model_fits_mesh(model_config, mesh)
+  sharding.check_model_fits_mesh(model_config, mesh.shape)
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   task = TASKS[config.task]
