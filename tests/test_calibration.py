@@ -100,7 +100,7 @@ def test_reliability_curve_matches_sklearn_calibration_curve(num_bins):
 
 def test_brier_and_nll_match_sklearn():
   probs, labels = _probs(3)
-  probs = probs.astype(np.float64)
+  probs = probs.astype(np.float64) / probs.astype(np.float64).sum(-1, keepdims=True)
   assert float(calibration.brier_score(probs, labels)) == pytest.approx(
       sk.brier_score_loss(labels, probs, labels=range(4), scale_by_half=False), rel=1e-6)
   assert float(calibration.negative_log_likelihood(probs, labels)) == pytest.approx(

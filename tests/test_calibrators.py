@@ -44,7 +44,8 @@ def test_temperature_scaling_hits_the_bound_on_separable_data():
   assert float(calibrator.params["temperature"]) == pytest.approx(1e-2)
 
 
-@pytest.mark.parametrize("kind,features", [("matrix", lambda z: z), ("dirichlet", lambda z: scipy.special.log_softmax(z, -1))])
+@pytest.mark.parametrize("kind,features", [("matrix", lambda z: z),
+                                           ("dirichlet", lambda z: scipy.special.log_softmax(z, -1))])
 def test_matrix_and_dirichlet_equal_unpenalised_multinomial_logistic_regression(kind, features):
   logits, labels = _synthetic(1, n=1500, c=3)
   ours = calibrators.CALIBRATORS[kind]().fit(logits, labels)(logits)

@@ -98,7 +98,8 @@ def test_paired_comparison():
     truth = rng.integers(0, 2, size=60)
     a = np.where(rng.uniform(size=60) < 0.7, truth, 1 - truth)
     b = np.where(rng.uniform(size=60) < 0.7, truth, 1 - truth)
-    rejections += stats.paired_comparison(accuracy, [a, truth], [b, truth], num_resamples=99, seed=trial)["p_value"] <= 0.1
+    result = stats.paired_comparison(accuracy, [a, truth], [b, truth], num_resamples=99, seed=trial)
+    rejections += result["p_value"] <= 0.1
   assert rejections <= 10 + 3 * 3  # binomial(100, 0.1) sd = 3
   with pytest.raises(ValueError, match="same number of rows"):
     stats.paired_comparison(accuracy, [better, labels], [worse[:10], labels], num_resamples=5)
