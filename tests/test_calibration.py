@@ -85,6 +85,24 @@ def test_bin_edges_zero_one_and_empty_bins():
   assert np.isnan(curve["bin_accuracy"][0]) and curve["bin_accuracy"][3] == 0.5
 
 
+def test_weighted_bin_sums_stream_over_batches():
+  """Bin sums of two weighted batches add up to the weighted ECE of the whole set (float64 reference)."""
+  probs, labels = _probs(5, n=400)
+  confidences, correct = probs.max(-1), (probs.argmax(-1) == labels)
+  weights = np.random.default_rng(5).uniform(0, 2, size=400).astype(np.float32)
+  sums = [calibration.calibration_bin_sums(confidences[part], correct[part], weights[part])
+          for part in (slice(0, 150), slice(150, None))]
+  total = jax.tree.map(lambda a, b: a + b, *sums)
+  ids = _reference_bins(confidences, 15, True, "equal_width")
+  expected = 0.0
+  for b in range(15):
+    w = weights[ids == b].astype(np.float64)
+    if w.sum() > 0:
+      gap = abs(np.sum(w * correct[ids == b]) - np.sum(w * confidences[ids == b])) / w.sum()
+      expected += w.sum() / weights.astype(np.float64).sum() * gap
+  assert float(calibration.ece_from_bin_sums(total)) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("num_bins", [5, 10])
 def test_reliability_curve_matches_sklearn_calibration_curve(num_bins):
   rng = np.random.default_rng(2)

@@ -84,6 +84,8 @@ def test_one_vs_rest_auc_matches_sklearn():
   for average in ("macro", "weighted"):
     assert float(metrics.roc_auc_ovr(probs, labels, average)) == pytest.approx(
         sk.roc_auc_score(labels, probs, multi_class="ovr", average=average), rel=1e-6)
+  per_class = metrics.roc_auc_ovr(probs, np.where(labels == 3, 0, labels), None)  # class 3 absent: undefined
+  assert np.isnan(per_class[3]) and not np.isnan(per_class[:3]).any()
 
 
 def test_perplexity_and_bits_per_token_match_numpy():

@@ -36,8 +36,8 @@ def accuracy(scores: jax.Array, labels: jax.Array, weights: jax.Array | None = N
 def top_k_accuracy(scores: jax.Array, labels: jax.Array, k: int, weights: jax.Array | None = None) -> jax.Array:
   """Weighted mean of [labels[i] is among the k classes `jax.lax.top_k` returns] (ties to the lower class index).
 
-  The label counts when fewer than k classes score strictly higher and fewer than k classes score higher
-  or equal with a lower index. Equals scikit-learn's `top_k_accuracy_score` when scores have no ties.
+  That is, #{j : s_j > s_y} + #{j < y : s_j = s_y} < k. Equals scikit-learn's `top_k_accuracy_score` when
+  scores have no ties.
   """
   _, top = jax.lax.top_k(jnp.asarray(scores), k)
   return _weighted_mean(jnp.any(top == jnp.asarray(labels)[:, None], axis=-1), weights)
@@ -105,7 +105,7 @@ def roc_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
   positive = jnp.asarray(labels) > 0
   below = _counts_below(scores, ~positive, scores, "left")
   at_or_below = _counts_below(scores, ~positive, scores, "right")
-  num_positive = jnp.sum(positive)
+  num_positive = jnp.sum(positive).astype(jnp.float32)  # float: the pair count overflows int32 past ~46k each
   num_negative = positive.shape[0] - num_positive
   wins = jnp.sum(jnp.where(positive, below + 0.5 * (at_or_below - below), 0.0))
   return wins / (num_positive * num_negative)
