@@ -8,7 +8,9 @@ add over batches and devices) followed by `ece_from_bin_sums`; `expected_calibra
 that composition, so the number tracked during training equals the offline one.
 
 Conventions (defaults):
-- Equal-width bins: edges `linspace(0, 1, num_bins + 1)` (computed in the confidences' dtype), 15 bins.
+- Equal-width bins: edges `linspace(0, 1, num_bins + 1)` computed in the confidences' JAX dtype (float32
+  unless `jax_enable_x64`), 15 bins. Other papers' settings: HELM reports 10 equal-mass bins,
+  scikit-learn's `calibration_curve` defaults to 5 equal-width bins.
   `right_closed=True`: bin i is `(e_i, e_{i+1}]` as in Guo et al. 2017 and scikit-learn's
   `calibration_curve`; a confidence of exactly 0.0 goes to the first bin. `right_closed=False`: bin i is
   `[e_i, e_{i+1})` (torchmetrics); a confidence of exactly 1.0 goes to the last bin.
