@@ -51,7 +51,8 @@ def test_docstring_pairs_and_test_split_is_pystdlib_lm_validation(data_dir):
 
 
 @pytest.mark.parametrize("source, expected", [
-    ('def f(x):\n    """Add one.\n\n    More.\n    """\n    return x + 1\n', ("def f(x):\n    return x + 1", "Add one.")),
+    ('def f(x):\n    """Add one.\n\n    More.\n    """\n    return x + 1\n',
+     ("def f(x):\n    return x + 1", "Add one.")),
     ('def f():\n    """\n    Starts on line two.\n    """\n    pass\n', ("def f():\n    pass", "Starts on line two.")),
     ('def f(): "Same line."; return 1\n', "docstring on the def line"),
     ('def f():\n    "Only a docstring."\n', "docstring is the whole body"),

@@ -136,7 +136,8 @@ def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   eval_rows = [r for r in rows if r["split"] == "eval"]
   assert [r["step"] for r in train_rows] == list(range(1, 13))
   assert [r["step"] for r in eval_rows] == [4, 8, 12]
-  assert all({"loss", "perplexity", "token_accuracy", "unigram_entropy"} <= set(r) for r in eval_rows)
+  assert all({"loss", "perplexity", "token_accuracy", "ece", "unigram_entropy"} <= set(r) for r in eval_rows)
+  assert all(0 <= r["ece"] <= 1 for r in eval_rows) and not any("ece" in r for r in train_rows)
   assert eval_rows[-1]["loss"] < eval_rows[0]["loss"]
   assert final["loss"] == eval_rows[-1]["loss"]
   assert eval_rows[-1]["perplexity"] == pytest.approx(np.exp(eval_rows[-1]["loss"]))

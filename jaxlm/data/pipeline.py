@@ -1,8 +1,9 @@
 """grain pipelines: source -> tokenize -> pack or pad -> batch.
 
 Pretraining packs documents (`lm_batches`); fine-tuning pads one example per
-row (`classification_batches`, `sft_batches`), so that each row has one label
-or one prompt/target pair. A language-modelling batch is a dict of int32 `[B, T]` arrays:
+row (`padded_batches` of `classification_example` or `sft_example`), so that each
+row has one label or one prompt/target pair. A language-modelling batch is a
+dict of int32 `[B, T]` arrays:
 - `tokens`: documents as `[bos] + ids + [eos]`, concatenated and cut into rows
   of T tokens (a long document continues in the next row);
 - `segment_ids`: 1, 2, ... for the document pieces of a row, 0 for padding;
@@ -10,8 +11,9 @@ or one prompt/target pair. A language-modelling batch is a dict of int32 `[B, T]
 The model attends only within a segment, so packing never leaks across
 documents. Padded batches use the same keys (segment id 1 for the example, 0 for
 padding; positions from 0), plus `label` `[B]` (classification) or `loss_mask`
-`[B, T]` (SFT: 1 on the target tokens the loss is taken on). Iterators are grain `DatasetIterator`s, whose position is saved in
-checkpoints (`jaxlm.training.checkpoint`).
+`[B, T]` (SFT: 1 on the target tokens the loss is taken on). Iterators are
+grain `DatasetIterator`s, whose position is saved in checkpoints
+(`jaxlm.training.checkpoint`).
 """
 
 import os
@@ -19,7 +21,7 @@ import re
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset, ZipIterDataset
 
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -74,14 +76,14 @@ def _pad_rows(batch: dict, batch_size: int) -> dict:
 
 def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
                dataset_name: str, shuffle_seed: int | None, repeat: bool, shuffle_window: int = 0,
-               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Packed language-modelling batches of `batch_size` rows (this process's share of the global batch).
+               stream_index: int = 0, stream_count: int = 1) -> grain.IterDataset:
+  """Packed language-modelling batches of `batch_size` rows from one stream of documents.
 
   Training: `shuffle_seed` set and `repeat=True` (documents reshuffled every epoch), and
   `shuffle_window` > 0: packed rows are shuffled within windows of that many rows, so that
   the rows of one long document spread over many batches instead of filling consecutive ones.
   Evaluation: one pass (in a fixed shuffled order if `shuffle_seed` is set), the last batch padded.
-  Each process reads only its own records (`process_index::process_count`).
+  The stream reads only the records `stream_index::stream_count` (see `stream_batches`).
   """
 
   def tokenize(index, record):
@@ -89,7 +91,7 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)}
 
   documents = grain.MapDataset.source(source).map_with_index(tokenize)
-  documents = documents[process_index::process_count]
+  documents = documents[stream_index::stream_count]
   if shuffle_seed is not None:
     documents = documents.shuffle(seed=shuffle_seed)
   if repeat:
@@ -108,6 +110,36 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     }, batch_size)
 
   return batches.map(to_model_batch)
+
+
+def concat_rows(batches: tuple[dict, ...]) -> dict:
+  """One batch from several: the rows of each, in order."""
+  return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def process_streams(num_streams: int, process_index: int, process_count: int) -> list[int]:
+  """Indices of the document streams whose rows this process feeds.
+
+  Global batch rows are split into `num_streams` equal blocks; block s always comes from stream s
+  (records `s::num_streams`, packed on their own), and process p feeds the consecutive streams of its
+  block of rows. For a fixed `num_streams` the global batches are therefore the same whatever the number
+  of processes that divides it: a run on 1 host and on 4 hosts trains on identical data.
+  """
+  if num_streams % process_count:
+    raise ValueError(f"data.num_streams={num_streams} must be a multiple of the {process_count} processes.")
+  per_process = num_streams // process_count
+  return [process_index * per_process + j for j in range(per_process)]
+
+
+def zip_streams(streams: list[grain.IterDataset]) -> grain.IterDataset:
+  """Batches whose rows are those of one batch of each stream, in order (checkpointable like each stream)."""
+  return ZipIterDataset(streams).map(concat_rows)
+
+
+def padding_batch(shapes: dict[str, tuple]) -> dict:
+  """A batch of padding only (segment id 0: no targets, contributes nothing to any metric); `shapes` as
+  `Task.batch_shapes(rows)`."""
+  return {key: np.zeros(shape, np.int32) for key, shape in shapes.items()}
 
 
 TRUNCATIONS = ("right", "left")
@@ -152,9 +184,9 @@ def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, tr
 
 
 def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None, repeat: bool,
-                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                   stream_index: int = 0, stream_count: int = 1) -> grain.IterDataset:
   """One example per row: `encode(index, record) -> dict of arrays`, batched (`lm_batches` for the options)."""
-  examples = grain.MapDataset.source(source).map_with_index(encode)[process_index::process_count]
+  examples = grain.MapDataset.source(source).map_with_index(encode)[stream_index::stream_count]
   if shuffle_seed is not None:
     examples = examples.shuffle(seed=shuffle_seed)
   if repeat:

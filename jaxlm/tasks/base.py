@@ -5,12 +5,13 @@ The loop and the train/eval steps use only this interface, so pretraining and
 every fine-tuning recipe share one loop:
 
   build_model(model_config) -> flax module
-  batches(source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count)
-      -> grain dataset of host batches (dicts of int32 numpy arrays)
+  batches(source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count)
+      -> grain dataset of host batches (dicts of int32 numpy arrays) of one stream (`pipeline.process_streams`)
   batch_shapes(rows) -> {key: shape} of a batch of `rows` rows (what the steps are compiled for)
   logits(model, params, batch, *, train, rng) -> [B, C] or [B, T, V]
   weights(batch) -> float weight of each prediction in `logits` (0 = not scored)
-  loss_sums(logits, batch) -> (loss_sum, metric sums with at least `loss_sum` and `weight`)
+  loss_sums(logits, batch, *, train) -> (loss_sum, metric sums with at least `loss_sum` and `weight`;
+      eval sums may add more, e.g. calibration bins)
   loss_and_metrics(model, params, batch, *, train, rng) -> loss_sums of logits
   summarize(sums) -> reported metrics (plain floats, `loss` among them)
   baselines(batches) -> scores of trivial predictors on those batches
@@ -33,7 +34,7 @@ class Task:
                        deterministic=not train, rngs={"dropout": rng} if train else {})
 
   def loss_and_metrics(self, model, params, batch, *, train: bool, rng=None):
-    return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch)
+    return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch, train=train)
 
   def baselines(self, batches: list[dict]) -> dict:
     del batches

@@ -5,6 +5,11 @@ means) let the train step accumulate micro-batches and the eval loop add
 batches exactly; `summarize` turns sums into the reported numbers. `CausalLm`
 is this objective as a `jaxlm.tasks.base.Task` (packed batches of a corpus);
 `seq2seq` reuses its loss with a prompt mask.
+
+Eval sums also carry token-level top-label calibration bins (confidence = max softmax probability of the
+next-token distribution, correct = [argmax == target], weighted by the target weights; 15 equal-width,
+right-closed bins), so every eval row reports `ece` (L1) equal to the offline
+`calibration.expected_calibration_error` on the same tokens. The train step skips them to stay cheap.
 """
 
 import dataclasses
@@ -14,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import pipeline
+from jaxlm.evaluation import calibration
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
+
+ECE_BINS = 15
 
 
 def target_weights(segment_ids: jax.Array) -> jax.Array:
@@ -25,30 +33,43 @@ def target_weights(segment_ids: jax.Array) -> jax.Array:
   return weights.at[:, -1].set(False).astype(jnp.float32)
 
 
-def next_token_sums(logits, tokens, weights) -> tuple[jax.Array, dict]:
-  """Summed cross-entropy of predicting tokens[t + 1] from logits[t], weighted by weights[t] ([B, T])."""
+def next_token_sums(logits, tokens, weights, *, train: bool) -> tuple[jax.Array, dict]:
+  """Summed cross-entropy of predicting tokens[t + 1] from logits[t], weighted by weights[t] ([B, T]).
+
+  With `train=False` the sums also hold the calibration bins (see the module docstring).
+  """
   targets = jnp.roll(tokens, -1, axis=1)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   loss_sum = jnp.sum(nll * weights)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-  return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": correct}
+  is_correct = jnp.argmax(logits, axis=-1) == targets
+  sums = {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": jnp.sum(is_correct * weights)}
+  if not train:
+    confidence = jnp.exp(jnp.max(log_probs, axis=-1))
+    sums.update(calibration.calibration_bin_sums(confidence, is_correct, weights, ECE_BINS))
+  return loss_sum, sums
 
 
 def loss_and_metrics(model, params, batch, *, train: bool, rng=None):
   """Summed next-token cross-entropy over the batch's targets, and metric sums.
 
   batch: `tokens`, `segment_ids`, `positions`, int32 [B, T].
-  Returns (loss_sum, {"loss_sum", "weight", "correct"}); `weight` counts targets.
+  Returns (loss_sum, {"loss_sum", "weight", "correct"}); `weight` counts targets. With `train=False` the
+  sums also hold `calibration.calibration_bin_sums` of the tokens ("bin_count", "bin_confidence_sum",
+  "bin_correct_sum", each [ECE_BINS]).
   """
   return CausalLm.loss_and_metrics(CausalLm(), model, params, batch, train=train, rng=rng)
 
 
 def summarize(sums: dict) -> dict:
-  """Mean loss (nats per target token), perplexity and token accuracy from metric sums."""
+  """Mean loss (nats per target token), perplexity, token accuracy and, from eval sums, token-level ECE."""
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["loss_sum"]) / weight
-  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "token_accuracy": float(sums["correct"]) / weight}
+  metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
+             "token_accuracy": float(sums["correct"]) / weight}
+  if "bin_count" in sums:
+    metrics["ece"] = float(calibration.ece_from_bin_sums(sums, "l1"))
+  return metrics
 
 
 def unigram_entropy(batches) -> float:
@@ -81,11 +102,11 @@ class CausalLm(base.Task):
   def build_model(self, model_config):
     return Decoder(model_config)
 
-  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count):
+  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
     return pipeline.lm_batches(source, tokenizer, text_field=self.text_field, seq_len=self.seq_len,
                                batch_size=batch_size, dataset_name=self.dataset_name, shuffle_seed=shuffle_seed,
                                repeat=repeat, shuffle_window=self.shuffle_window if repeat else 0,
-                               process_index=process_index, process_count=process_count)
+                               stream_index=stream_index, stream_count=stream_count)
 
   def batch_shapes(self, rows):
     return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}
@@ -93,8 +114,8 @@ class CausalLm(base.Task):
   def weights(self, batch):
     return target_weights(batch["segment_ids"])
 
-  def loss_sums(self, logits, batch):
-    return next_token_sums(logits, batch["tokens"], self.weights(batch))
+  def loss_sums(self, logits, batch, *, train):
+    return next_token_sums(logits, batch["tokens"], self.weights(batch), train=train)
 
   def summarize(self, sums):
     return summarize(sums)

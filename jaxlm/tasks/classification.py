@@ -6,7 +6,8 @@ cross-entropy times (1 - p_label)^gamma; with `focal_adaptive` gamma is 5 when
 p_label < 0.2 and 3 otherwise, FLSD-53 of Mukhoti et al. 2020), and class
 weights (each example's loss times the weight of its label; the mean is
 weighted too). Metrics: loss, NLL, accuracy and macro-F1, the latter from a
-streamed `[C, C]` confusion matrix (rows: true class, columns: predicted).
+streamed `[C, C]` confusion matrix (rows: true class, columns: predicted), and in
+evaluation the top-label ECE (15 equal-width bins), all from `jaxlm.evaluation`.
 
 Shape legend: B batch, T length, C classes.
 """
@@ -18,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import pipeline
+from jaxlm.evaluation import calibration, metrics
 from jaxlm.models.heads import SequenceClassifier
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
 
 ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P, ADAPTIVE_GAMMA_HIGH_P = 0.2, 5.0, 3.0
+ECE_BINS = 15
 
 
 def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
@@ -42,13 +45,12 @@ def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma:
   return loss
 
 
-def macro_f1(confusion: np.ndarray) -> float:
-  """Mean per-class F1 over the classes that occur as a label or a prediction (as scikit-learn's default)."""
+def macro_f1(confusion) -> float:
+  """Mean per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default)."""
   confusion = np.asarray(confusion, np.float64)
-  true_positives = np.diag(confusion)
-  denominator = confusion.sum(axis=0) + confusion.sum(axis=1)  # 2 TP + FP + FN
-  present = denominator > 0
-  return float(np.mean(2 * true_positives[present] / denominator[present])) if present.any() else 0.0
+  present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+  f1 = np.asarray(metrics.precision_recall_f1(confusion)["f1"])
+  return float(f1[present].mean()) if present.any() else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +74,14 @@ class Classification(base.Task):
   def build_model(self, model_config):
     return SequenceClassifier(Decoder(model_config), model_config, self.num_classes, self.pooling)
 
-  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count):
+  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
     def encode(index, record):
       text = pipeline.record_text(record, self.text_field, index, self.dataset_name)
       label = pipeline.record_label(record, self.label_field, index, self.dataset_name, self.num_classes)
       return pipeline.classification_example(tokenizer, text, label, self.seq_len, self.truncation)
 
     return pipeline.padded_batches(source, encode, batch_size=batch_size, shuffle_seed=shuffle_seed, repeat=repeat,
-                                   process_index=process_index, process_count=process_count)
+                                   stream_index=stream_index, stream_count=stream_count)
 
   def batch_shapes(self, rows):
     return {**{key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}, "label": (rows,)}
@@ -88,26 +90,34 @@ class Classification(base.Task):
     """[B]: 1 for rows that hold an example, 0 for padding rows."""
     return jnp.any(batch["segment_ids"] != 0, axis=1).astype(jnp.float32)
 
-  def loss_sums(self, logits, batch):
+  def loss_sums(self, logits, batch, *, train):
     labels = batch["label"]
     rows = self.weights(batch)
     weights = rows * jnp.asarray(self.class_weights, jnp.float32)[labels] if self.class_weights else rows
     losses = example_losses(logits, labels, label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
                             focal_adaptive=self.focal_adaptive)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     predictions = jnp.argmax(logits, axis=-1)
-    confusion = jnp.zeros((self.num_classes, self.num_classes), jnp.float32).at[labels, predictions].add(rows)
     loss_sum = jnp.sum(losses * weights)
-    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "nll_sum": jnp.sum(nll * rows),
-                      "examples": jnp.sum(rows), "confusion": confusion}
+    sums = {"loss_sum": loss_sum, "weight": jnp.sum(weights), "nll_sum": jnp.sum(nll * rows),
+            "examples": jnp.sum(rows),
+            "confusion": metrics.confusion_matrix(predictions, labels, self.num_classes, rows)}
+    if not train:
+      confidence = jnp.exp(jnp.max(log_probs, axis=-1))
+      sums.update(calibration.calibration_bin_sums(confidence, predictions == labels, rows, ECE_BINS))
+    return loss_sum, sums
 
   def summarize(self, sums):
     examples = max(float(sums["examples"]), 1.0)
     confusion = np.asarray(sums["confusion"])
-    return {"loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
-            "nll": float(sums["nll_sum"]) / examples,
-            "accuracy": float(np.trace(confusion)) / examples,
-            "macro_f1": macro_f1(confusion)}
+    reported = {"loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
+                "nll": float(sums["nll_sum"]) / examples,
+                "accuracy": float(np.trace(confusion)) / examples,
+                "macro_f1": macro_f1(confusion)}
+    if "bin_count" in sums:
+      reported["ece"] = float(calibration.ece_from_bin_sums(sums, "l1"))
+    return reported
 
   def baselines(self, batches):
     """Always predicting the most frequent class of these very batches."""

@@ -32,13 +32,13 @@ class Distillation:
     return getattr(self.student, name)
 
   def loss_and_metrics(self, model, params, batch, *, train, rng=None):
-    return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch)
+    return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch, train=train)
 
   def logits(self, model, params, batch, *, train, rng=None):
     return self.student.logits(model, params, batch, train=train, rng=rng)
 
-  def loss_sums(self, logits, batch):
-    task_loss, sums = self.student.loss_sums(logits, batch)
+  def loss_sums(self, logits, batch, *, train):
+    task_loss, sums = self.student.loss_sums(logits, batch, train=train)
     teacher_logits = self.student.logits(self.teacher_model, self.teacher_params, batch, train=False)
     teacher_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / self.temperature)
     student_log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / self.temperature)

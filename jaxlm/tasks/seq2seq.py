@@ -4,7 +4,7 @@ Rows are `[bos] prompt separator target [eos]` (`pipeline.sft_example`); the
 model reads the whole row, but only predictions of target tokens (and the
 final eos) count: logits[t] is scored when `loss_mask[t + 1]` is 1. Generation
 quality is measured by greedy decoding from the prompt and comparing with the
-reference: exact match and ROUGE-L F1 (`rouge_l`).
+reference: exact match and ROUGE-L F1 (`jaxlm.evaluation.metrics`), in the loop's test report.
 """
 
 import dataclasses
@@ -18,24 +18,6 @@ from jaxlm.tasks import causal_lm
 def target_weights(loss_mask) -> jnp.ndarray:
   """[B, T] float: 1 where logits[t] predict a target token (loss_mask[t + 1] = 1)."""
   return jnp.roll(loss_mask, -1, axis=1).at[:, -1].set(0).astype(jnp.float32)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-  """ROUGE-L F1 over whitespace tokens: the longest common subsequence against both lengths."""
-  a, b = prediction.split(), reference.split()
-  if not a or not b:
-    return float(a == b)
-  previous = [0] * (len(b) + 1)
-  for token in a:
-    current = [0]
-    for j, other in enumerate(b):
-      current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-    previous = current
-  lcs = previous[-1]
-  if lcs == 0:
-    return 0.0
-  precision, recall = lcs / len(a), lcs / len(b)
-  return 2 * precision * recall / (precision + recall)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +34,10 @@ class Seq2Seq(causal_lm.CausalLm):
         pipeline.record_text(record, self.target_field, index, self.dataset_name), self.seq_len, self.truncation,
         self.separator)
 
-  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, process_index, process_count):
+  def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
     return pipeline.padded_batches(source, lambda index, record: self.encode(tokenizer, record, index),
                                    batch_size=batch_size, shuffle_seed=shuffle_seed, repeat=repeat,
-                                   process_index=process_index, process_count=process_count)
+                                   stream_index=stream_index, stream_count=stream_count)
 
   def batch_shapes(self, rows):
     return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions", "loss_mask")}

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from absl import logging
 
 from jaxlm import configs, sharding, tasks
@@ -34,7 +35,8 @@ from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference import decode
 from jaxlm.models.config import ConfigError, ModelConfig
-from jaxlm.tasks import distillation, seq2seq
+from jaxlm.evaluation import metrics as metrics_lib
+from jaxlm.tasks import distillation
 from jaxlm.training import checkpoint, optim, pretrained, steps
 from jaxlm.training import state as state_lib
 from jaxlm.training.writer import MetricWriter
@@ -61,13 +63,18 @@ class _PreemptionFlag:
 
 
 def _check_batch_sizes(config, mesh) -> None:
-  parallel = sharding.data_parallel_size(mesh)
+  """Batches must split evenly over the data-parallel shards, the processes and the data streams."""
+  parallel, processes = sharding.data_parallel_size(mesh), jax.process_count()
+  streams = config.data.num_streams or processes
+  if streams % processes:
+    raise ConfigError(f"data.num_streams={streams} must be a multiple of the {processes} processes.")
   for key, size in (("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
                     ("eval.batch_size", config.eval.batch_size)):
     per = "per micro-batch " if key.startswith("train") and config.train.grad_accum_steps > 1 else ""
-    if size % parallel or size % jax.process_count():
+    if size % parallel or size % streams:
       raise ConfigError(f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
-                        f"shards (mesh.data x mesh.fsdp) and {jax.process_count()} processes.")
+                        f"shards (mesh.data x mesh.fsdp) and the {streams} data streams (data.num_streams, "
+                        f"one per process by default).")
 
 
 def _tokenizer(config, train_source) -> Tokenizer:
@@ -89,17 +96,41 @@ def _num_classes(config) -> int:
   return feature.num_classes
 
 
+def _streams(config) -> tuple[int, list[int]]:
+  """(number of data streams, the streams this process feeds): see `pipeline.process_streams`."""
+  num_streams = config.data.num_streams or jax.process_count()
+  return num_streams, pipeline.process_streams(num_streams, jax.process_index(), jax.process_count())
+
+
+def _train_batches(config, task, tokenizer, source):
+  """This process's rows of every training batch: one batch of each of its streams, side by side."""
+  num_streams, streams = _streams(config)
+  return pipeline.zip_streams([
+      task.batches(source, tokenizer, batch_size=config.train.batch_size // num_streams, shuffle_seed=config.seed,
+                   repeat=True, stream_index=index, stream_count=num_streams) for index in streams])
+
+
 def _eval_batches(config, task, tokenizer, split: str, limit: int | None) -> list[dict]:
-  """The first `limit` batches (None: all) of `split` read once in a fixed shuffled order: a representative
-  sample, the same one at every evaluation."""
+  """This process's rows of the first `limit` eval batches (None: all) of `split`.
+
+  Evaluation reads the split once in a fixed shuffled order, so that the first batches are a representative
+  sample, and the same one at every evaluation.
+  """
   source = sources.get_source(config.data.name, split, config.data.data_dir or None)
-  batches = task.batches(source, tokenizer, batch_size=config.eval.batch_size // jax.process_count(),
-                         shuffle_seed=EVAL_ORDER_SEED, repeat=False, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-  batches = list(itertools.islice(batches, limit))
-  if not batches:
+  num_streams, streams = _streams(config)
+  rows = config.eval.batch_size // num_streams
+  eval_streams = [list(itertools.islice(task.batches(source, tokenizer, batch_size=rows, shuffle_seed=EVAL_ORDER_SEED,
+                                                     repeat=False, stream_index=index, stream_count=num_streams),
+                                        limit)) for index in streams]
+  # Every process must run the same number of eval steps: shorter streams are padded with empty batches.
+  num_eval = max(len(batches) for batches in eval_streams)
+  if jax.process_count() > 1:
+    num_eval = int(np.max(multihost_utils.process_allgather(np.int32(num_eval))))
+  if not num_eval:
     raise ValueError(f"The {split!r} split of {config.data.name!r} gave no eval batch.")
-  return batches
+  empty = pipeline.padding_batch(task.batch_shapes(rows))
+  return [pipeline.concat_rows(batches) for batches in
+          zip(*[batches + [empty] * (num_eval - len(batches)) for batches in eval_streams])]
 
 
 def _teacher(config, task, mesh):
@@ -126,7 +157,7 @@ def _log_compiled(name: str, compiled) -> None:
 
 def _generation_scores(config, task, tokenizer, model, params, step: int) -> dict:
   """Greedy outputs for the first `eval.generate_examples` test examples against their references:
-  exact match, ROUGE-L F1 and the examples themselves."""
+  exact match, ROUGE-L F1, corpus BLEU and the examples themselves."""
   source = sources.get_source(config.data.name, config.data.test_split, config.data.data_dir or None)
   examples = []
   for index in range(min(config.eval.generate_examples, len(source))):
@@ -136,11 +167,11 @@ def _generation_scores(config, task, tokenizer, model, params, step: int) -> dic
     generated = tokenizer.decode(decode.greedy_decode(model, params, prompt_ids, max_new, tokenizer.eos_id)).strip()
     reference = pipeline.record_text(record, task.target_field, index, config.data.name).strip()
     examples.append({"reference": reference, "generated": generated})
-  exact = float(np.mean([e["generated"] == e["reference"] for e in examples]))
-  rouge = float(np.mean([seq2seq.rouge_l(e["generated"], e["reference"]) for e in examples]))
-  logging.info("step %d test generation: exact match %.3f, ROUGE-L %.3f over %d examples", step, exact, rouge,
-               len(examples))
-  return {"exact_match": exact, "rouge_l": rouge, "examples": examples}
+  generated, references = [e["generated"] for e in examples], [e["reference"] for e in examples]
+  scores = {"exact_match": metrics_lib.exact_match(generated, references),
+            "rouge_l": metrics_lib.rouge_l(generated, references), "bleu": metrics_lib.bleu(generated, references)}
+  logging.info("step %d test generation over %d examples: %s", step, len(examples), scores)
+  return {**scores, "examples": examples}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -152,6 +183,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write_config(workdir, config)
   mesh = sharding.create_mesh(config.mesh)
   _check_batch_sizes(config, mesh)
+  sharding.check_model_fits_mesh(model_config, mesh.shape)
+  sharding.check_model_fits_mesh(model_config, mesh.shape)
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   data = config.data
@@ -161,9 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"model.vocab_size: {model_config.vocab_size} rows cannot embed the tokenizer's "
                       f"{tokenizer.vocab_size} pieces ({tokenizer.path}); raise model.vocab_size.")
   task = tasks.create(config, _num_classes(config))
-  train_iterator = iter(task.batches(train_source, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
-                                     shuffle_seed=config.seed, repeat=True, process_index=jax.process_index(),
-                                     process_count=jax.process_count()))
+  train_iterator = iter(_train_batches(config, task, tokenizer, train_source))
   eval_batches = _eval_batches(config, task, tokenizer, data.eval_split,
                                None if config.eval.num_batches == -1 else config.eval.num_batches)
   eval_baselines = task.baselines(eval_batches)
@@ -289,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       report = {"split": data.test_split, "checkpoint_step": best_step, "best_metric": train.best_metric,
                 "metrics": test_metrics, "baselines": task.baselines(test_batches),
                 "trainable": train.trainable, "trainable_params": trainable_count, "total_params": total_count}
-      if config.eval.generate_examples and jax.process_index() == 0:
+      if config.eval.generate_examples:  # every process runs the (sharded) decode
         report["generation"] = _generation_scores(config, task, tokenizer, model, best_params, best_step)
       logging.info("test (%s, checkpoint %d): %s", data.test_split, best_step, test_metrics)
       if jax.process_index() == 0:
@@ -301,9 +332,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()  # waits for pending saves
     writer.close()
 
-  if config.task != "classification" and config.sample.prompt and config.sample.max_new_tokens and \
-      jax.process_index() == 0:
+  # Every process runs the (sharded) decode.
+  if config.task != "classification" and config.sample.prompt and config.sample.max_new_tokens:
     prompt_ids = [tokenizer.bos_id, *tokenizer.encode(config.sample.prompt)]
     generated = decode.greedy_decode(model, state.params, prompt_ids, config.sample.max_new_tokens, tokenizer.eos_id)
-    print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{tokenizer.decode(generated)}\n---", flush=True)
+    if jax.process_index() == 0:
+      print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{tokenizer.decode(generated)}\n---", flush=True)
   return eval_metrics

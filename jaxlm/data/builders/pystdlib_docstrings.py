@@ -66,7 +66,8 @@ class PystdlibDocstrings(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     files = stdlib_functions.library_files()
-    return {split: self._generate_examples(split, [f for f in files if stdlib_functions.split_of(f, TEST_PERCENT, VALIDATION_PERCENT) == split])
+    split_of = {f: stdlib_functions.split_of(f, TEST_PERCENT, VALIDATION_PERCENT) for f in files}
+    return {split: self._generate_examples(split, [f for f in files if split_of[f] == split])
             for split in stdlib_functions.SPLITS}
 
   def _generate_examples(self, split: str, relative_paths: list[str]):
