@@ -31,15 +31,15 @@ def get_config(arg: str | None = None):
   config.model = configs.model_config_dict("small")  # must match the pretrained run
   config.data.name = "pystdlib_packages"
   config.data.test_split = "test"
-  config.data.seq_len = 128  # function sources cut to their first 126 tokens (signature and beginning)
-  config.train.steps = 150
+  config.data.seq_len = 96  # function sources cut to their first 94 tokens (signature and beginning)
+  config.train.steps = 250
   config.train.batch_size = 32
-  config.train.learning_rate = 3e-4
-  config.train.warmup_steps = 15
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 25
   config.train.weight_decay = 0.01
   config.train.log_every = 10
-  config.train.eval_every = 25
-  config.train.checkpoint_every = 25
+  config.train.eval_every = 50
+  config.train.checkpoint_every = 50
   config.train.keep_checkpoints = 1
   config.train.best_metric = "eval_accuracy"
   config.train.best_mode = "max"
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
 
   if "head_only" in variants:
     config.train.trainable = "head"
-    config.train.learning_rate = 3e-3
+    config.train.learning_rate = 5e-3
   if "lora" in variants:
     config.model.lora_rank = 8
     config.model.lora_alpha = 16.0
@@ -63,8 +63,7 @@ def get_config(arg: str | None = None):
     config.distill.temperature = 2.0
   if "scratch" in variants:
     config.init_from = ""
-    config.data.vocab_size = config.model.vocab_size  # trains its own tokenizer on the train split
-    config.train.learning_rate = 1e-3
+    config.data.vocab_size = config.model.vocab_size  # trains its own tokenizer unless data.tokenizer is set
   if "tiny" in variants:
     config.init_from = ""  # tests point it at a quickstart.py:tiny workdir
     config.model = configs.model_config_dict("tiny", lora_rank=config.model.lora_rank,
