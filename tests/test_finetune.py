@@ -209,3 +209,28 @@ def test_sft_tiny_run_reports_generation(pretrained_workdir, data_dir, tmp_path)
   generation = report["generation"]
   assert len(generation["examples"]) == 2 and 0 <= generation["rouge_l"] <= 1
   assert {"loss", "perplexity", "token_accuracy"} <= set(report["metrics"])
+
+
+def test_distillation_loss_against_numpy():
+  """(1 - w) task loss + w tau^2 KL(teacher_tau || student_tau), on the rows the task scores."""
+  from jaxlm.tasks import distillation
+  task = classification.Classification(num_classes=3, seq_len=16)
+  student, teacher = task.build_model(TINY), task.build_model(TINY.__class__(**{**TINY.__dict__, "mlp_dim": 32}))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(4, 64, (4, 16)).astype(np.int32), "segment_ids": np.ones((4, 16), np.int32),
+           "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)), "label": np.array([0, 1, 2, 0], np.int32)}
+  batch["segment_ids"][3] = 0  # a padding row: not scored
+  init = lambda model, seed: nn.meta.unbox(model.init(jax.random.key(seed), batch["tokens"])["params"])
+  student_params, teacher_params = init(student, 0), init(teacher, 1)
+  distill = distillation.Distillation(task, teacher, teacher_params, weight=0.3, temperature=2.0)
+  loss, sums = distill.loss_and_metrics(student, student_params, batch, train=False)
+  logits = [np.asarray(task.logits(m, p, batch, train=False), np.float64)
+            for m, p in ((student, student_params), (teacher, teacher_params))]
+  task_loss = -sum(_log_softmax(logits[0])[i, batch["label"][i]] for i in range(3))
+  log_s, log_t = _log_softmax(logits[0] / 2.0), _log_softmax(logits[1] / 2.0)
+  kl = (np.exp(log_t) * (log_t - log_s)).sum(-1)[:3].sum() * 4.0
+  assert float(loss) == pytest.approx(0.7 * task_loss + 0.3 * kl, rel=1e-5)
+  reported = distill.summarize(jax.device_get(sums))
+  assert reported["task_loss"] == pytest.approx(task_loss / 3, rel=1e-5)
+  assert reported["distill_kl"] == pytest.approx(kl / 3, rel=1e-4)  # float32 differences of log-probabilities
+  assert set(reported) >= {"accuracy", "macro_f1", "ece", "loss"}
