@@ -184,7 +184,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.create_mesh(config.mesh)
   _check_batch_sizes(config, mesh)
   sharding.check_model_fits_mesh(model_config, mesh.shape)
-  sharding.check_model_fits_mesh(model_config, mesh.shape)
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   data = config.data
@@ -227,9 +226,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = state.replace(params=params)
     else:
       logging.info("No checkpoint in %s: initialising from seed %d", workdir, config.seed)
-  mask = trainable(state.params) if trainable else jax.tree.map(lambda _: True, state.params)
-  trainable_count = sum(int(x.size) for x, train_it in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask))
-                        if train_it)
+  mask = jax.tree.leaves(trainable(state.params)) if trainable else [True] * len(jax.tree.leaves(state.params))
+  trainable_count = sum(int(x.size) for x, trains in zip(jax.tree.leaves(state.params), mask) if trains)
   total_count = state_lib.count_params(state.params)
   logging.info("Model: %s parameters, %s trainable", f"{total_count:,}", f"{trainable_count:,}")
 
