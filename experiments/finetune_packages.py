@@ -14,6 +14,12 @@ splits of the built-in `pystdlib_packages`, each a switch on the same loop:
 Validation accuracy is evaluated every `train.eval_every` steps; the best checkpoint by it is evaluated on the
 test split into WORKDIR/eval/report.json (accuracy, macro-F1, the majority-class baseline, parameter counts).
 Other knobs: classification.pooling/label_smoothing/focal_adaptive/class_weights, train.frozen (regex).
+
+Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_format=array_record`):
+  --config.data.name=imdb_reviews --config.data.eval_split=test --config.data.test_split=''
+  --config.data.name=glue/sst2 --config.data.text_field=sentence --config.data.test_split=''  (test labels hidden)
+  --config.data.name=ag_news_subset --config.data.text_field=description --config.data.eval_split=test \
+      --config.data.test_split=''
 """
 
 from jaxlm import configs
