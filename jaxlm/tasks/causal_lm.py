@@ -58,7 +58,7 @@ def loss_and_metrics(model, params, batch, *, train: bool, rng=None):
   sums also hold `calibration.calibration_bin_sums` of the tokens ("bin_count", "bin_confidence_sum",
   "bin_correct_sum", each [ECE_BINS]).
   """
-  return CausalLm.loss_and_metrics(CausalLm(), model, params, batch, train=train, rng=rng)
+  return CausalLm().loss_and_metrics(model, params, batch, train=train, rng=rng)
 
 
 def summarize(sums: dict) -> dict:
