@@ -52,13 +52,14 @@ class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
   def __init__(self, directory: str, keep: int, best_metric: str = "eval_loss", best_mode: str = "min"):
-    self.best_metric, self.best_mode = best_metric, best_mode
     policy = preservation_policy.AnyPreservationPolicy([
         preservation_policy.LatestN(keep),
         preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
                                   n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+    # best_fn makes Orbax write each checkpoint's metrics to disk, so the best one is still known after a restart.
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda metrics: metrics[best_metric],
+                                           best_mode=best_mode, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -69,11 +70,8 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The kept step with the best `best_metric` (None if no checkpoint has one)."""
-    scored = [(metrics[self.best_metric], step) for step in self.all_steps()
-              if (metrics := self.manager.metrics(step)) and self.best_metric in metrics]
-    if not scored:
-      return None
-    return (min if self.best_mode == "min" else max)(scored)[1]
+    scored = [step for step in self.all_steps() if self.manager.metrics(step)]
+    return self.manager.best_step() if scored else None
 
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; `metrics` (with `best_metric`) ranks it for best-keeping."""
