@@ -9,7 +9,8 @@ import dataclasses
 
 import ml_collections
 
-from jaxlm.models.config import ConfigError, ModelConfig
+from jaxlm.inference import decode
+from jaxlm.models.config import DTYPES, ConfigError, ModelConfig
 
 # Model-size presets: overrides of ModelConfig's defaults.
 MODEL_PRESETS = {
@@ -82,6 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.prompt = "def "  # prompt of the greedy sample printed at the end ('' = no sample)
   config.sample.max_new_tokens = 64  # tokens generated for it
 
+  config.decode = ml_collections.ConfigDict()
+  config.decode.strategy = "greedy"  # --mode=generate: greedy, sample or beam
+  config.decode.max_new_tokens = 64  # tokens generated per prompt (fewer if EOS comes first)
+  config.decode.temperature = 1.0  # sample: logits are divided by it (> 0)
+  config.decode.top_k = 0  # sample: keep the k most likely tokens; 0 = all
+  config.decode.top_p = 1.0  # sample: nucleus, keep the smallest set of tokens with this probability; 1 = all
+  config.decode.beam_size = 4  # beam: hypotheses kept per prompt
+  config.decode.length_penalty = 0.0  # beam: score = sum of log-probs / length ** length_penalty
+  config.decode.seed = 0  # PRNG seed of sampling
+  config.decode.dtype = ""  # weights and activations while decoding ('bfloat16', ...); '' = as trained
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel ways; -1 = all devices left
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) ways
@@ -104,7 +116,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if not ok:
       raise ConfigError(f"{key}: {message}")
 
-  for section in ("model", "data", "train", "eval", "sample", "mesh"):
+  for section in ("model", "data", "train", "eval", "sample", "decode", "mesh"):
     check(section in config, section, "missing section; start the config from jaxlm.configs.base_config().")
   check(config.task in TASKS, "task", f"{config.task!r} is not one of {TASKS}.")
   model_config = ModelConfig.from_config(config.model)
@@ -130,4 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
         f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
   check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
+  decode.DecodeSettings.from_config(config.decode)
+  check(config.decode.dtype in ("", *DTYPES), "decode.dtype", f"{config.decode.dtype!r} is not '' or one of "
+        f"{tuple(DTYPES)}.")
   return model_config

@@ -2,6 +2,10 @@
 
 Overrides: `--config.train.steps=50`, `--config.model.num_layers=2`, ...
 (the config is locked: a misspelt key or a wrong type is an error).
+
+`--mode=generate --prompt="def "` continues each `--prompt` (repeatable) from the
+workdir's latest checkpoint with the `decode` settings (`--config.decode.strategy=sample`, ...).
+Only the generated texts go to stdout, one per prompt; logs go to stderr.
 """
 
 import logging as python_logging
@@ -13,7 +17,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "generate"], "What to run.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "--mode=generate: a prompt to continue (repeat for a batch).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,10 +31,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_library_logs)
-  from jaxlm.training import loop  # imported here so that --help stays fast
   logging.info("jaxlm %s: config %s, workdir %s", _MODE.value, _CONFIG.value.get("task"), _WORKDIR.value)
+  workdir = os.path.expanduser(_WORKDIR.value)
   if _MODE.value == "train":
-    loop.train_and_evaluate(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+    from jaxlm.training import loop  # imported here so that --help stays fast
+    loop.train_and_evaluate(_CONFIG.value, workdir)
+  elif _MODE.value == "generate":
+    if not _PROMPT.value:
+      raise app.UsageError("--mode=generate needs at least one --prompt=TEXT.")
+    from jaxlm.inference import generate
+    for result in generate.generate_from_workdir(_CONFIG.value, workdir, _PROMPT.value):
+      print(result.text, flush=True)
 
 
 def run():

@@ -1,11 +1,15 @@
 """Building blocks shared by every transformer: norms, rotary positions,
 attention, MLP and the pre-norm transformer block.
 
-Shape legend: B batch, T query length, S key length, D model width,
-N query heads, K key/value heads, H head dim, F MLP width.
+Decoding threads a `KVCache` through the same modules: the keys and values
+of the tokens seen so far, so that each new token costs one position of work.
+
+Shape legend: B batch, T query length, S key length (cache slots), D model width,
+L layers, N query heads, K key/value heads, H head dim, F MLP width.
 """
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -68,6 +72,49 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array, cau
   return mask[:, None, :, :]
 
 
+class KVCache(flax.struct.PyTreeNode):
+  """Keys and values of every layer for the decoding of a batch of left-padded rows.
+
+  Every row writes its next token into the same slot `index`, so an update is
+  one `dynamic_update_slice`; row b holds padding before slot `start[b]`,
+  which is masked out and shifts that row's positions (position = slot - start).
+  """
+
+  key: jax.Array  # [L, B, S, K, H] in the compute dtype
+  value: jax.Array  # [L, B, S, K, H]
+  start: jax.Array  # [B] int32, first slot of each row's tokens
+  index: jax.Array  # [] int32, next slot to write
+
+  # Logical axes of `key` and `value`: shard like activations (batch, kv heads) under the training rules.
+  AXES = (LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM)
+
+  @classmethod
+  def create(cls, config: ModelConfig, start: jax.Array, length: int) -> "KVCache":
+    """An empty cache of `length` slots for rows whose tokens begin at slots `start` ([B])."""
+    shape = (config.num_layers, start.shape[0], length, config.kv_heads, config.dim_per_head)
+    zeros = nn.with_logical_constraint(jnp.zeros(shape, config.compute_dtype), cls.AXES)
+    return cls(key=zeros, value=zeros, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
+
+  def take(self, rows: jax.Array) -> "KVCache":
+    """The cache of rows `rows` ([B'] indices), e.g. the beams that survive a beam-search step."""
+    key = nn.with_logical_constraint(jnp.take(self.key, rows, axis=1), self.AXES)
+    value = nn.with_logical_constraint(jnp.take(self.value, rows, axis=1), self.AXES)
+    return self.replace(key=key, value=value, start=self.start[rows])
+
+  def positions_and_mask(self, length: int) -> tuple[jax.Array, jax.Array]:
+    """Positions [B, T] and attention mask [B, 1, T, S] of `length` tokens written from slot `index`.
+
+    A token sees the slots from its row's start up to its own; a padding slot sees only itself.
+    """
+    query_slots = self.index + jnp.arange(length)  # [T]
+    key_slots = jnp.arange(self.key.shape[2])  # [S]
+    positions = jnp.maximum(query_slots[None, :] - self.start[:, None], 0)  # [B, T]
+    visible = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
+        key_slots[None, None, :] >= self.start[:, None, None])  # [B, T, S]
+    visible |= key_slots[None, None, :] == query_slots[None, :, None]
+    return positions, visible[:, None]
+
+
 class Einsum(nn.Module):
   """`einsum(equation, x, kernel) (+ bias)` with a kernel that carries logical axis names.
 
@@ -99,8 +146,13 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, T] -> [B, T, D]."""
+  def __call__(self, x, positions, mask, cache=None):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
+
+    Without a cache S = T. With `cache = (key, value, index)` (this layer's [B, S, K, H]
+    slots and the first slot to write), the T new keys and values are written from
+    slot `index` and the queries attend over all S slots; returns `(out, (key, value))`.
+    """
     config = self.config
     D, N, K, H = config.embed_dim, config.num_heads, config.kv_heads, config.dim_per_head
     std = config.init_std
@@ -113,12 +165,19 @@ class Attention(nn.Module):
     query = nn.with_logical_constraint(query, (BATCH, LENGTH, HEADS, HEAD_DIM))
     key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    if cache is not None:
+      cached_key, cached_value, index = cache
+      key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), index, axis=1)
+      value = jax.lax.dynamic_update_slice_in_dim(cached_value, value.astype(cached_value.dtype), index, axis=1)
+      key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))  # [B, S, K, H]
+      value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
     implementation = None if config.attention == "auto" else config.attention
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
-    return Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
-                  name="out")(out)
+    out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
+                 name="out")(out)
+    return out if cache is None else (out, (key, value))
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -151,27 +210,36 @@ class TransformerBlock(nn.Module):
   """Pre-norm block: x + Attention(Norm(x)), then x + Mlp(Norm(x)).
 
   The mask decides what kind of block it is (causal for decoders, full for
-  encoders). Returns `(x, None)` so that it can be stacked with `nn.scan`.
+  encoders). Returns `(x, new_cache)` so that it can be stacked with `nn.scan`:
+  `cache` is this layer's `(key, value)` slots plus the write index (see
+  `Attention`), or None (training, scoring), and then `new_cache` is None.
   """
 
   config: ModelConfig
   deterministic: bool = True  # False turns dropout on (training)
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, mask, cache=None, index=None):
     config = self.config
     dropout = nn.Dropout(config.dropout_rate, deterministic=self.deterministic)
-    h = Attention(config, name="attention")(norm(config, "attention_norm")(x), positions, mask)
+    attention = Attention(config, name="attention")
+    h = norm(config, "attention_norm")(x)
+    new_cache = None
+    if cache is None:
+      h = attention(h, positions, mask)
+    else:
+      h, new_cache = attention(h, positions, mask, (*cache, index))
     x = x + dropout(h)
     h = Mlp(config, name="mlp")(norm(config, "mlp_norm")(x))
     x = x + dropout(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), new_cache
 
 
 def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
   """`num_layers` blocks as one `nn.scan` (compile time independent of depth), optionally rematerialised.
 
-  Parameters get a leading `layers` axis of size L.
+  Parameters get a leading `layers` axis of size L. Called as `stack(x, positions, mask, cache, index)`:
+  `cache` (`(key, value)`, each [L, B, S, K, H], or None) is scanned over layers, the rest is shared.
   """
   block = TransformerBlock
   if config.remat != "none":
@@ -180,7 +248,7 @@ def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
       length=config.num_layers,
       metadata_params={nn.PARTITION_NAME: LAYERS},
   )

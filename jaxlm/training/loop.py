@@ -26,7 +26,7 @@ from absl import logging
 
 from jaxlm import configs, sharding
 from jaxlm.data import pipeline, sources
-from jaxlm.inference import decode
+from jaxlm.inference import generate
 from jaxlm.models.config import ConfigError
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import causal_lm
@@ -204,8 +204,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()  # waits for pending saves
     writer.close()
 
-  if config.sample.prompt and config.sample.max_new_tokens and jax.process_index() == 0:
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(config.sample.prompt)]
-    generated = decode.greedy_decode(model, state.params, prompt_ids, config.sample.max_new_tokens, tokenizer.eos_id)
-    print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{tokenizer.decode(generated)}\n---", flush=True)
+  if config.sample.prompt and config.sample.max_new_tokens:
+    sample = generate.generate(model, state.params, tokenizer, [config.sample.prompt], mesh=mesh,
+                               max_new_tokens=config.sample.max_new_tokens)[0]
+    if jax.process_index() == 0:
+      print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{sample.text}\n---", flush=True)
   return eval_metrics
