@@ -24,7 +24,7 @@ def _gather(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.vmap(lambda row, index: row[index])(values, indices)
 
 
-def beam_search(step_model: StepModel, params, logits: jax.Array, cache, settings: DecodeSettings, eos_id: int,
+def beam_search(step_model: StepModel, params, logits: jax.Array, cache, settings: DecodeSettings, eos_id,
                 pad_id: int) -> DecodeOutput:
   """Beam search after a prefill that gave next-token `logits` [B, V] and a cache of B rows."""
   batch, vocab = logits.shape

@@ -116,7 +116,7 @@ def sampling_logits(logits: jax.Array, settings: DecodeSettings) -> jax.Array:
 
 
 def sample_loop(step_model: StepModel, params, logits: jax.Array, cache, rng: jax.Array, settings: DecodeSettings,
-                eos_id: int, pad_id: int) -> DecodeOutput:
+                eos_id: jax.Array | int, pad_id: int) -> DecodeOutput:
   """Greedy (argmax) or sampled tokens after a prefill that gave `logits` [B, V] and `cache`.
 
   Token t of every row is drawn with `fold_in(rng, t)`, so a fixed key gives the same tokens.

@@ -31,9 +31,9 @@ from jaxlm.training import state as state_lib
 PROMPT_ALIGN = 8  # padded prompt lengths are multiples of this, so that similar prompts share a compilation
 
 
-@functools.partial(jax.jit, static_argnames=("step_model", "settings", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("step_model", "settings", "pad_id"))
 def decode(step_model: StepModel, params, prompts: jax.Array, start: jax.Array, rng: jax.Array,
-           settings: DecodeSettings, eos_id: int = -1, pad_id: int = 0) -> DecodeOutput:
+           settings: DecodeSettings, eos_id: jax.Array | int = -1, pad_id: int = 0) -> DecodeOutput:
   """Prefill, then decode with `settings.strategy`, as one compiled program.
 
   prompts: [B, P] int32, row b left-padded (its tokens in slots start[b]:P); start: [B] int32;
