@@ -99,7 +99,7 @@ def generate(model: Decoder, params, tokenizer: Tokenizer, prompts: list[str],
     output = jax.device_get(run(tokens, start, rng))
   else:
     batch_sharding = sharding.batch_sharding(mesh)
-    rows_sharding = jax.sharding.NamedSharding(mesh, batch_sharding.spec[:1])
+    rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_sharding.spec[:1]))
     tokens = jax.make_array_from_callback(tokens.shape, batch_sharding, lambda index: tokens[index])
     start = jax.make_array_from_callback(start.shape, rows_sharding, lambda index: start[index])
     with sharding.mesh_context(mesh):

@@ -99,8 +99,9 @@ def restore_params(directory: str, abstract_params) -> tuple:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}; train first with --mode=train and the same --workdir.")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
   finally:
     manager.close()
   return restored["state"]["params"], step
