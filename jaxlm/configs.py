@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
   config.data.seq_len = 256  # tokens per packed row
   config.data.shuffle_window = 1024  # packed training rows shuffled together (spreads long documents)
+  config.data.num_streams = 0  # document streams per batch; 0 = one per process (fix it: same data on any process count)
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000  # optimizer steps
@@ -134,6 +135,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   check(data.seq_len <= model_config.max_len, "data.seq_len",
         f"{data.seq_len} exceeds model.max_len={model_config.max_len}; raise model.max_len or lower data.seq_len.")
   check(bool(data.name), "data.name", "must name a dataset.")
+  check(data.num_streams >= 0, "data.num_streams", f"must be >= 0 (0 = one per process), got {data.num_streams}.")
   check(data.tokenizer or data.vocab_size > 4, "data.vocab_size", "must exceed the 4 special pieces.")
   check(data.tokenizer or data.vocab_size <= model_config.vocab_size, "data.vocab_size",
         f"{data.vocab_size} exceeds model.vocab_size={model_config.vocab_size}; the embedding table needs a "

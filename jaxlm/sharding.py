@@ -102,3 +102,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
   """Number of ways the batch dimension is split."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_model_fits_mesh(model_config, mesh_axis_sizes: dict) -> None:
+  """Raises ConfigError naming the `model.*` key whose size a mesh axis does not divide.
+
+  Each sharded parameter dimension must split evenly over the mesh axes its logical name maps to
+  (e.g. heads over `tensor`, the width over `fsdp`). `mesh_axis_sizes`: e.g. `mesh.shape`.
+  """
+  sizes = {
+      HEADS: ("model.num_heads", model_config.num_heads),
+      KV_HEADS: ("model.num_kv_heads", model_config.kv_heads),
+      MLP: ("model.mlp_dim", model_config.mlp_dim),
+      VOCAB: ("model.vocab_size", model_config.vocab_size),
+      EMBED: ("model.embed_dim", model_config.embed_dim),
+  }
+  rules = dict(LOGICAL_AXIS_RULES)
+  for logical, (key, size) in sizes.items():
+    axes = rules[logical]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    ways = int(np.prod([mesh_axis_sizes[axis] for axis in axes]))
+    if size % ways:
+      names = " x ".join(f"mesh.{axis}" for axis in axes)
+      raise ConfigError(f"{key}={size} does not split over {names} = {ways} devices; choose a size divisible "
+                        f"by {ways} or a smaller {names}.")

@@ -1,6 +1,5 @@
 """Training pieces: optimizer mask and schedule, gradient accumulation, NaN guard, one sharded run."""
 
-import functools
 import importlib.util
 import json
 import os
@@ -54,10 +53,9 @@ def _setup(mesh_config, grad_accum_steps=1, seed=0):
   mesh = sharding.create_mesh(mesh_config)
   _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
   state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(seed))
-  step = jax.jit(functools.partial(steps.train_step, model=model, task=causal_lm, optimizer=optimizer,
-                                   schedule=schedule, dropout_rng=jax.random.key(1),
-                                   grad_accum_steps=grad_accum_steps),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
+  step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
+                            dropout_rng=jax.random.key(1), grad_accum_steps=grad_accum_steps,
+                            state_sharding=shardings, mesh=mesh)
   return state, step, mesh
 
 
@@ -138,7 +136,8 @@ def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   eval_rows = [r for r in rows if r["split"] == "eval"]
   assert [r["step"] for r in train_rows] == list(range(1, 13))
   assert [r["step"] for r in eval_rows] == [4, 8, 12]
-  assert all({"loss", "perplexity", "token_accuracy", "unigram_entropy"} <= set(r) for r in eval_rows)
+  assert all({"loss", "perplexity", "token_accuracy", "ece", "unigram_entropy"} <= set(r) for r in eval_rows)
+  assert all(0 <= r["ece"] <= 1 for r in eval_rows) and not any("ece" in r for r in train_rows)
   assert eval_rows[-1]["loss"] < eval_rows[0]["loss"]
   assert final["loss"] == eval_rows[-1]["loss"]
   assert eval_rows[-1]["perplexity"] == pytest.approx(np.exp(eval_rows[-1]["loss"]))

@@ -15,7 +15,7 @@ import re
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset, ZipIterDataset
 
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -69,14 +69,14 @@ def _pad_rows(batch: dict, batch_size: int) -> dict:
 
 def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
                dataset_name: str, shuffle_seed: int | None, repeat: bool, shuffle_window: int = 0,
-               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Packed language-modelling batches of `batch_size` rows (this process's share of the global batch).
+               stream_index: int = 0, stream_count: int = 1) -> grain.IterDataset:
+  """Packed language-modelling batches of `batch_size` rows from one stream of documents.
 
   Training: `shuffle_seed` set and `repeat=True` (documents reshuffled every epoch), and
   `shuffle_window` > 0: packed rows are shuffled within windows of that many rows, so that
   the rows of one long document spread over many batches instead of filling consecutive ones.
   Evaluation: one pass (in a fixed shuffled order if `shuffle_seed` is set), the last batch padded.
-  Each process reads only its own records (`process_index::process_count`).
+  The stream reads only the records `stream_index::stream_count` (see `stream_batches`).
   """
 
   def tokenize(index, record):
@@ -84,7 +84,7 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)}
 
   documents = grain.MapDataset.source(source).map_with_index(tokenize)
-  documents = documents[process_index::process_count]
+  documents = documents[stream_index::stream_count]
   if shuffle_seed is not None:
     documents = documents.shuffle(seed=shuffle_seed)
   if repeat:
@@ -103,3 +103,32 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
     }, batch_size)
 
   return batches.map(to_model_batch)
+
+
+def concat_rows(batches: tuple[dict, ...]) -> dict:
+  """One batch from several: the rows of each, in order."""
+  return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def process_streams(num_streams: int, process_index: int, process_count: int) -> list[int]:
+  """Indices of the document streams whose rows this process feeds.
+
+  Global batch rows are split into `num_streams` equal blocks; block s always comes from stream s
+  (records `s::num_streams`, packed on their own), and process p feeds the consecutive streams of its
+  block of rows. For a fixed `num_streams` the global batches are therefore the same whatever the number
+  of processes that divides it: a run on 1 host and on 4 hosts trains on identical data.
+  """
+  if num_streams % process_count:
+    raise ValueError(f"data.num_streams={num_streams} must be a multiple of the {process_count} processes.")
+  per_process = num_streams // process_count
+  return [process_index * per_process + j for j in range(per_process)]
+
+
+def zip_streams(streams: list[grain.IterDataset]) -> grain.IterDataset:
+  """Batches whose rows are those of one batch of each stream, in order (checkpointable like each stream)."""
+  return ZipIterDataset(streams).map(concat_rows)
+
+
+def padding_batch(rows: int, seq_len: int) -> dict:
+  """A batch of padding only (segment id 0: no targets, contributes nothing to any metric)."""
+  return {key: np.zeros((rows, seq_len), np.int32) for key in ("tokens", "segment_ids", "positions")}

@@ -12,7 +12,6 @@
   6. evaluates, saves a final checkpoint and prints a greedy sample.
 """
 
-import functools
 import itertools
 import os
 import signal
@@ -22,6 +21,7 @@ import time
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from absl import logging
 
 from jaxlm import configs, sharding
@@ -57,17 +57,22 @@ class _PreemptionFlag:
 
 
 def _check_batch_sizes(config, mesh) -> None:
-  parallel = sharding.data_parallel_size(mesh)
+  """Batches must split evenly over the data-parallel shards, the processes and the data streams."""
+  parallel, processes = sharding.data_parallel_size(mesh), jax.process_count()
+  streams = config.data.num_streams or processes
+  if streams % processes:
+    raise ConfigError(f"data.num_streams={streams} must be a multiple of the {processes} processes.")
   for key, size in (("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
                     ("eval.batch_size", config.eval.batch_size)):
     per = "per micro-batch " if key.startswith("train") and config.train.grad_accum_steps > 1 else ""
-    if size % parallel or size % jax.process_count():
+    if size % parallel or size % streams:
       raise ConfigError(f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
-                        f"shards (mesh.data x mesh.fsdp) and {jax.process_count()} processes.")
+                        f"shards (mesh.data x mesh.fsdp) and the {streams} data streams (data.num_streams, "
+                        f"one per process by default).")
 
 
 def _data(config):
-  """(tokenizer, train batches, eval batches as a list of host batches) for this process."""
+  """(tokenizer, train batches, eval batches as a list of host batches), this process's rows of each."""
   data = config.data
   data_dir = data.data_dir or None
   train_source = sources.get_source(data.name, data.train_split, data_dir)
@@ -76,19 +81,32 @@ def _data(config):
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's "
                       f"{tokenizer.vocab_size} pieces ({tokenizer.path}); raise model.vocab_size.")
-  common = dict(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
-                process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = pipeline.lm_batches(train_source, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
-                                      shuffle_seed=config.seed, repeat=True, shuffle_window=data.shuffle_window,
-                                      **common)
+  num_streams = data.num_streams or jax.process_count()
+  streams = pipeline.process_streams(num_streams, jax.process_index(), jax.process_count())
+
+  def stream(source, index, batch_size, **options):
+    return pipeline.lm_batches(source, tokenizer, text_field=data.text_field, seq_len=data.seq_len,
+                               dataset_name=data.name, batch_size=batch_size // num_streams, stream_index=index,
+                               stream_count=num_streams, **options)
+
+  train_batches = pipeline.zip_streams([
+      stream(train_source, index, config.train.batch_size, shuffle_seed=config.seed, repeat=True,
+             shuffle_window=data.shuffle_window) for index in streams])
   # Evaluation reads the split's documents once in a fixed shuffled order, so that the first
   # eval.num_batches batches are a representative sample, and the same one at every evaluation.
-  eval_batches = pipeline.lm_batches(eval_source, tokenizer, batch_size=config.eval.batch_size // jax.process_count(),
-                                     shuffle_seed=EVAL_ORDER_SEED, repeat=False, **common)
   limit = None if config.eval.num_batches == -1 else config.eval.num_batches
-  eval_list = list(itertools.islice(eval_batches, limit))
-  if not eval_list:
+  eval_streams = [list(itertools.islice(stream(eval_source, index, config.eval.batch_size,
+                                               shuffle_seed=EVAL_ORDER_SEED, repeat=False), limit))
+                  for index in streams]
+  # Every process must run the same number of eval steps: shorter streams are padded with empty batches.
+  num_eval = max(len(batches) for batches in eval_streams)
+  if jax.process_count() > 1:
+    num_eval = int(np.max(multihost_utils.process_allgather(np.int32(num_eval))))
+  if not num_eval:
     raise ValueError(f"The {data.eval_split!r} split of {data.name!r} gave no eval batch.")
+  empty = pipeline.padding_batch(config.eval.batch_size // num_streams, data.seq_len)
+  eval_list = [pipeline.concat_rows(rows) for rows in
+               zip(*[batches + [empty] * (num_eval - len(batches)) for batches in eval_streams])]
   return tokenizer, train_batches, eval_list
 
 
@@ -114,6 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write_config(workdir, config)
   mesh = sharding.create_mesh(config.mesh)
   _check_batch_sizes(config, mesh)
+  sharding.check_model_fits_mesh(model_config, mesh.shape)
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   task = TASKS[config.task]
@@ -137,15 +156,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("Model: %s parameters", f"{state_lib.count_params(state.params):,}")
 
   batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
   global_batch = lambda rows: {key: jax.ShapeDtypeStruct((rows, config.data.seq_len), np.int32, sharding=batch_sharding)
                                for key in ("tokens", "segment_ids", "positions")}
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
-                        dropout_rng=dropout_rng, grad_accum_steps=config.train.grad_accum_steps),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model, task=task),
-                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+  train_step, eval_step = steps.jit_steps(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                          dropout_rng=dropout_rng, grad_accum_steps=config.train.grad_accum_steps,
+                                          state_sharding=state_sharding, mesh=mesh)
   with sharding.mesh_context(mesh):
     start = time.perf_counter()
     train_step = train_step.lower(abstract_state, global_batch(config.train.batch_size)).compile()
@@ -204,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()  # waits for pending saves
     writer.close()
 
-  if config.sample.prompt and config.sample.max_new_tokens:
+  if config.sample.prompt and config.sample.max_new_tokens:  # every process runs the (sharded) decode
     sample = generate.generate(model, state.params, tokenizer, [config.sample.prompt], mesh=mesh,
                                max_new_tokens=config.sample.max_new_tokens)[0]
     if jax.process_index() == 0:

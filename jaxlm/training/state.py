@@ -19,7 +19,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
+def init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(rng, tokens)["params"]  # boxed: leaves carry logical axis names
@@ -29,7 +29,7 @@ def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len:
 
 def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
   """(abstract state as ShapeDtypeStructs, NamedShardings), without allocating anything."""
-  init = _init_fn(model, optimizer, seq_len)
+  init = init_fn(model, optimizer, seq_len)
   with sharding.mesh_context(mesh):
     abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
@@ -41,7 +41,7 @@ def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
 def create_train_state(model, optimizer, seq_len: int, mesh, shardings, rng) -> TrainState:
   """Initialises parameters and optimizer state directly in `shardings` (from `state_shardings`):
   no host ever holds the full model."""
-  init = _init_fn(model, optimizer, seq_len)
+  init = init_fn(model, optimizer, seq_len)
   with sharding.mesh_context(mesh):
     return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
 

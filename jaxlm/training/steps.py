@@ -1,9 +1,13 @@
-"""The pure train and eval steps. The task supplies the loss; nothing here is task specific."""
+"""The pure train and eval steps, and their one jitted form. The task supplies the loss; nothing here is task
+specific."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import sharding
 from jaxlm.training.state import TrainState
 
 
@@ -62,3 +66,19 @@ def eval_step(params, batch: dict, *, model, task) -> dict:
   """Metric sums of one batch (summed over the global batch, so across devices too)."""
   _, sums = task.loss_and_metrics(model, params, batch, train=False)
   return sums
+
+
+def jit_steps(*, model, task, optimizer, schedule, dropout_rng, grad_accum_steps: int, state_sharding, mesh):
+  """(train_step, eval_step) jitted with explicit shardings; the train step donates the state.
+
+  The one place the steps are jitted: the loop, the benchmark and the tests all use it.
+  Inputs are global batches laid out by `sharding.batch_sharding(mesh)`; metrics come back replicated.
+  """
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train = jax.jit(
+      functools.partial(train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
+                        dropout_rng=dropout_rng, grad_accum_steps=grad_accum_steps),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, model=model, task=task),
+                     in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+  return train, evaluate

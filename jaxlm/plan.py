@@ -1,0 +1,153 @@
+"""Plan before launch: per-device memory of a config on a mesh, without compiling or allocating anything.
+
+`python -m jaxlm.main --config=experiments/pretrain.py:llama_1b --workdir=/tmp/plan --mode=plan`
+prints every parameter's shape, logical axes, mesh sharding and bytes per device, then the optimizer
+state, gradient and activation estimates and their total against the device's memory, so an
+out-of-memory run is seen before it is paid for. `--config.mesh.*` overrides change the plan; the
+device count is this machine's unless `num_devices` is given (plan a pod from a laptop).
+
+Parameters, gradients and Adam moments are exact (from `jax.eval_shape` of the real init and the real
+sharding rules). Activations are an estimate of what the backward pass keeps per layer (below).
+"""
+
+import dataclasses
+import math
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxlm import configs, sharding
+from jaxlm.models.transformer import Decoder
+from jaxlm.training import optim
+from jaxlm.training import state as state_lib
+
+
+@dataclasses.dataclass
+class ParamRow:
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  logical_axes: tuple
+  mesh_axes: tuple
+  bytes_per_device: int
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+  mesh: dict  # axis -> size
+  params: list[ParamRow]
+  param_bytes: int  # per device
+  gradient_bytes: int  # per device: one gradient per parameter, in the parameter dtype
+  optimizer_bytes: int  # per device: Adam moments (+ counters)
+  activation_bytes: int  # per device: estimate, see `activation_bytes_per_device`
+  total_bytes: int
+  device_memory_bytes: int | None  # None when the backend does not say
+  device_memory_source: str
+
+
+def _mesh_ways(mesh_axes, mesh: dict) -> int:
+  axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+  return int(np.prod([mesh[axis] for axis in axes]))
+
+
+def _per_device_bytes(shape, dtype, mesh_spec, mesh: dict) -> int:
+  per_device = [math.ceil(size / _mesh_ways(axes, mesh)) for size, axes in zip(shape, tuple(mesh_spec) + (None,) * 8)]
+  return int(np.prod(per_device, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _tree_rows(abstract_tree, mesh: dict) -> list[ParamRow]:
+  """One row per array leaf of a boxed abstract tree (leaves carry logical axis names)."""
+  logical = nn.get_partition_spec(abstract_tree)
+  arrays = nn.meta.unbox(abstract_tree)
+  rows = []
+  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(arrays), jax.tree.leaves(
+      logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), sharding.LOGICAL_AXIS_RULES)
+    rows.append(ParamRow(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), str(leaf.dtype),
+                         tuple(spec), tuple(mesh_spec), _per_device_bytes(leaf.shape, leaf.dtype, mesh_spec, mesh)))
+  return rows
+
+
+def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
+  """What the backward pass keeps alive at its peak, per device (an estimate; see the module docstring).
+
+  Per layer and token (B_local rows of T tokens; widths split by tensor parallelism `tp`), in the compute
+  dtype: remat "none" keeps the block's inputs and norms (4 D), q/k/v and the attention output
+  ((2N + 2K) H / tp), the MLP's hidden activations (swiglu 4 F / tp, gelu 2 F / tp) and, for XLA attention,
+  the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
+  input (D) plus one layer's worth during its recomputation. The logits (B T V / tp) are kept in float32
+  three times (logits, log-probabilities and their gradient). On CPU, XLA's compiled temporaries come out
+  1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the estimate does not count.
+  """
+  m = model_config
+  tp = mesh["tensor"]
+  rows = config.train.batch_size // config.train.grad_accum_steps // (mesh["data"] * mesh["fsdp"])
+  tokens = rows * config.data.seq_len
+  itemsize = np.dtype(m.compute_dtype).itemsize
+  heads = (2 * m.num_heads + 2 * m.kv_heads) * m.dim_per_head / tp
+  mlp = (4 if m.mlp == "swiglu" else 2) * m.mlp_dim / tp
+  scores = m.num_heads * config.data.seq_len / tp if m.attention != "cudnn" else 0
+  full_layer = 4 * m.embed_dim + heads + mlp + scores
+  per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]
+  kept = m.num_layers * per_layer + (full_layer if m.remat == "full" else 0)
+  logits = 3 * 4 * m.vocab_size / tp
+  return int(tokens * (kept * itemsize + logits))
+
+
+def device_memory() -> tuple[int | None, str]:
+  """(bytes one device can hold, where that number comes from)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"]), f"{jax.devices()[0].device_kind} bytes_limit"
+  if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // jax.local_device_count(), f"host memory / {jax.local_device_count()} local devices"
+  return None, "unknown"
+
+
+def memory_plan(config, num_devices: int | None = None) -> MemoryPlan:
+  """The per-device memory plan of `config` over `num_devices` (default: this machine's devices)."""
+  model_config = configs.validate(config)
+  shape = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
+  mesh = dict(zip(sharding.MESH_AXES, shape))
+  sharding.check_model_fits_mesh(model_config, mesh)
+  model = Decoder(model_config)
+  optimizer, _ = optim.create_optimizer(config.train)
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    abstract = jax.eval_shape(state_lib.init_fn(model, optimizer, config.data.seq_len), jax.random.key(0))
+  params = _tree_rows(abstract.params, mesh)
+  param_bytes = sum(row.bytes_per_device for row in params)
+  optimizer_bytes = sum(row.bytes_per_device for row in _tree_rows(abstract.opt_state, mesh))
+  activation_bytes = activation_bytes_per_device(config, model_config, mesh)
+  total = 2 * param_bytes + optimizer_bytes + activation_bytes
+  limit, source = device_memory()
+  return MemoryPlan(mesh, params, param_bytes, param_bytes, optimizer_bytes, activation_bytes, total, limit, source)
+
+
+def _mib(num_bytes: int) -> str:
+  return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+  """A table of the parameters and the per-device totals, ending with the verdict."""
+  lines = [f"mesh {plan.mesh} ({int(np.prod(list(plan.mesh.values())))} devices)", "",
+           f"{'parameter':<44} {'shape':<22} {'logical axes':<46} {'mesh axes':<34} {'per device':>12}"]
+  for row in plan.params:
+    lines.append(f"{row.path:<44} {str(row.shape):<22} {str(row.logical_axes):<46} {str(row.mesh_axes):<34} "
+                 f"{_mib(row.bytes_per_device):>12}")
+  lines += ["",
+            f"{'parameters':<24}{_mib(plan.param_bytes):>14}",
+            f"{'gradients':<24}{_mib(plan.gradient_bytes):>14}",
+            f"{'optimizer state':<24}{_mib(plan.optimizer_bytes):>14}",
+            f"{'activations (estimate)':<24}{_mib(plan.activation_bytes):>14}",
+            f"{'total per device':<24}{_mib(plan.total_bytes):>14}"]
+  if plan.device_memory_bytes:
+    verdict = "fits" if plan.total_bytes <= plan.device_memory_bytes else "DOES NOT FIT"
+    lines.append(f"{'device memory':<24}{_mib(plan.device_memory_bytes):>14}  ({plan.device_memory_source}): "
+                 f"{verdict}, {100 * plan.total_bytes / plan.device_memory_bytes:.0f}% used")
+    if verdict != "fits":
+      lines.append("To fit: more fsdp ways (mesh.fsdp), model.remat=full, a smaller train.batch_size per device or "
+                   "train.grad_accum_steps > 1.")
+  return "\n".join(lines)
