@@ -24,7 +24,7 @@ def test_generate_prints_only_the_texts_to_stdout(data_dir, tokenizer, tmp_path)
   cli(tmp_path, data_dir, "--config.train.steps=4", "--config.sample.max_new_tokens=0")
   greedy = cli(tmp_path, data_dir, "--mode=generate", "--prompt=def ", "--prompt=import os\n",
                "--config.decode.max_new_tokens=12")
-  assert "Generating from the checkpoint at step 4" in greedy.stderr
+  assert "Restored the parameters at step 4" in greedy.stderr
   # Two texts, each printed with a newline (a 4-step model mostly continues with whitespace): nothing but text.
   assert greedy.stdout.endswith("\n") and greedy.stdout.count("\n") >= 2 and len(greedy.stdout) > 2
   assert "INFO" not in greedy.stdout and "step" not in greedy.stdout

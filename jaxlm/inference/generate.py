@@ -3,8 +3,9 @@
 `decode` compiles prefill + one strategy into one program; `generate` is the
 notebook API: it tokenizes and left-pads the prompts, decodes (sharded over
 `mesh` when given, with the training mesh and rules) and returns texts, token
-ids, per-token log-probabilities and scores. `generate_from_workdir` restores
-the parameters alone from a run's latest checkpoint, in the mesh shardings.
+ids, per-token log-probabilities and scores. `load_for_generation` restores
+the parameters alone from a run's latest checkpoint, in the mesh shardings;
+`generate_from_workdir` is `--mode=generate`.
 
 Shape legend: B batch (prompts), P padded prompt length.
 """
@@ -113,19 +114,28 @@ def generate(model: Decoder, params, tokenizer: Tokenizer, prompts: list[str],
   return results
 
 
-def generate_from_workdir(config: ml_collections.ConfigDict, workdir: str, prompts: list[str]) -> list[Generation]:
-  """Generates from the latest checkpoint in `workdir` with the tokenizer the run used (`config.decode` settings)."""
+def load_for_generation(config: ml_collections.ConfigDict, workdir: str) -> tuple:
+  """(model, params, tokenizer, mesh) of the latest checkpoint in `workdir`, for `generate` (e.g. in a notebook).
+
+  The parameters alone are read, in the shardings of `config.mesh`; `decode.dtype` (if set) casts them.
+  """
   trained_config = configs.validate(config)
-  settings = DecodeSettings.from_config(config.decode)
   tokenizer = Tokenizer(config.data.tokenizer or pipeline.cached_tokenizer_path(config.data))
   mesh = sharding.create_mesh(config.mesh)
   optimizer, _ = optim.create_optimizer(config.train)
   abstract_state, _ = state_lib.state_shardings(Decoder(trained_config), optimizer, config.data.seq_len, mesh)
   params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract_state.params)
-  logging.info("Generating from the checkpoint at step %d in %s (%s)", step, workdir, settings)
+  logging.info("Restored the parameters at step %d from %s", step, workdir)
   model_config = trained_config
   if config.decode.dtype:  # weights and activations in decode.dtype; the cast keeps each array's sharding
     model_config = dataclasses.replace(trained_config, dtype=config.decode.dtype, param_dtype=config.decode.dtype)
     params = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(model_config.weight_dtype), tree))(params)
-  return generate(Decoder(model_config), params, tokenizer, prompts, settings, rng=jax.random.key(config.decode.seed),
-                  mesh=mesh)
+  return Decoder(model_config), params, tokenizer, mesh
+
+
+def generate_from_workdir(config: ml_collections.ConfigDict, workdir: str, prompts: list[str]) -> list[Generation]:
+  """What `--mode=generate` runs: the latest checkpoint in `workdir`, the run's tokenizer, `config.decode`."""
+  settings = DecodeSettings.from_config(config.decode)
+  model, params, tokenizer, mesh = load_for_generation(config, workdir)
+  logging.info("Generating %d prompt(s) with %s", len(prompts), settings)
+  return generate(model, params, tokenizer, prompts, settings, rng=jax.random.key(config.decode.seed), mesh=mesh)
