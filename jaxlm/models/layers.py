@@ -149,9 +149,10 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, cache=None):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
 
-    Without a cache S = T. With `cache = (key, value, index)` (this layer's [B, S, K, H]
-    slots and the first slot to write), the T new keys and values are written from
-    slot `index` and the queries attend over all S slots; returns `(out, (key, value))`.
+    Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
+    [L, B, S, K, H] slots, this layer's number and the first slot to write), the T new
+    keys and values are written in place from slot `index` of this layer, the queries
+    attend over its S slots, and the result is `(out, (keys, values, layer + 1, index))`.
     """
     config = self.config
     D, N, K, H = config.embed_dim, config.num_heads, config.kv_heads, config.dim_per_head
@@ -166,18 +167,21 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     if cache is not None:
-      cached_key, cached_value, index = cache
-      key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), index, axis=1)
-      value = jax.lax.dynamic_update_slice_in_dim(cached_value, value.astype(cached_value.dtype), index, axis=1)
-      key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))  # [B, S, K, H]
-      value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+      keys, values, layer, index = cache
+      at = (layer, 0, index, 0, 0)
+      keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, key[None].astype(keys.dtype), at),
+                                        KVCache.AXES)
+      values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, value[None].astype(values.dtype), at),
+                                          KVCache.AXES)
+      key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)  # [B, S, K, H]
+      value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
 
     implementation = None if config.attention == "auto" else config.attention
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
     out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
                  name="out")(out)
-    return out if cache is None else (out, (key, value))
+    return out if cache is None else (out, (keys, values, layer + 1, index))
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -210,36 +214,36 @@ class TransformerBlock(nn.Module):
   """Pre-norm block: x + Attention(Norm(x)), then x + Mlp(Norm(x)).
 
   The mask decides what kind of block it is (causal for decoders, full for
-  encoders). Returns `(x, new_cache)` so that it can be stacked with `nn.scan`:
-  `cache` is this layer's `(key, value)` slots plus the write index (see
-  `Attention`), or None (training, scoring), and then `new_cache` is None.
+  encoders). The carry is `(x, cache)` so that blocks stack with `nn.scan`:
+  `cache` is None (training, scoring) or the decoding cache of every layer,
+  updated in place (see `Attention`); returns `((x, cache), None)`.
   """
 
   config: ModelConfig
   deterministic: bool = True  # False turns dropout on (training)
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, index=None):
+  def __call__(self, carry, positions, mask):
     config = self.config
+    x, cache = carry
     dropout = nn.Dropout(config.dropout_rate, deterministic=self.deterministic)
     attention = Attention(config, name="attention")
     h = norm(config, "attention_norm")(x)
-    new_cache = None
     if cache is None:
       h = attention(h, positions, mask)
     else:
-      h, new_cache = attention(h, positions, mask, (*cache, index))
+      h, cache = attention(h, positions, mask, cache)
     x = x + dropout(h)
     h = Mlp(config, name="mlp")(norm(config, "mlp_norm")(x))
     x = x + dropout(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), new_cache
+    return (nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache), None
 
 
 def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
   """`num_layers` blocks as one `nn.scan` (compile time independent of depth), optionally rematerialised.
 
-  Parameters get a leading `layers` axis of size L. Called as `stack(x, positions, mask, cache, index)`:
-  `cache` (`(key, value)`, each [L, B, S, K, H], or None) is scanned over layers, the rest is shared.
+  Parameters get a leading `layers` axis of size L. Called as `stack((x, cache), positions, mask)`; the
+  decoding cache (or None) travels in the carry, so each layer updates its own slots in place.
   """
   block = TransformerBlock
   if config.remat != "none":
@@ -248,7 +252,7 @@ def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast),
       length=config.num_layers,
       metadata_params={nn.PARTITION_NAME: LAYERS},
   )

@@ -50,10 +50,10 @@ class Decoder(nn.Module):
 
     if cache is None:
       mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
-      x, _ = layers.stacked_blocks(config, deterministic)(x, positions, mask, None, None)
+      (x, _), _ = layers.stacked_blocks(config, deterministic)((x, None), positions, mask)
     else:
-      x, (key, value) = layers.stacked_blocks(config, deterministic)(
-          x, positions, mask, (cache.key, cache.value), cache.index)
+      layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
+      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic)((x, layer_cache), positions, mask)
       cache = cache.replace(key=key, value=value, index=cache.index + tokens.shape[1])
     x = layers.norm(config, "final_norm")(x)
 
