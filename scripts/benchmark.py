@@ -6,9 +6,11 @@
 `--new_tokens`) by `jaxlm.inference.generate.decode` against Hugging Face
 `transformers` `generate(use_cache=True, do_sample=False)` of a GPT-2 / Llama
 model built from the same ModelConfig (random weights, same sizes). Reported per
-batch size: prefill latency (the prompt in one call), per-token latency
-((total - prefill) / (new_tokens - 1)) and tokens/s (batch x new_tokens / total),
-each the median of `--repeats` timed runs after a warm-up (compilation) run.
+batch size, the same way for both: prefill latency (one forward of the prompts that
+fills the cache), per-token latency ((time of new_tokens - time of 1 new token) /
+(new_tokens - 1), so fixed per-call costs cancel) and tokens/s (batch x new_tokens
+over the whole call), each the median of `--repeats` timed runs after a warm-up
+(compilation) run.
 """
 
 import argparse
@@ -58,9 +60,9 @@ def _median_seconds(run, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _row(name: str, batch: int, new_tokens: int, prefill: float, total: float) -> dict:
+def _row(name: str, batch: int, new_tokens: int, prefill: float, one_token: float, total: float) -> dict:
   return {"impl": name, "batch": batch, "prefill_ms": 1e3 * prefill,
-          "per_token_ms": 1e3 * (total - prefill) / max(new_tokens - 1, 1), "tokens_per_s": batch * new_tokens / total}
+          "per_token_ms": 1e3 * (total - one_token) / max(new_tokens - 1, 1), "tokens_per_s": batch * new_tokens / total}
 
 
 def decode_benchmark(config: ModelConfig, batch_sizes: list[int], prompt_len: int, new_tokens: int,
@@ -69,30 +71,36 @@ def decode_benchmark(config: ModelConfig, batch_sizes: list[int], prompt_len: in
   model = Decoder(config)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, prompt_len), jnp.int32)))["params"]
   step_model = CachedDecoder(model)
-  settings = DecodeSettings(max_new_tokens=new_tokens)
   prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, prompt_len + new_tokens))
   peer = torch_peer(config, torch.bfloat16 if config.param_dtype == "bfloat16" else torch.float32)
   rows = []
   for batch in batch_sizes:
     tokens = np.random.default_rng(batch).integers(4, config.vocab_size, (batch, prompt_len)).astype(np.int32)
     start = np.zeros(batch, np.int32)
-    rng = jax.random.key(0)
-    jax_prefill = _median_seconds(lambda: jax.block_until_ready(prefill(params, tokens, start)), repeats)
-    jax_total = _median_seconds(
-        lambda: jax.block_until_ready(generate.decode(step_model, params, tokens, start, rng, settings)), repeats)
-    rows.append(_row("jaxlm", batch, new_tokens, jax_prefill, jax_total))
+
+    def jax_generate(count):
+      settings = DecodeSettings(max_new_tokens=count)
+      return jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
+
+    times = [_median_seconds(run, repeats) for run in (lambda: jax.block_until_ready(prefill(params, tokens, start)),
+                                                       lambda: jax_generate(1), lambda: jax_generate(new_tokens))]
+    rows.append(_row("jaxlm", batch, new_tokens, *times))
 
     input_ids = torch.from_numpy(tokens.astype(np.int64))
     mask = torch.ones_like(input_ids)
+
+    def peer_prefill():
+      with torch.inference_mode():
+        return peer(input_ids, attention_mask=mask, use_cache=True)
 
     def peer_generate(count):
       with torch.inference_mode():
         return peer.generate(input_ids, attention_mask=mask, max_new_tokens=count, min_new_tokens=count,
                              do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
 
-    peer_prefill = _median_seconds(lambda: peer_generate(1), repeats)
-    peer_total = _median_seconds(lambda: peer_generate(new_tokens), repeats)
-    rows.append(_row("torch+transformers", batch, new_tokens, peer_prefill, peer_total))
+    times = [_median_seconds(run, repeats) for run in (peer_prefill, lambda: peer_generate(1),
+                                                       lambda: peer_generate(new_tokens))]
+    rows.append(_row("torch+transformers", batch, new_tokens, *times))
   return rows
 
 
@@ -105,9 +113,14 @@ def main():
   parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row")
   parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row")
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+  parser.add_argument("--torch_threads", type=int, default=0,
+                      help="PyTorch intra-op threads; 0 = its default. On a CPU shared with other processes, 1 avoids "
+                           "OpenMP threads spinning against each other (100x slower at 2 threads on 2 busy cores)")
   args = parser.parse_args()
   if not args.decode:
     parser.error("choose a benchmark: --decode")
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   config = ModelConfig.from_config(configs.model_config_dict(args.preset, dtype=args.dtype, param_dtype=args.dtype))
   print(f"# decode: preset {args.preset} ({args.dtype}), prompt {args.prompt_len} + {args.new_tokens} new tokens, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "

@@ -169,4 +169,4 @@ def test_sharded_bfloat16_decoding_matches_one_device_and_shards_the_cache():
   # bfloat16 sums in another order may flip a near-tie: compare the first tokens, which carry no earlier flip.
   assert output.tokens[:, :4].tolist() == expected.tokens[:, :4].tolist()
   assert cache.key.dtype == jnp.bfloat16
-  assert cache.key.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor")
+  assert cache.key.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor")  # [L, B, K, S, H]

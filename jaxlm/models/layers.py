@@ -80,18 +80,18 @@ class KVCache(flax.struct.PyTreeNode):
   which is masked out and shifts that row's positions (position = slot - start).
   """
 
-  key: jax.Array  # [L, B, S, K, H] in the compute dtype
-  value: jax.Array  # [L, B, S, K, H]
+  key: jax.Array  # [L, B, K, S, H] in the compute dtype (head-major: what the attention dots read)
+  value: jax.Array  # [L, B, K, S, H]
   start: jax.Array  # [B] int32, first slot of each row's tokens
   index: jax.Array  # [] int32, next slot to write
 
   # Logical axes of `key` and `value`: shard like activations (batch, kv heads) under the training rules.
-  AXES = (LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM)
+  AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
 
   @classmethod
   def create(cls, config: ModelConfig, start: jax.Array, length: int) -> "KVCache":
     """An empty cache of `length` slots for rows whose tokens begin at slots `start` ([B])."""
-    shape = (config.num_layers, start.shape[0], length, config.kv_heads, config.dim_per_head)
+    shape = (config.num_layers, start.shape[0], config.kv_heads, length, config.dim_per_head)
     zeros = nn.with_logical_constraint(jnp.zeros(shape, config.compute_dtype), cls.AXES)
     return cls(key=zeros, value=zeros, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -107,7 +107,7 @@ class KVCache(flax.struct.PyTreeNode):
     A token sees the slots from its row's start up to its own; a padding slot sees only itself.
     """
     query_slots = self.index + jnp.arange(length)  # [T]
-    key_slots = jnp.arange(self.key.shape[2])  # [S]
+    key_slots = jnp.arange(self.key.shape[3])  # [S]
     positions = jnp.maximum(query_slots[None, :] - self.start[:, None], 0)  # [B, T]
     visible = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
         key_slots[None, None, :] >= self.start[:, None, None])  # [B, T, S]
@@ -150,7 +150,7 @@ class Attention(nn.Module):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
 
     Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
-    [L, B, S, K, H] slots, this layer's number and the first slot to write), the T new
+    [L, B, K, S, H] slots, this layer's number and the first slot to write), the T new
     keys and values are written in place from slot `index` of this layer, the queries
     attend over its S slots, and the result is `(out, (keys, values, layer + 1, index))`.
     """
@@ -168,13 +168,13 @@ class Attention(nn.Module):
     value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     if cache is not None:
       keys, values, layer, index = cache
-      at = (layer, 0, index, 0, 0)
-      keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, key[None].astype(keys.dtype), at),
-                                        KVCache.AXES)
-      values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, value[None].astype(values.dtype), at),
-                                          KVCache.AXES)
-      key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)  # [B, S, K, H]
-      value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+      at = (layer, 0, 0, index, 0)
+      new_keys, new_values = (update.transpose(0, 2, 1, 3)[None].astype(keys.dtype) for update in (key, value))
+      keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, new_keys, at), KVCache.AXES)
+      values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, new_values, at), KVCache.AXES)
+      # [B, S, K, H] views of this layer's slots (the transposes cancel against the ones inside the attention).
+      key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).transpose(0, 2, 1, 3)
+      value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).transpose(0, 2, 1, 3)
 
     implementation = None if config.attention == "auto" else config.attention
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
