@@ -1,5 +1,7 @@
 """Parallelism from config alone: data, FSDP, tensor and mixed meshes train exactly like one device."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -32,10 +34,11 @@ def train_config(**overrides):
   return config
 
 
-def _train(mesh_config: dict, devices=None, model_config: ModelConfig = MODEL):
-  """Losses of STEPS train steps on the mesh, and the final state."""
-  mesh = sharding.create_mesh(mesh_config, devices)
-  model = Decoder(model_config)
+@functools.lru_cache(maxsize=None)
+def _train(data: int, fsdp: int, tensor: int, num_devices: int = 8):
+  """Losses of STEPS train steps on a data x fsdp x tensor mesh, and the final state (cached per mesh)."""
+  mesh = sharding.create_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:num_devices])
+  model = Decoder(MODEL)
   optimizer, schedule = optim.create_optimizer(train_config(steps=10, warmup_steps=0, learning_rate=1e-2))
   _, shardings = state_lib.state_shardings(model, optimizer, SEQ_LEN, mesh)
   state = state_lib.create_train_state(model, optimizer, SEQ_LEN, mesh, shardings, jax.random.key(0))
@@ -51,20 +54,11 @@ def _train(mesh_config: dict, devices=None, model_config: ModelConfig = MODEL):
   return np.array(losses), state
 
 
-@pytest.fixture(scope="module")
-def single_device():
-  return _train(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-
-
-@pytest.mark.parametrize("mesh", [
-    dict(data=8, fsdp=1, tensor=1),
-    dict(data=1, fsdp=8, tensor=1),
-    dict(data=1, fsdp=1, tensor=8),
-    dict(data=2, fsdp=2, tensor=2),
-], ids=["data8", "fsdp8", "tensor8", "mixed2x2x2"])
-def test_sharded_training_matches_one_device(single_device, mesh):
-  reference_losses, reference_state = single_device
-  losses, state = _train(mesh)
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
+                         ids=["data8", "fsdp8", "tensor8", "mixed2x2x2"])
+def test_sharded_training_matches_one_device(mesh):
+  reference_losses, reference_state = _train(1, 1, 1, num_devices=1)
+  losses, state = _train(*mesh)
   np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):
     # Adam divides by sqrt(v): where a gradient is near zero, float noise of the reduction order moves a
@@ -78,7 +72,7 @@ def _bytes_on_device(tree, device) -> int:
 
 
 def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
-  _, state = _train(dict(data=1, fsdp=8, tensor=1))
+  _, state = _train(1, 8, 1)
   total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
   for device in jax.devices():
     assert _bytes_on_device(state.params, device) == total // 8
@@ -86,7 +80,7 @@ def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
 
 
 def test_tensor_parallel_splits_heads_and_mlp():
-  _, state = _train(dict(data=2, fsdp=1, tensor=4))
+  _, state = _train(2, 1, 4)
   layers = state.params["layers"]
   query = layers["attention"]["query"]["kernel"]  # [L, D, N, H]
   assert query.sharding.shard_shape(query.shape) == (2, 64, 2, 8)

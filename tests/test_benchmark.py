@@ -1,0 +1,55 @@
+"""scripts/benchmark.py: the FLOP count, and one CI-sized run against the PyTorch peer."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+from jaxlm import configs
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.transformer import Decoder
+from tests.test_resume import REPO
+
+spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def test_flops_per_token_of_gpt2_124m():
+  model_config = ModelConfig(**configs.MODEL_PRESETS["gpt2_124m"])
+  params = jax.eval_shape(lambda: Decoder(model_config).init(jax.random.key(0), jax.numpy.zeros((1, 8), int)))
+  params = nn.meta.unbox(params)
+  # 12 layers x (4 D^2 attention + 2 D F MLP) + V D output projection; no position table, norms or biases.
+  n = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50304 * 768
+  assert benchmark.matmul_params(params["params"]) == n == 123_568_128
+  causal, palm = benchmark.flops_per_token(model_config, params["params"], seq_len=1024)
+  assert causal == 6 * n + 6 * 12 * 1024 * 768
+  assert palm == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_datasheet_peaks():
+  assert benchmark.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert benchmark.datasheet_peak("NVIDIA H200") == 989e12
+  assert benchmark.datasheet_peak("cpu") is None
+
+
+@pytest.mark.e2e
+def test_benchmark_runs_against_the_torch_peer():
+  pytest.importorskip("transformers")
+  out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
+                        "--steps=2", "--warmup=1", "--repeats=1", "--peer=torch", "--nopeer_compile"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 8 and result["mesh"]["data"] == 8  # the simulated devices of the test session
+  for key in ("tokens_per_sec", "forward_tokens_per_sec", "model_tflops_per_sec", "mfu", "mfu_palm",
+              "measured_matmul_tflops", "compile_s", "peer_tokens_per_sec", "vs_peer"):
+    assert result[key] > 0, key
+  assert result["mfu_palm"] > result["mfu"]
+  assert result["vs_peer"] == pytest.approx(result["tokens_per_sec"] / result["peer_tokens_per_sec"])
+  assert "LlamaForCausalLM" in result["peer"]
