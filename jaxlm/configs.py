@@ -11,8 +11,9 @@ import ml_collections
 
 from jaxlm import tasks
 from jaxlm.data import pipeline
+from jaxlm.inference import decode
 from jaxlm.models import heads
-from jaxlm.models.config import ConfigError, ModelConfig
+from jaxlm.models.config import DTYPES, ConfigError, ModelConfig
 from jaxlm.training import optim
 
 # Model-size presets: overrides of ModelConfig's defaults.
@@ -112,6 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.prompt = "def "  # prompt of the greedy sample printed at the end ('' = no sample)
   config.sample.max_new_tokens = 64  # tokens generated for it
 
+  config.decode = ml_collections.ConfigDict()
+  config.decode.strategy = "greedy"  # --mode=generate: greedy, sample or beam
+  config.decode.max_new_tokens = 64  # tokens generated per prompt (fewer if EOS comes first)
+  config.decode.temperature = 1.0  # sample: logits are divided by it (> 0)
+  config.decode.top_k = 0  # sample: keep the k most likely tokens; 0 = all
+  config.decode.top_p = 1.0  # sample: nucleus, keep the smallest set of tokens with this probability; 1 = all
+  config.decode.beam_size = 4  # beam: hypotheses kept per prompt
+  config.decode.length_penalty = 0.0  # beam: score = sum of log-probs / length ** length_penalty
+  config.decode.seed = 0  # PRNG seed of sampling
+  config.decode.dtype = ""  # weights and activations while decoding ('bfloat16', ...); '' = as trained
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel ways; -1 = all devices left
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) ways
@@ -133,7 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if not ok:
       raise ConfigError(f"{key}: {message}")
 
-  for section in ("model", "data", "train", "eval", "sample", "mesh", "classification", "distill"):
+  for section in ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill"):
     check(section in config, section, "missing section; start the config from jaxlm.configs.base_config().")
   check(config.task in tasks.TASKS, "task", f"{config.task!r} is not one of {tasks.TASKS}.")
   model_config = ModelConfig.from_config(config.model)
@@ -160,6 +172,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
         f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
   check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
+  decode.DecodeSettings.from_config(config.decode)
+  check(config.decode.dtype in ("", *DTYPES), "decode.dtype", f"{config.decode.dtype!r} is not '' or one of "
+        f"{tuple(DTYPES)}.")
   check(data.truncation in pipeline.TRUNCATIONS, "data.truncation",
         f"{data.truncation!r} is not one of {pipeline.TRUNCATIONS}.")
   check(train.best_mode in ("min", "max"), "train.best_mode", f"must be 'min' or 'max', got {train.best_mode!r}.")

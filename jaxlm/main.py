@@ -4,7 +4,10 @@ Overrides: `--config.train.steps=50`, `--config.model.num_layers=2`, ...
 (the config is locked: a misspelt key or a wrong type is an error).
 
 Modes: `train` (the default); `plan` prints every parameter's sharding and the memory each device
-will need, without compiling the train step. Multi-host: run the same command in every process;
+will need, without compiling the train step; `generate --prompt="def "` continues each `--prompt`
+(repeatable) from the workdir's latest checkpoint with the `decode` settings
+(`--config.decode.strategy=sample`, ...): only the generated texts go to stdout, one per prompt,
+logs go to stderr. Multi-host: run the same command in every process;
 TPU pods, SLURM and Open MPI are detected, otherwise pass `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (flags, not config: they differ per process).
 """
@@ -18,7 +21,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "generate"], "What to run.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "--mode=generate: a prompt to continue (repeat for a batch).")
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = this machine's).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
@@ -43,11 +47,18 @@ def main(argv):
   from jaxlm.training import loop  # imported here so that --help stays fast
 
   logging.info("jaxlm %s: config %s, workdir %s", _MODE.value, _CONFIG.value.get("task"), _WORKDIR.value)
+  workdir = os.path.expanduser(_WORKDIR.value)
   if _MODE.value == "train":
-    loop.train_and_evaluate(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+    loop.train_and_evaluate(_CONFIG.value, workdir)
   elif _MODE.value == "plan":
     from jaxlm import plan
     print(plan.format_plan(plan.memory_plan(_CONFIG.value, _PLAN_DEVICES.value or None)), flush=True)
+  elif _MODE.value == "generate":
+    if not _PROMPT.value:
+      raise app.UsageError("--mode=generate needs at least one --prompt=TEXT.")
+    from jaxlm.inference import generate
+    for result in generate.generate_from_workdir(_CONFIG.value, workdir, _PROMPT.value):
+      print(result.text, flush=True)
 
 
 def run():

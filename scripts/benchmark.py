@@ -18,6 +18,16 @@ compute dtype (`measured_matmul_tflops`, always reported).
 `--peer=torch`: the same architecture and batch in Hugging Face `transformers` (GPT-2 or Llama built from
 the config, random weights; `torch.compile` unless --nopeer_compile or it fails), AdamW and clipping,
 bf16 autocast when the model computes in bf16; `vs_peer` = jaxlm tokens/s over the peer's.
+
+`--decode` (instead of the train step): KV-cached greedy decoding of random prompts of `--prompt_len`
+tokens, `--new_tokens` each (no EOS), at each of `--decode_batch_sizes`, with the config's model (and
+its dtype), by `jaxlm.inference.generate.decode` and, with `--peer=torch`, by `transformers`
+`generate(use_cache=True, do_sample=False, min_new_tokens=max_new_tokens)` of the same architecture.
+Measured the same way for both: `prefill_ms` (one forward of the prompts that fills the cache),
+`per_token_ms` ((time for new_tokens - time for 1 new token) / (new_tokens - 1): fixed per-call costs
+cancel), `tokens_per_sec` (batch x new_tokens over the whole call); medians of `--repeats` after a
+warm-up call. On a CPU shared with other processes use `--torch_threads=1`: PyTorch's OpenMP threads
+spinning against other work can make it 100x slower.
 """
 
 import json
@@ -40,6 +50,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 _PEER = flags.DEFINE_enum("peer", "none", ["none", "torch"], "Also time a PyTorch implementation of the same model.")
 _PEER_COMPILE = flags.DEFINE_bool("peer_compile", True, "torch.compile the peer (falls back to eager on failure).")
+_DECODE = flags.DEFINE_bool("decode", False, "Time KV-cached decoding instead of the train step.")
+_DECODE_BATCH_SIZES = flags.DEFINE_list("decode_batch_sizes", ["1", "16"], "--decode: batch sizes to time.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "--decode: prompt tokens per row.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "--decode: tokens generated per row.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads; 0 = its default.")
 
 # Datasheet dense bf16 peaks (FLOP/s) by device kind prefix.
 DATASHEET_PEAK_FLOPS = {
@@ -255,9 +270,120 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
   return result
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding (--decode)
+
+
+def median_seconds(run, repeats: int) -> float:
+  """Median wall time of `run()` (which must block until done) over `repeats` calls after one warm-up call."""
+  run()
+  timings = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    timings.append(time.perf_counter() - start)
+  return statistics.median(timings)
+
+
+def decode_row(batch: int, new_tokens: int, prefill_s: float, one_token_s: float, total_s: float) -> dict:
+  return {"batch": batch, "prefill_ms": 1e3 * prefill_s,
+          "per_token_ms": 1e3 * (total_s - one_token_s) / max(new_tokens - 1, 1),
+          "tokens_per_sec": batch * new_tokens / total_s}
+
+
+def benchmark_decode_jaxlm(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxlm import configs
+  from jaxlm.inference import generate
+  from jaxlm.inference.decode import CachedDecoder, DecodeSettings
+  from jaxlm.models.transformer import Decoder
+
+  model = Decoder(configs.validate(config))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, prompt_len), jnp.int32)))["params"]
+  step_model = CachedDecoder(model)
+  prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, prompt_len + new_tokens))
+  rows = []
+  for batch in batch_sizes:
+    tokens = np.random.default_rng(batch).integers(4, model.config.vocab_size, (batch, prompt_len), dtype=np.int32)
+    start = np.zeros(batch, np.int32)
+
+    def decode(count):
+      settings = DecodeSettings(max_new_tokens=count)
+      jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
+
+    rows.append(decode_row(batch, new_tokens, median_seconds(lambda: jax.block_until_ready(
+        prefill(params, tokens, start)), repeats), median_seconds(lambda: decode(1), repeats),
+        median_seconds(lambda: decode(new_tokens), repeats)))
+  return rows
+
+
+def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
+  import torch
+
+  from jaxlm import configs
+
+  model_config = configs.validate(config)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  dtype = torch.bfloat16 if model_config.dtype == "bfloat16" else torch.float32
+  model = hf_model(model_config).to(device=device, dtype=dtype).eval()
+  synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  rows = []
+  for batch in batch_sizes:
+    ids = torch.randint(4, model_config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def prefill():
+      model(input_ids=ids, attention_mask=mask, use_cache=True)
+      synchronize()
+
+    @torch.inference_mode()
+    def decode(count):
+      model.generate(ids, attention_mask=mask, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                     use_cache=True, pad_token_id=0, eos_token_id=None)
+      synchronize()
+
+    rows.append(decode_row(batch, new_tokens, median_seconds(prefill, repeats),
+                           median_seconds(lambda: decode(1), repeats), median_seconds(lambda: decode(new_tokens),
+                                                                                      repeats)))
+  return rows
+
+
+def decode_main(config) -> dict:
+  import jax
+
+  batch_sizes = [int(size) for size in _DECODE_BATCH_SIZES.value]
+  args = (config, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value)
+  result = {"mode": "decode", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "dtype": config.model.dtype, "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
+            "jaxlm": benchmark_decode_jaxlm(*args)}
+  if _PEER.value == "torch":
+    import torch
+    import transformers
+
+    result["peer"] = (f"transformers {transformers.__version__} generate (torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads)")
+    result["peer_rows"] = benchmark_decode_torch(*args)
+    result["vs_peer"] = {row["batch"]: row["tokens_per_sec"] / peer["tokens_per_sec"]
+                         for row, peer in zip(result["jaxlm"], result["peer_rows"])}
+  return result
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _TORCH_THREADS.value:
+    import torch
+
+    torch.set_num_threads(_TORCH_THREADS.value)
+  if _DECODE.value:
+    print(json.dumps(decode_main(config)), flush=True)
+    return
   result = benchmark_jaxlm(config, _STEPS.value, _WARMUP.value, _REPEATS.value)
   if _PEER.value == "torch":
     result.update(benchmark_torch(config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))

@@ -43,6 +43,13 @@ def record_text(record: dict, field: str, index: int, dataset: str) -> str:
   return value
 
 
+def cached_tokenizer_path(data_config) -> str:
+  """Where `tokenizer_for` caches the tokenizer it trains when `data.tokenizer` is empty."""
+  data_dir = os.path.expanduser(data_config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_config.name}-{data_config.text_field}-v{data_config.vocab_size}")
+  return os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
+
+
 def tokenizer_for(data_config, train_source) -> Tokenizer:
   """Loads `data.tokenizer`, or trains one on the train split and caches it in the data directory.
 
@@ -51,7 +58,7 @@ def tokenizer_for(data_config, train_source) -> Tokenizer:
   """
   if data_config.tokenizer:
     return Tokenizer(data_config.tokenizer)
-  path = tokenizer_cache_path(data_config)
+  path = cached_tokenizer_path(data_config)
   if os.path.exists(path):
     return Tokenizer(path)
   texts = (record_text(train_source[i], data_config.text_field, i, data_config.name) for i in range(len(train_source)))

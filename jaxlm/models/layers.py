@@ -1,11 +1,15 @@
 """Building blocks shared by every transformer: norms, rotary positions,
 attention, MLP and the pre-norm transformer block.
 
-Shape legend: B batch, T query length, S key length, D model width,
-N query heads, K key/value heads, H head dim, F MLP width.
+Decoding threads a `KVCache` through the same modules: the keys and values
+of the tokens seen so far, so that each new token costs one position of work.
+
+Shape legend: B batch, T query length, S key length (cache slots), D model width,
+L layers, N query heads, K key/value heads, H head dim, F MLP width.
 """
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -69,6 +73,49 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array, cau
   return mask[:, None, :, :]
 
 
+class KVCache(flax.struct.PyTreeNode):
+  """Keys and values of every layer for the decoding of a batch of left-padded rows.
+
+  Every row writes its next token into the same slot `index`, so an update is
+  one `dynamic_update_slice`; row b holds padding before slot `start[b]`,
+  which is masked out and shifts that row's positions (position = slot - start).
+  """
+
+  key: jax.Array  # [L, B, K, S, H] in the compute dtype (head-major: what the attention dots read)
+  value: jax.Array  # [L, B, K, S, H]
+  start: jax.Array  # [B] int32, first slot of each row's tokens
+  index: jax.Array  # [] int32, next slot to write
+
+  # Logical axes of `key` and `value`: shard like activations (batch, kv heads) under the training rules.
+  AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
+
+  @classmethod
+  def create(cls, config: ModelConfig, start: jax.Array, length: int) -> "KVCache":
+    """An empty cache of `length` slots for rows whose tokens begin at slots `start` ([B])."""
+    shape = (config.num_layers, start.shape[0], config.kv_heads, length, config.dim_per_head)
+    zeros = nn.with_logical_constraint(jnp.zeros(shape, config.compute_dtype), cls.AXES)
+    return cls(key=zeros, value=zeros, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
+
+  def take(self, rows: jax.Array) -> "KVCache":
+    """The cache of rows `rows` ([B'] indices), e.g. the beams that survive a beam-search step."""
+    key = nn.with_logical_constraint(jnp.take(self.key, rows, axis=1), self.AXES)
+    value = nn.with_logical_constraint(jnp.take(self.value, rows, axis=1), self.AXES)
+    return self.replace(key=key, value=value, start=self.start[rows])
+
+  def positions_and_mask(self, length: int) -> tuple[jax.Array, jax.Array]:
+    """Positions [B, T] and attention mask [B, 1, T, S] of `length` tokens written from slot `index`.
+
+    A token sees the slots from its row's start up to its own; a padding slot sees only itself.
+    """
+    query_slots = self.index + jnp.arange(length)  # [T]
+    key_slots = jnp.arange(self.key.shape[3])  # [S]
+    positions = jnp.maximum(query_slots[None, :] - self.start[:, None], 0)  # [B, T]
+    visible = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
+        key_slots[None, None, :] >= self.start[:, None, None])  # [B, T, S]
+    visible |= key_slots[None, None, :] == query_slots[None, :, None]
+    return positions, visible[:, None]
+
+
 class Einsum(nn.Module):
   """`einsum(equation, x, kernel) (+ bias)` with a kernel that carries logical axis names.
 
@@ -104,8 +151,14 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, T] -> [B, T, D]."""
+  def __call__(self, x, positions, mask, cache=None):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
+
+    Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
+    [L, B, K, S, H] slots, this layer's number and the first slot to write), the T new
+    keys and values are written in place from slot `index` of this layer, the queries
+    attend over its S slots, and the result is `(out, (keys, values, layer + 1, index))`.
+    """
     config = self.config
     D, N, K, H = config.embed_dim, config.num_heads, config.kv_heads, config.dim_per_head
     std = config.init_std
@@ -118,12 +171,22 @@ class Attention(nn.Module):
     query = nn.with_logical_constraint(query, (BATCH, LENGTH, HEADS, HEAD_DIM))
     key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    if cache is not None:
+      keys, values, layer, index = cache
+      at = (layer, 0, 0, index, 0)
+      new_keys, new_values = (update.transpose(0, 2, 1, 3)[None].astype(keys.dtype) for update in (key, value))
+      keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, new_keys, at), KVCache.AXES)
+      values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, new_values, at), KVCache.AXES)
+      # [B, S, K, H] views of this layer's slots (the transposes cancel against the ones inside the attention).
+      key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).transpose(0, 2, 1, 3)
+      value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).transpose(0, 2, 1, 3)
 
     implementation = None if config.attention == "auto" else config.attention
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
-    return Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
-                  name="out")(out)
+    out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
+                 name="out")(out)
+    return out if cache is None else (out, (keys, values, layer + 1, index))
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -156,27 +219,36 @@ class TransformerBlock(nn.Module):
   """Pre-norm block: x + Attention(Norm(x)), then x + Mlp(Norm(x)).
 
   The mask decides what kind of block it is (causal for decoders, full for
-  encoders). Returns `(x, None)` so that it can be stacked with `nn.scan`.
+  encoders). The carry is `(x, cache)` so that blocks stack with `nn.scan`:
+  `cache` is None (training, scoring) or the decoding cache of every layer,
+  updated in place (see `Attention`); returns `((x, cache), None)`.
   """
 
   config: ModelConfig
   deterministic: bool = True  # False turns dropout on (training)
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, carry, positions, mask):
     config = self.config
+    x, cache = carry
     dropout = nn.Dropout(config.dropout_rate, deterministic=self.deterministic)
-    h = Attention(config, name="attention")(norm(config, "attention_norm")(x), positions, mask)
+    attention = Attention(config, name="attention")
+    h = norm(config, "attention_norm")(x)
+    if cache is None:
+      h = attention(h, positions, mask)
+    else:
+      h, cache = attention(h, positions, mask, cache)
     x = x + dropout(h)
     h = Mlp(config, name="mlp")(norm(config, "mlp_norm")(x))
     x = x + dropout(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+    return (nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache), None
 
 
 def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
   """`num_layers` blocks as one `nn.scan` (compile time independent of depth), optionally rematerialised.
 
-  Parameters get a leading `layers` axis of size L.
+  Parameters get a leading `layers` axis of size L. Called as `stack((x, cache), positions, mask)`; the
+  decoding cache (or None) travels in the carry, so each layer updates its own slots in place.
   """
   block = TransformerBlock
   if config.remat != "none":

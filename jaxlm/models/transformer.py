@@ -15,18 +15,24 @@ class Decoder(nn.Module):
   """Decoder-only language model (GPT-2 / Llama style).
 
   Documents packed into one row are kept apart by `segment_ids`: a token
-  attends only to earlier tokens of its own segment.
+  attends only to earlier tokens of its own segment. Decoding passes a
+  `layers.KVCache` instead, which supplies positions and mask.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True, return_hidden: bool = False):
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+               cache: layers.KVCache | None = None, return_hidden: bool = False):
     """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] (compute dtype).
 
-    `return_hidden=True` returns the final-norm hidden states [B, T, D] instead (for task heads).
+    With a `cache`: `tokens` are written from slot `cache.index` (the whole left-padded prompt,
+    then one token per step) and the result is `(logits, cache advanced by T)`.
+    `return_hidden=True` returns the final-norm hidden states [B, T, D] instead of logits (for task heads).
     """
     config = self.config
+    if cache is not None:
+      positions, mask = cache.positions_and_mask(tokens.shape[1])
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
@@ -43,8 +49,13 @@ class Decoder(nn.Module):
     x = nn.Dropout(config.dropout_rate, deterministic=deterministic)(x)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
-    mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
-    x, _ = layers.stacked_blocks(config, deterministic)(x, positions, mask)
+    if cache is None:
+      mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+      (x, _), _ = layers.stacked_blocks(config, deterministic)((x, None), positions, mask)
+    else:
+      layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
+      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic)((x, layer_cache), positions, mask)
+      cache = cache.replace(key=key, value=value, index=cache.index + tokens.shape[1])
     x = layers.norm(config, "final_norm")(x)
     if return_hidden:
       return x
@@ -55,4 +66,5 @@ class Decoder(nn.Module):
       lm_head = layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB),
                               config.init_std, bias=False, name="lm_head")
       logits = lm_head(x)
-    return nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
+    logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
+    return logits if cache is None else (logits, cache)

@@ -48,7 +48,7 @@ class Seq2Seq(causal_lm.CausalLm):
   def baselines(self, batches):
     return {}
 
-  def prompt_ids(self, tokenizer, record, index) -> list[int]:
-    """The ids a generation starts from: the row up to the first target token."""
+  def prompt_text(self, tokenizer, record, index) -> str:
+    """The text a generation continues (after bos): the row's prompt, truncated as in training, and the separator."""
     row = self.encode(tokenizer, record, index)
-    return row["tokens"][:int(row["loss_mask"].argmax())].tolist()
+    return tokenizer.decode(row["tokens"][:int(row["loss_mask"].argmax())])

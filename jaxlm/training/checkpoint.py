@@ -94,6 +94,24 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_params(directory: str, abstract_params) -> tuple:
+  """(parameters, step) of the latest checkpoint in `directory`, in the shardings of `abstract_params`.
+
+  Reads the parameters alone: no optimizer state, no data iterator (generation, evaluation).
+  """
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {directory}; train first with --mode=train and the same --workdir.")
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
+
+
 def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) of a pytree of arrays."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -33,9 +33,9 @@ from absl import logging
 from jaxlm import configs, sharding, tasks
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.inference import decode
-from jaxlm.models.config import ConfigError, ModelConfig
 from jaxlm.evaluation import metrics as metrics_lib
+from jaxlm.inference import generate
+from jaxlm.models.config import ConfigError, ModelConfig
 from jaxlm.tasks import distillation
 from jaxlm.training import checkpoint, optim, pretrained, steps
 from jaxlm.training import state as state_lib
@@ -155,23 +155,21 @@ def _log_compiled(name: str, compiled) -> None:
                  memory.temp_size_in_bytes / 2**20)
 
 
-def _generation_scores(config, task, tokenizer, model, params, step: int) -> dict:
+def _generation_scores(config, task, tokenizer, model, params, mesh, step: int) -> dict:
   """Greedy outputs for the first `eval.generate_examples` test examples against their references:
   exact match, ROUGE-L F1, corpus BLEU and the examples themselves."""
   source = sources.get_source(config.data.name, config.data.test_split, config.data.data_dir or None)
-  examples = []
-  for index in range(min(config.eval.generate_examples, len(source))):
-    record = source[index]
-    prompt_ids = task.prompt_ids(tokenizer, record, index)
-    max_new = min(config.eval.max_new_tokens, model.config.max_len - len(prompt_ids))
-    generated = tokenizer.decode(decode.greedy_decode(model, params, prompt_ids, max_new, tokenizer.eos_id)).strip()
-    reference = pipeline.record_text(record, task.target_field, index, config.data.name).strip()
-    examples.append({"reference": reference, "generated": generated})
-  generated, references = [e["generated"] for e in examples], [e["reference"] for e in examples]
+  records = [(index, source[index]) for index in range(min(config.eval.generate_examples, len(source)))]
+  prompts = [task.prompt_text(tokenizer, record, index) for index, record in records]
+  outputs = generate.generate(model, params, tokenizer, prompts, mesh=mesh, strategy="greedy",
+                              max_new_tokens=config.eval.max_new_tokens)
+  generated = [output.text.strip() for output in outputs]
+  references = [pipeline.record_text(record, task.target_field, index, config.data.name).strip()
+                for index, record in records]
   scores = {"exact_match": metrics_lib.exact_match(generated, references),
             "rouge_l": metrics_lib.rouge_l(generated, references), "bleu": metrics_lib.bleu(generated, references)}
-  logging.info("step %d test generation over %d examples: %s", step, len(examples), scores)
-  return {**scores, "examples": examples}
+  logging.info("step %d test generation over %d examples: %s", step, len(records), scores)
+  return {**scores, "examples": [{"reference": r, "generated": g} for r, g in zip(references, generated)]}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -319,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "metrics": test_metrics, "baselines": task.baselines(test_batches),
                 "trainable": train.trainable, "trainable_params": trainable_count, "total_params": total_count}
       if config.eval.generate_examples:  # every process runs the (sharded) decode
-        report["generation"] = _generation_scores(config, task, tokenizer, model, best_params, best_step)
+        report["generation"] = _generation_scores(config, task, tokenizer, model, best_params, mesh, best_step)
       logging.info("test (%s, checkpoint %d): %s", data.test_split, best_step, test_metrics)
       if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -332,8 +330,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Every process runs the (sharded) decode.
   if config.task != "classification" and config.sample.prompt and config.sample.max_new_tokens:
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(config.sample.prompt)]
-    generated = decode.greedy_decode(model, state.params, prompt_ids, config.sample.max_new_tokens, tokenizer.eos_id)
+    sample = generate.generate(model, state.params, tokenizer, [config.sample.prompt], mesh=mesh,
+                               max_new_tokens=config.sample.max_new_tokens)[0]
     if jax.process_index() == 0:
-      print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{tokenizer.decode(generated)}\n---", flush=True)
+      print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{sample.text}\n---", flush=True)
   return eval_metrics

@@ -16,6 +16,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -52,7 +53,7 @@ def resolve(path: str) -> tuple[str, dict]:
 def tokenizer_path(run_config: dict) -> str:
   """The SentencePiece model the run trained with: its `data.tokenizer`, or the one it trained and cached."""
   data = run_config["data"]
-  path = data["tokenizer"] or pipeline.tokenizer_cache_path(data)
+  path = data["tokenizer"] or pipeline.cached_tokenizer_path(ml_collections.ConfigDict(data))
   if not os.path.exists(path):
     raise FileNotFoundError(f"init_from: the pretrained run's tokenizer {path} is gone; set data.tokenizer to a "
                             "copy of it (the model's embeddings only fit the tokenizer it was trained with).")
