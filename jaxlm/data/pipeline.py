@@ -65,14 +65,6 @@ def tokenizer_for(data_config, train_source) -> Tokenizer:
   return train_tokenizer(texts, path, data_config.vocab_size)
 
 
-def tokenizer_cache_path(data_config) -> str:
-  """Where `tokenizer_for` caches the tokenizer it trains for `data_config` (a ConfigDict or a dict)."""
-  data_dir = os.path.expanduser(data_config["data_dir"] or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_",
-                f"{data_config['name']}-{data_config['text_field']}-v{data_config['vocab_size']}")
-  return os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
-
-
 def _pad_rows(batch: dict, batch_size: int) -> dict:
   """Pads a short final batch with all-padding rows (segment id 0: no loss, no metrics)."""
   missing = batch_size - batch["tokens"].shape[0]

@@ -12,7 +12,6 @@ seen a test function or its docstring; 5% validation, 90% train.
 
 import ast
 import collections
-import sys
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -45,10 +44,7 @@ class PystdlibDocstrings(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=pystdlib_lm.interpreter_config_name(),
-                              description=f"Standard library of Python {sys.version.split()[0]}.")
-  ]
+  BUILDER_CONFIGS = pystdlib_lm.interpreter_builder_configs()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -59,8 +59,10 @@ def read_python_source(path: pathlib.Path) -> str | None:
     return None
 
 
-def interpreter_config_name() -> str:
-  return f"python{sys.version_info.major}.{sys.version_info.minor}"
+def interpreter_builder_configs() -> list[tfds.core.BuilderConfig]:
+  """The one builder config of every pystdlib corpus, named after the interpreter (e.g. `python3.11`)."""
+  name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+  return [tfds.core.BuilderConfig(name=name, description=f"Standard library of Python {sys.version.split()[0]}.")]
 
 
 class PystdlibLm(tfds.core.GeneratorBasedBuilder):
@@ -68,10 +70,7 @@ class PystdlibLm(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=interpreter_config_name(),
-                              description=f"Standard library of Python {sys.version.split()[0]}.")
-  ]
+  BUILDER_CONFIGS = interpreter_builder_configs()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -19,7 +19,6 @@ the same on every machine with the same Python version.
 
 import collections
 import hashlib
-import sys
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -48,10 +47,7 @@ class PystdlibPackages(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=pystdlib_lm.interpreter_config_name(),
-                              description=f"Standard library of Python {sys.version.split()[0]}.")
-  ]
+  BUILDER_CONFIGS = pystdlib_lm.interpreter_builder_configs()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
