@@ -3,7 +3,7 @@
   python -m jaxlm.main --config=experiments/pretrain.py:gpt2_124m --workdir=runs/gpt2 \
       --config.data.name=c4 --config.data.tokenizer=/path/to/spm.model
 
-PRESET is a model size from `jaxlm.configs.MODEL_PRESETS` (gpt2_124m,
+PRESET is a model size from `jaxlm.models.PRESETS` (gpt2_124m,
 gpt2_350m, llama_1b, small, tiny). Defaults train on the built-in
 `pystdlib_lm` corpus; point `data.name` at a prepared TFDS dataset (c4,
 lm1b, ...) and `data.tokenizer` at a SentencePiece model for real runs.

@@ -1,44 +1,30 @@
-"""Shared experiment defaults, model-size presets and config validation.
+"""Shared experiment defaults and model-size presets: configs are data.
 
-Experiment files in `experiments/` start from `base_config()` and change
-what they need; `validate(config)` runs before anything is built or compiled
-and names the offending key in its error.
+Experiment files in `experiments/` start from `base_config()` and change what
+they need. Each section is validated by the module that owns it, all together
+by `jaxlm.experiment.validate(config)` before anything is built or compiled.
+`from_workdir(path)` reads a run's `config.json` back (what every mode but
+`train` uses when no `--config` is given).
 """
 
 import dataclasses
+import json
+import os
 
 import ml_collections
 
-from jaxlm import tasks
-from jaxlm.data import pipeline
-from jaxlm.inference import decode
-from jaxlm.models import heads
-from jaxlm.models.config import DTYPES, ConfigError, ModelConfig
-from jaxlm.training import optim
-
-# Model-size presets: overrides of ModelConfig's defaults.
-MODEL_PRESETS = {
-    # A few hundred K parameters: unit tests and CI end-to-end runs.
-    "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
-    # The quickstart model: trains on 2 CPU cores in minutes.
-    "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
-    # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
-    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
-    # GPT-2 medium (350M).
-    "gpt2_350m": dict(vocab_size=50304, embed_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
-    # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
-    "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5),
-}
+from jaxlm.errors import ConfigError
+from jaxlm.models.config import PRESETS, ModelConfig
 
 
 def model_config_dict(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
-  """The `model` section: every ModelConfig field, from a preset plus overrides."""
-  if preset not in MODEL_PRESETS:
-    raise ConfigError(f"Unknown model preset {preset!r}; known presets: {sorted(MODEL_PRESETS)}.")
-  values = dataclasses.asdict(ModelConfig(**{**MODEL_PRESETS[preset], **overrides}))
+  """The `model` section: every ModelConfig field, from a preset plus overrides (0 sizes left for
+  ModelConfig to resolve, so that an override of `num_heads` also moves the default `num_kv_heads`)."""
+  if preset not in PRESETS:
+    raise ConfigError(f"Unknown model preset {preset!r}; known presets: {sorted(PRESETS)}.")
+  values = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+  values.update({**PRESETS[preset], **overrides})
+  ModelConfig(**values)  # fails here, naming the key, if the preset and overrides do not fit together
   return ml_collections.ConfigDict(values)
 
 
@@ -62,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "train"  # split trained on
   config.data.eval_split = "validation"  # split evaluated on every train.eval_every steps
   config.data.test_split = ""  # split of the final evaluation (best checkpoint) -> WORKDIR/eval/report.json; '' = none
-  config.data.tokenizer = ""  # SentencePiece .model; '' = train one on the train split (cached in data_dir)
+  config.data.tokenizer = ""  # SentencePiece .model; '' = init_from's, else one trained on the train split (cached)
   config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
   config.data.seq_len = 256  # tokens per packed row
   config.data.shuffle_window = 1024  # packed training rows shuffled together (spreads long documents)
@@ -85,13 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 200  # steps between evaluations; 0 = only at the end
   config.train.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
   config.train.keep_checkpoints = 2  # most recent checkpoints kept (plus the best by train.best_metric)
-  config.train.best_metric = "eval_loss"  # eval metric that ranks checkpoints, e.g. eval_accuracy, eval_macro_f1
+  config.train.best_metric = "loss"  # eval metric (as named in metrics.jsonl) ranking checkpoints, e.g. accuracy
   config.train.best_mode = "min"  # "min" or "max": which way best_metric is better
   config.train.early_stopping_patience = 0  # stop after this many evaluations without a better best_metric; 0 = off
   config.train.trainable = "all"  # what trains: "all" (full), "head" (task's new layer only), "lora" (adapters + head)
   config.train.frozen = ""  # regex of parameter paths also kept frozen, e.g. "token_embed|attention"; '' = none
 
   config.classification = ml_collections.ConfigDict()
+  config.classification.num_classes = 0  # classes C; 0 = from the dataset's label feature (config.json records it)
   config.classification.pooling = "last"  # hidden state the head reads: "last" non-pad token, "first" or "mean"
   config.classification.label_smoothing = 0.0  # eps: target = (1 - eps) one-hot + eps / classes
   config.classification.focal_gamma = 0.0  # focal loss (1 - p)^gamma * CE; 0 = plain cross-entropy
@@ -131,67 +118,29 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-SCHEDULES = ("cosine", "linear", "constant")
+def _merge(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+  """Sets `values` (nested dicts from JSON) into `config`; JSON lists become tuples where the config has one."""
+  for key, value in values.items():
+    if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+      _merge(config[key], value, f"{prefix}{key}.")
+    elif key in config:
+      config[key] = tuple(value) if isinstance(config[key], tuple) else value
+    else:
+      raise ConfigError(f"{prefix}{key}: in config.json but not a key of this jaxlm version's config; remove it.")
 
 
-def validate(config: ml_collections.ConfigDict) -> ModelConfig:
-  """Checks the whole config before anything is built; returns the frozen ModelConfig.
+def from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config of the run in `workdir` (its config.json over today's defaults), locked.
 
-  Raises ConfigError naming the key and the fix. (Unknown keys and wrong
-  types are already refused by the locked ConfigDict when overrides apply.)
+  Keys added to jaxlm since the run keep their defaults; a key jaxlm no longer knows is an error.
   """
-
-  def check(ok: bool, key: str, message: str):
-    if not ok:
-      raise ConfigError(f"{key}: {message}")
-
-  for section in ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill"):
-    check(section in config, section, "missing section; start the config from jaxlm.configs.base_config().")
-  check(config.task in tasks.TASKS, "task", f"{config.task!r} is not one of {tasks.TASKS}.")
-  model_config = ModelConfig.from_config(config.model)
-
-  train, data = config.train, config.data
-  for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-    check(train[key] > 0, f"train.{key}", f"must be positive, got {train[key]}.")
-  check(train.eval_every >= 0, "train.eval_every", f"must be >= 0, got {train.eval_every}.")
-  check(train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {train.warmup_steps}.")
-  check(train.learning_rate > 0, "train.learning_rate", f"must be positive, got {train.learning_rate}.")
-  check(train.schedule in SCHEDULES, "train.schedule", f"{train.schedule!r} is not one of {SCHEDULES}.")
-  check(train.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
-        f"{train.grad_accum_steps} micro-batches do not divide train.batch_size={train.batch_size}.")
-  check(data.seq_len > 1, "data.seq_len", f"must be at least 2, got {data.seq_len}.")
-  check(data.seq_len <= model_config.max_len, "data.seq_len",
-        f"{data.seq_len} exceeds model.max_len={model_config.max_len}; raise model.max_len or lower data.seq_len.")
-  check(bool(data.name), "data.name", "must name a dataset.")
-  check(data.num_streams >= 0, "data.num_streams", f"must be >= 0 (0 = one per process), got {data.num_streams}.")
-  check(data.tokenizer or data.vocab_size > 4, "data.vocab_size", "must exceed the 4 special pieces.")
-  check(data.tokenizer or data.vocab_size <= model_config.vocab_size, "data.vocab_size",
-        f"{data.vocab_size} exceeds model.vocab_size={model_config.vocab_size}; the embedding table needs a "
-        "row per token.")
-  check(config.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {config.eval.batch_size}.")
-  check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
-        f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
-  check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
-  decode.DecodeSettings.from_config(config.decode)
-  check(config.decode.dtype in ("", *DTYPES), "decode.dtype", f"{config.decode.dtype!r} is not '' or one of "
-        f"{tuple(DTYPES)}.")
-  check(data.truncation in pipeline.TRUNCATIONS, "data.truncation",
-        f"{data.truncation!r} is not one of {pipeline.TRUNCATIONS}.")
-  check(train.best_mode in ("min", "max"), "train.best_mode", f"must be 'min' or 'max', got {train.best_mode!r}.")
-  check(train.best_metric.startswith("eval_"), "train.best_metric",
-        f"{train.best_metric!r} must name an eval metric, e.g. eval_loss or eval_accuracy.")
-  check(train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = off).")
-  check(train.trainable in optim.TRAINABLE, "train.trainable",
-        f"{train.trainable!r} is not one of {optim.TRAINABLE}.")
-  check(train.trainable != "head" or config.task == "classification", "train.trainable",
-        f"'head' trains only a task's new head, and task {config.task!r} adds none; use 'all', 'lora' or train.frozen.")
-  check(train.trainable != "lora" or model_config.lora_rank > 0, "train.trainable",
-        "'lora' needs adapters: set model.lora_rank > 0 (and model.lora_targets).")
-  check(config.classification.pooling in heads.POOLINGS, "classification.pooling",
-        f"{config.classification.pooling!r} is not one of {heads.POOLINGS}.")
-  check(0.0 <= config.classification.label_smoothing < 1.0, "classification.label_smoothing", "must be in [0, 1).")
-  check(config.classification.focal_gamma >= 0, "classification.focal_gamma", "must be >= 0.")
-  check(0.0 <= config.distill.weight <= 1.0, "distill.weight", f"must be in [0, 1], got {config.distill.weight}.")
-  check(config.distill.temperature > 0, "distill.temperature", f"must be positive, got {config.distill.temperature}.")
-  check(config.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0.")
-  return model_config
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a jaxlm workdir (train one with --mode=train, "
+                            "or pass --config=experiments/X.py).")
+  with open(path) as f:
+    values = json.load(f)
+  config = base_config()
+  _merge(config, values)
+  config.lock()
+  return config

@@ -5,21 +5,24 @@ Overrides: `--config.train.steps=50`, `--config.model.num_layers=2`, ...
 
 Modes: `train` (the default); `plan` prints every parameter's sharding and the memory each device
 will need, without compiling the train step; `generate --prompt="def "` continues each `--prompt`
-(repeatable) from the workdir's latest checkpoint with the `decode` settings
-(`--config.decode.strategy=sample`, ...): only the generated texts go to stdout, one per prompt,
-logs go to stderr. Multi-host: run the same command in every process;
+(repeatable) from the workdir's latest checkpoint with the `decode` settings: only the generated texts
+go to stdout, one per prompt, logs go to stderr. Every mode but `train` reads WORKDIR/config.json when
+`--config` is omitted; to change some of its keys, load it as a config file:
+`--config=experiments/workdir.py:WORKDIR --config.decode.strategy=sample`.
+Everything is set up by `jaxlm.Experiment`; this file only parses flags. Multi-host: run the same
+command in every process;
 TPU pods, SLURM and Open MPI are detected, otherwise pass `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (flags, not config: they differ per process).
 """
 
 import logging as python_logging
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (experiments/*.py[:arg]); modes other than train default to "
+    "WORKDIR/config.json.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "generate"], "What to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "--mode=generate: a prompt to continue (repeat for a batch).")
@@ -27,7 +30,7 @@ _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _quiet_library_logs(record) -> bool:
@@ -44,20 +47,26 @@ def main(argv):
   if added:
     logging.info("Added XLA flags for the GPU: %s", " ".join(added))
   runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from jaxlm.training import loop  # imported here so that --help stays fast
+  from jaxlm.experiment import Experiment  # imported here so that --help stays fast
 
-  logging.info("jaxlm %s: config %s, workdir %s", _MODE.value, _CONFIG.value.get("task"), _WORKDIR.value)
-  workdir = os.path.expanduser(_WORKDIR.value)
-  if _MODE.value == "train":
-    loop.train_and_evaluate(_CONFIG.value, workdir)
-  elif _MODE.value == "plan":
+  mode, workdir = _MODE.value, _WORKDIR.value
+  if mode == "generate" and not _PROMPT.value:
+    raise app.UsageError("--mode=generate needs at least one --prompt=TEXT.")
+  if _CONFIG.value is None:
+    if mode == "train":
+      raise app.UsageError("--mode=train needs --config=experiments/X.py (other modes read WORKDIR/config.json).")
+    experiment = Experiment.from_workdir(workdir)
+  else:
+    experiment = Experiment.from_config(_CONFIG.value, workdir)
+  logging.info("jaxlm %s: task %s, workdir %s", mode, experiment.config.task, experiment.workdir)
+  if mode == "train":
+    experiment.train()
+  elif mode == "plan":
     from jaxlm import plan
-    print(plan.format_plan(plan.memory_plan(_CONFIG.value, _PLAN_DEVICES.value or None)), flush=True)
-  elif _MODE.value == "generate":
-    if not _PROMPT.value:
-      raise app.UsageError("--mode=generate needs at least one --prompt=TEXT.")
-    from jaxlm.inference import generate
-    for result in generate.generate_from_workdir(_CONFIG.value, workdir, _PROMPT.value):
+    print(plan.format_plan(experiment.plan(_PLAN_DEVICES.value or None)), flush=True)
+  elif mode == "generate":
+    params = experiment.load_params()
+    for result in experiment.generate(params, _PROMPT.value):
       print(result.text, flush=True)
 
 

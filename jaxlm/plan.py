@@ -1,6 +1,7 @@
 """Plan before launch: per-device memory of a config on a mesh, without compiling or allocating anything.
 
 `python -m jaxlm.main --config=experiments/pretrain.py:llama_1b --workdir=/tmp/plan --mode=plan`
+(or `jaxlm.Experiment.plan()`)
 prints every parameter's shape, logical axes, mesh sharding and bytes per device, then the optimizer
 state, gradient and activation estimates and their total against the device's memory, so an
 out-of-memory run is seen before it is paid for. `--config.mesh.*` overrides change the plan; the
@@ -18,10 +19,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxlm import configs, sharding
-from jaxlm.models.transformer import Decoder
+from jaxlm import sharding
+from jaxlm.models import params as params_lib
 from jaxlm.training import optim
-from jaxlm.training import state as state_lib
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   rows = config.train.batch_size // config.train.grad_accum_steps // (mesh["data"] * mesh["fsdp"])
   tokens = rows * config.data.seq_len
   itemsize = np.dtype(m.compute_dtype).itemsize
-  heads = (2 * m.num_heads + 2 * m.kv_heads) * m.dim_per_head / tp
+  heads = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tp
   mlp = (4 if m.mlp == "swiglu" else 2) * m.mlp_dim / tp
   scores = m.num_heads * config.data.seq_len / tp if m.attention != "cudnn" else 0
   full_layer = 4 * m.embed_dim + heads + mlp + scores
@@ -107,19 +107,21 @@ def device_memory() -> tuple[int | None, str]:
   return None, "unknown"
 
 
-def memory_plan(config, num_devices: int | None = None) -> MemoryPlan:
-  """The per-device memory plan of `config` over `num_devices` (default: this machine's devices)."""
-  model_config = configs.validate(config)
+def memory_plan(config, model_config, model: nn.Module, new_params: str | None = None,
+                num_devices: int | None = None) -> MemoryPlan:
+  """The per-device memory plan of training `model` (the task's module) as `config` says, over `num_devices`
+  (default: this machine's devices). The optimizer is the training one, trainable mask included: frozen
+  parameters hold no Adam moments."""
   shape = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
   mesh = dict(zip(sharding.MESH_AXES, shape))
   sharding.check_model_fits_mesh(model_config, mesh)
-  model = Decoder(model_config)
-  optimizer, _ = optim.create_optimizer(config.train)
+  optimizer, _, _ = optim.optimizer_for(config.train, new_params)
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    abstract = jax.eval_shape(state_lib.init_fn(model, optimizer, config.data.seq_len), jax.random.key(0))
-  params = _tree_rows(abstract.params, mesh)
+    abstract_params = jax.eval_shape(params_lib.boxed_init_fn(model), jax.random.key(0))
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  params = _tree_rows(abstract_params, mesh)
   param_bytes = sum(row.bytes_per_device for row in params)
-  optimizer_bytes = sum(row.bytes_per_device for row in _tree_rows(abstract.opt_state, mesh))
+  optimizer_bytes = sum(row.bytes_per_device for row in _tree_rows(abstract_opt_state, mesh))
   activation_bytes = activation_bytes_per_device(config, model_config, mesh)
   total = 2 * param_bytes + optimizer_bytes + activation_bytes
   limit, source = device_memory()

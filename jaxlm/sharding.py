@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.models.config import ConfigError
+from jaxlm.errors import ConfigError
 
 # Logical axis names (the only names modules use).
 BATCH = "batch"
@@ -113,7 +113,7 @@ def check_model_fits_mesh(model_config, mesh_axis_sizes: dict) -> None:
   """
   sizes = {
       HEADS: ("model.num_heads", model_config.num_heads),
-      KV_HEADS: ("model.num_kv_heads", model_config.kv_heads),
+      KV_HEADS: ("model.num_kv_heads", model_config.num_kv_heads),
       MLP: ("model.mlp_dim", model_config.mlp_dim),
       VOCAB: ("model.vocab_size", model_config.vocab_size),
       EMBED: ("model.embed_dim", model_config.embed_dim),

@@ -2,7 +2,7 @@
 
   python scripts/benchmark.py --config=experiments/pretrain.py:gpt2_124m --config.train.batch_size=16 --peer=torch
 
-Prints one JSON line. jaxlm's step is the real one (`training.steps.jit_steps`: forward, backward,
+Prints one JSON line. jaxlm's step is the real one (`training.steps.jit_train_step`: forward, backward,
 AdamW, clipping; sharded over `config.mesh`), fed random tokens of `data.seq_len` (the input pipeline is
 not timed). Compile time is reported apart from step time; each timing is the median of `--repeats`
 runs of `--steps` steps after `--warmup` steps.
@@ -91,7 +91,7 @@ def matmul_params(params) -> int:
 def flops_per_token(model_config, params, seq_len: int) -> tuple[float, float]:
   """(causal, non-causal) training FLOPs per token."""
   n = matmul_params(params)
-  attention = model_config.num_layers * seq_len * model_config.num_heads * model_config.dim_per_head
+  attention = model_config.num_layers * seq_len * model_config.num_heads * model_config.head_dim
   return 6 * n + 6 * attention, 6 * n + 12 * attention
 
 
@@ -133,24 +133,22 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
   import jax
   import numpy as np
 
-  from jaxlm import configs, sharding
-  from jaxlm.models.transformer import Decoder
-  from jaxlm.tasks import causal_lm
+  from jaxlm import sharding
+  from jaxlm.experiment import Experiment
+  from jaxlm.models import params as params_lib
   from jaxlm.training import optim, steps as steps_lib
   from jaxlm.training import state as state_lib
 
-  model_config = configs.validate(config)
-  mesh = sharding.create_mesh(config.mesh)
-  sharding.check_model_fits_mesh(model_config, mesh.shape)
-  model = Decoder(model_config)
-  optimizer, schedule = optim.create_optimizer(config.train)
+  experiment = Experiment.from_config(config)
+  model_config, model, task, mesh = experiment.model_config, experiment.model, experiment.task, experiment.mesh
+  optimizer, schedule, _ = optim.optimizer_for(config.train, task.new_params)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  abstract, shardings = state_lib.state_shardings(model, optimizer, seq_len, mesh)
-  state = state_lib.create_train_state(model, optimizer, seq_len, mesh, shardings, jax.random.key(0))
-  train_step, eval_step = steps_lib.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
-                                              dropout_rng=jax.random.key(1),
-                                              grad_accum_steps=config.train.grad_accum_steps,
-                                              state_sharding=shardings, mesh=mesh)
+  abstract, shardings = state_lib.state_shardings(model, optimizer, mesh)
+  state = state_lib.create_train_state(experiment.init_params(), optimizer, shardings, mesh)
+  train_step = steps_lib.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                        dropout_rng=jax.random.key(1), grad_accum_steps=config.train.grad_accum_steps,
+                                        state_sharding=shardings, mesh=mesh)
+  eval_step = steps_lib.jit_eval_step(model=model, task=task, param_sharding=shardings.params, mesh=mesh)
   rng = np.random.default_rng(0)
   host_batch = {"tokens": rng.integers(4, model_config.vocab_size, (batch_size, seq_len), dtype=np.int32),
                 "segment_ids": np.ones((batch_size, seq_len), np.int32),
@@ -184,7 +182,7 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
   memory = device.memory_stats() or {}
   return {
       "backend": jax.default_backend(), "device_kind": device.device_kind, "devices": mesh.size,
-      "mesh": dict(mesh.shape), "params": state_lib.count_params(state.params),
+      "mesh": dict(mesh.shape), "params": params_lib.count(state.params),
       "matmul_params": matmul_params(state.params), "batch_size": batch_size, "seq_len": seq_len,
       "dtype": model_config.dtype, "remat": model_config.remat, "attention": model_config.attention,
       "compile_s": round(compile_s, 3), "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
@@ -212,7 +210,7 @@ def hf_model(model_config):
   if m.position == "rotary" and m.norm == "rmsnorm" and m.mlp == "swiglu":
     config = transformers.LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.embed_dim, intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
         max_position_embeddings=m.max_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
         tie_word_embeddings=m.tie_embeddings, attention_bias=m.use_bias, mlp_bias=m.use_bias)
     return transformers.LlamaForCausalLM(config)
@@ -223,9 +221,9 @@ def hf_model(model_config):
 def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model: bool) -> dict:
   import torch
 
-  from jaxlm import configs
+  from jaxlm.experiment import validate
 
-  model_config = configs.validate(config)
+  model_config = validate(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   model = hf_model(model_config).to(device)
@@ -292,18 +290,16 @@ def decode_row(batch: int, new_tokens: int, prefill_s: float, one_token_s: float
 
 
 def benchmark_decode_jaxlm(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from jaxlm import configs
+  from jaxlm.experiment import Experiment
   from jaxlm.inference import generate
   from jaxlm.inference.decode import CachedDecoder, DecodeSettings
-  from jaxlm.models.transformer import Decoder
+  from jaxlm.models import params as params_lib
 
-  model = Decoder(configs.validate(config))
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, prompt_len), jnp.int32)))["params"]
+  model = Experiment.from_config(config).model
+  params = params_lib.init_params(model, jax.random.key(0))  # on one device, like the peer
   step_model = CachedDecoder(model)
   prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, prompt_len + new_tokens))
   rows = []
@@ -324,9 +320,9 @@ def benchmark_decode_jaxlm(config, batch_sizes: list[int], prompt_len: int, new_
 def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
   import torch
 
-  from jaxlm import configs
+  from jaxlm.experiment import validate
 
-  model_config = configs.validate(config)
+  model_config = validate(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   dtype = torch.bfloat16 if model_config.dtype == "bfloat16" else torch.float32

@@ -1,13 +1,92 @@
-"""Test setup: 8 simulated CPU devices (before jax is imported) and one shared built corpus."""
+"""Test setup and the helpers the tests share.
 
+8 simulated CPU devices (set before jax is imported); one built corpus and tokenizer per session; one tiny
+trained workdir per session for the tests that only read a run; and the small helpers that build a tiny
+model, a batch, a train step, or run the CLI. Test modules import the helpers with `from conftest import ...`
+(pytest puts this directory on `sys.path`, for `pytest` and `python -m pytest` alike).
+"""
+
+import importlib.util
 import os
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-TINY_VOCAB = 512
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VOCAB = 512  # the vocabulary of the quickstart:tiny tokenizer
+# A model of a few thousand parameters for unit tests of training pieces (batches of lm_batch fit it).
+TINY_MODEL = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16)
+
+
+def tiny_model_config(**overrides):
+  from jaxlm.models import ModelConfig
+  return ModelConfig(**{**TINY_MODEL, **overrides})
+
+
+def train_config(**overrides):
+  """The default `train` section with `overrides`."""
+  from jaxlm import configs
+  config = configs.base_config().train
+  config.update(overrides)
+  return config
+
+
+def experiment_config(name: str, arg: str | None = None):
+  """`get_config(arg)` of experiments/NAME.py, as `--config=experiments/NAME.py:ARG` loads it."""
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(REPO, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def lm_batch(seed: int = 0, rows: int = 8, length: int = 16, vocab: int = 64) -> dict:
+  """A packed language-model batch: two documents per row (10 + 6 tokens), row 3 ends in padding."""
+  rng = np.random.default_rng(seed)
+  split = length * 5 // 8
+  segment_ids = np.repeat([[1] * split + [2] * (length - split)], rows, axis=0).astype(np.int32)
+  segment_ids[3, length - 4:] = 0
+  positions = np.concatenate([np.arange(split), np.arange(length - split)])[None].repeat(rows, 0).astype(np.int32)
+  return {"tokens": rng.integers(4, vocab, size=(rows, length)).astype(np.int32), "segment_ids": segment_ids,
+          "positions": positions}
+
+
+def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devices=None):
+  """(state, jitted train step, mesh) of `model` for `task` (default: causal LM) with the real optimizer recipe
+  of the `train` section (default: 10 steps at 1e-2, no warmup) on a mesh (default: data-parallel over all)."""
+  import jax
+  from jaxlm import sharding
+  from jaxlm.models import params as params_lib
+  from jaxlm.tasks.causal_lm import CausalLm
+  from jaxlm.training import optim, steps
+  from jaxlm.training import state as state_lib
+
+  task = task or CausalLm()
+  train = train or train_config(steps=10, warmup_steps=0, learning_rate=1e-2)
+  mesh = sharding.create_mesh(mesh or dict(data=-1, fsdp=1, tensor=1), devices)
+  optimizer, schedule, _ = optim.optimizer_for(train, task.new_params)
+  _, shardings = state_lib.state_shardings(model, optimizer, mesh)
+  state = state_lib.create_train_state(params_lib.init_params(model, jax.random.key(seed), mesh), optimizer,
+                                       shardings, mesh)
+  train_step = steps.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                    dropout_rng=jax.random.key(1), grad_accum_steps=train.grad_accum_steps,
+                                    state_sharding=shardings, mesh=mesh)
+  return state, train_step, mesh
+
+
+def run_cli(*args: str, devices: int = 2, check: bool = True, cwd: str = REPO, env: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -m jaxlm.main ARGS` in a subprocess with `devices` CPU devices (cwd: the repository)."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  process = subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=timeout)
+  if check:
+    assert process.returncode == 0, process.stderr[-3000:]
+  return process
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +106,16 @@ def tokenizer(data_dir):
   data_config = ml_collections.ConfigDict(dict(tokenizer="", data_dir=data_dir, name="pystdlib_lm",
                                                text_field="text", vocab_size=TINY_VOCAB))
   return pipeline.tokenizer_for(data_config, sources.get_source("pystdlib_lm", "train", data_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(data_dir, tokenizer, tmp_path_factory):
+  """A finished quickstart:tiny run (4 steps; checkpoints at 2 and 4), for tests that only read a workdir."""
+  from jaxlm import Experiment
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  config = experiment_config("quickstart", "tiny")
+  config.data.data_dir = data_dir
+  config.train.update(dict(steps=4, eval_every=2, checkpoint_every=2, keep_checkpoints=2))
+  config.sample.max_new_tokens = 0
+  Experiment.from_config(config, workdir).train()
+  return workdir

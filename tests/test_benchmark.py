@@ -10,10 +10,9 @@ import flax.linen as nn
 import jax
 import pytest
 
-from jaxlm import configs
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import Decoder
-from tests.test_resume import REPO
+from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
 benchmark = importlib.util.module_from_spec(spec)
@@ -21,7 +20,7 @@ spec.loader.exec_module(benchmark)
 
 
 def test_flops_per_token_of_gpt2_124m():
-  model_config = ModelConfig(**configs.MODEL_PRESETS["gpt2_124m"])
+  model_config = ModelConfig(**PRESETS["gpt2_124m"])
   params = jax.eval_shape(lambda: Decoder(model_config).init(jax.random.key(0), jax.numpy.zeros((1, 8), int)))
   params = nn.meta.unbox(params)
   # 12 layers x (4 D^2 attention + 2 D F MLP) + V D output projection; no position table, norms or biases.

@@ -175,29 +175,20 @@ def test_selective_prediction_against_numpy_and_sklearn():
 def test_in_step_sharded_ece_equals_the_offline_ece():
   """The causal-LM eval step on a 2x2x2 (data, fsdp, tensor) mesh of 8 devices: ECE from bin sums reduced
   across devices equals `expected_calibration_error` on the gathered next-token probabilities of the targets."""
+  from conftest import tiny_model_config
   from jaxlm import sharding
-  from jaxlm.models.config import ModelConfig
-  from jaxlm.models.transformer import Decoder
+  from jaxlm.models import Decoder
+  from jaxlm.models import params as params_lib
   from jaxlm.tasks import causal_lm
-  import flax.linen as nn
-  import jax.numpy as jnp
-  import optax
-
   from jaxlm.training import steps
-  from jaxlm.training import state as state_lib
 
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices")
-  model = Decoder(ModelConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=16))
+  model = Decoder(tiny_model_config(num_layers=1))
   mesh = sharding.create_mesh(dict(data=2, fsdp=2, tensor=2))
-  _, shardings = state_lib.state_shardings(model, optax.identity(), 16, mesh)
-
-  def init(key):  # born sharded; x4 gives sharper, more varied confidences than at init
-    params = nn.meta.unbox(model.init(key, jnp.zeros((1, 16), jnp.int32))["params"])
-    return jax.tree.map(lambda x: x * 4.0, params)
-
-  with sharding.mesh_context(mesh):
-    params = jax.jit(init, out_shardings=shardings.params)(jax.random.key(0))
+  shardings = jax.tree.map(lambda x: x.sharding, params_lib.abstract_params(model, mesh))
+  # Born sharded; x4 gives sharper, more varied confidences than at init.
+  params = jax.tree.map(lambda x: x * 4.0, params_lib.init_params(model, jax.random.key(0), mesh))
   rng = np.random.default_rng(0)
   segment_ids = np.repeat([[1] * 9 + [2] * 5 + [0] * 2], 16, axis=0).astype(np.int32)
   batch = {"tokens": rng.integers(1, 64, size=(16, 16)).astype(np.int32), "segment_ids": segment_ids,
@@ -207,9 +198,9 @@ def test_in_step_sharded_ece_equals_the_offline_ece():
   # One compiled program returns the eval step's sums and the logits (gathered), to compile only once.
   def eval_step_and_logits(params, batch):
     logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return steps.eval_step(params, batch, model=model, task=causal_lm), logits
+    return steps.eval_step(params, batch, model=model, task=causal_lm.CausalLm()), logits
 
-  run = jax.jit(eval_step_and_logits, in_shardings=(shardings.params, batch_sharding),
+  run = jax.jit(eval_step_and_logits, in_shardings=(shardings, batch_sharding),
                 out_shardings=sharding.replicated(mesh))
   with sharding.mesh_context(mesh):
     sums, logits = jax.device_get(run(params, batch))

@@ -9,12 +9,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import configs, sharding
-from jaxlm.models.config import ConfigError
+from jaxlm.experiment import validate
+from jaxlm.errors import ConfigError
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
 VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"],
             "finetune_packages.py": [None, "head_only", "lora", "distill", "scratch", "tiny", "tiny,lora"],
-            "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"]}
+            "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"],
+            "workdir.py": []}  # its argument is a workdir: test_workdir_config_file_reads_config_json
 
 
 def load(path, arg=None, overrides=()):
@@ -34,7 +36,7 @@ def test_every_experiment_has_known_variants():
 def test_every_experiment_parses_and_validates(path):
   for arg in VARIANTS[os.path.basename(path)]:
     config = load(path, arg)
-    model_config = configs.validate(config)
+    model_config = validate(config)
     for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
       assert key in config.train
     assert model_config.vocab_size >= config.data.vocab_size
@@ -49,6 +51,17 @@ def test_overrides_apply_and_typos_are_refused():
     load(path, "tiny", ["--config.train.stpes=50"])
   with pytest.raises(Exception, match="steps"):
     load(path, "tiny", ["--config.train.steps=many"])
+
+
+def test_workdir_config_file_reads_config_json_and_takes_overrides(tiny_workdir):
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "workdir.py")
+  config = load(path, tiny_workdir, ["--config.decode.top_p=0.5"])
+  saved = configs.from_workdir(tiny_workdir)
+  assert config.decode.top_p == 0.5 and saved.decode.top_p == 1.0
+  config.decode.top_p = 1.0
+  assert config.to_dict() == saved.to_dict()
+  with pytest.raises(Exception, match="stpes"):
+    load(path, tiny_workdir, ["--config.train.stpes=50"])
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -71,13 +84,17 @@ def tiny_config() -> ml_collections.ConfigDict:
     ("train.trainable", "head", "train.trainable: 'head' trains only a task's new head"),
     ("train.best_mode", "best", "train.best_mode: must be 'min' or 'max'"),
     ("classification.pooling", "max", "classification.pooling: 'max' is not one of"),
+    ("classification.class_weights", (1.0, 3.0), "classification.class_weights: has 2 weights for 3 classes"),
+    ("train.best_metric", "eval_loss", "train.best_metric: name the metric as in metrics.jsonl's eval rows, e.g. 'loss'"),
 ])
 def test_invalid_values_fail_with_the_key(key, value, message):
   config = tiny_config()
+  if key.startswith("classification."):  # a task's section is checked when that task runs
+    config.task, config.classification.num_classes = "classification", 3
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-    configs.validate(config)
+    validate(config)
 
 
 def test_unknown_model_key_is_refused():
@@ -85,7 +102,7 @@ def test_unknown_model_key_is_refused():
   config.model.unlock()
   config.model.num_experts = 8
   with pytest.raises(ConfigError, match="model.num_experts: unknown model option"):
-    configs.validate(config)
+    validate(config)
 
 
 @pytest.mark.parametrize("mesh, devices, expected", [

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import configs, sharding
+from jaxlm import sharding
 from jaxlm.inference import generate
 from jaxlm.inference.decode import CachedDecoder, DecodeSettings, sampling_logits
-from jaxlm.models.config import ConfigError, ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.layers import KVCache
 from jaxlm.models.transformer import Decoder
 
@@ -20,7 +21,7 @@ NEW_TOKENS = 10
 
 
 def make_model(seed=0, **overrides):
-  config = ModelConfig(**{**configs.MODEL_PRESETS["tiny"], "vocab_size": 96, "max_len": 64, **overrides})
+  config = ModelConfig(**{**PRESETS["tiny"], "vocab_size": 96, "max_len": 64, **overrides})
   model = Decoder(config)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))["params"]
   return model, params

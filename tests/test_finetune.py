@@ -1,28 +1,25 @@
 """Fine-tuning: SFT prompt masking, classification losses/metrics/pooling, trainable masks, init_from, e2e runs."""
 
+import dataclasses
 import json
 import os
-import subprocess
-import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from sklearn.metrics import f1_score
 
-from jaxlm import sharding
+from conftest import experiment_config, make_trainer, run_cli, tiny_model_config, train_config
+from jaxlm import Experiment, configs, sharding
 from jaxlm.data import pipeline
-from jaxlm.models import heads
-from jaxlm.models.config import ModelConfig
+from jaxlm.errors import CheckpointError
+from jaxlm.models import Decoder, ModelConfig, heads
+from jaxlm.models import params as params_lib
 from jaxlm.tasks import classification, seq2seq
-from jaxlm.training import loop, optim, pretrained, steps
-from jaxlm.training import state as state_lib
-from test_train import load_experiment, train_config
+from jaxlm.training import checkpoint
 
-TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16)
-REPO = os.path.join(os.path.dirname(__file__), "..")
+TINY = tiny_model_config()
 
 
 def _log_softmax(x):
@@ -45,7 +42,6 @@ def test_sft_example_puts_the_mask_on_target_and_eos(tokenizer):
 
 def test_sft_loss_ignores_prompt_tokens():
   """Loss on a hand-built batch against NumPy: only predictions of target tokens count."""
-  from jaxlm.models.transformer import Decoder
   model = Decoder(TINY)
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, 64, size=(2, 16)).astype(np.int32)
@@ -56,7 +52,7 @@ def test_sft_loss_ignores_prompt_tokens():
   segment_ids[0, 13:] = 0
   batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
            "loss_mask": loss_mask}
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+  params = params_lib.init_params(model, jax.random.key(0))
   task = seq2seq.Seq2Seq(seq_len=16)
   loss_sum, sums = task.loss_and_metrics(model, params, batch, train=False)
   log_probs = _log_softmax(model.apply({"params": params}, tokens, batch["positions"], segment_ids))
@@ -107,24 +103,16 @@ def test_pooling_against_numpy():
 
 def _changed_after_training(trainable: str, frozen: str = "") -> set[str]:
   task = classification.Classification(num_classes=3, seq_len=16)
-  model = task.build_model(TINY)
-  optimizer, schedule = optim.create_optimizer(
-      train_config(steps=10, warmup_steps=0, learning_rate=1e-2),
-      lambda p: optim.trainable_mask(p, trainable, frozen, task.new_params))
-  mesh = sharding.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-  _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
-  state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(0))
+  train = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, trainable=trainable, frozen=frozen)
+  state, train_step, mesh = make_trainer(task.build_model(TINY), task=task, train=train)
   before = jax.device_get(state.params)
-  train_step, _ = steps.jit_steps(model=model, task=task, optimizer=optimizer, schedule=schedule,
-                                  dropout_rng=jax.random.key(1), grad_accum_steps=1, state_sharding=shardings,
-                                  mesh=mesh)
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32), "segment_ids": np.ones((8, 16), np.int32),
            "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)), "label": rng.integers(0, 3, 8).astype(np.int32)}
   with sharding.mesh_context(mesh):
     state, _ = train_step(state, batch)
   flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
-  return {optim.param_path(p) for (p, a), b in zip(flat_before, jax.tree.leaves(jax.device_get(state.params)))
+  return {params_lib.path_name(p) for (p, a), b in zip(flat_before, jax.tree.leaves(jax.device_get(state.params)))
           if not np.array_equal(a, b)}
 
 
@@ -138,42 +126,27 @@ def test_frozen_pattern_keeps_those_parameters():
   assert not {name for name in changed if "token_embed" in name or "attention/" in name}
 
 
-@pytest.fixture(scope="module")
-def pretrained_workdir(data_dir, tokenizer, tmp_path_factory):
-  """A tiny pretrained language model (quickstart.py:tiny, 4 steps)."""
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
-  config = load_experiment("quickstart", "tiny")
-  config.data.data_dir = data_dir
-  config.train.update(dict(steps=4, eval_every=4, checkpoint_every=4))
-  config.sample.max_new_tokens = 0
-  loop.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def _classifier_params(model_config):
   model = classification.Classification(num_classes=19, seq_len=64).build_model(model_config)
-  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(3), np.zeros((1, 64), np.int32))["params"])
+  return params_lib.init_params(model, jax.random.key(3))
 
 
-def test_init_from_restores_the_backbone_exactly(pretrained_workdir):
-  from jaxlm import configs
-  state_dir, run_config = pretrained.resolve(pretrained_workdir)
+def test_init_from_restores_the_backbone_exactly(tiny_workdir):
+  state_dir = checkpoint.find_checkpoint(tiny_workdir).state_dir
   assert state_dir.endswith(os.path.join("checkpoints", "4", "state"))
-  assert pretrained.tokenizer_path(run_config).endswith(".model")
   target = _classifier_params(ModelConfig.from_config(configs.model_config_dict("tiny")))
-  restored, new = pretrained.restore_params(state_dir, target, r"^head/")
+  restored, new = checkpoint.restore_params(state_dir, target, r"^head/")
   assert new == ["head/bias", "head/kernel"]
   source = ocp.PyTreeCheckpointer().restore(state_dir)["params"]
   jax.tree.map(np.testing.assert_array_equal, restored["backbone"], source)
   np.testing.assert_array_equal(restored["head"]["kernel"], target["head"]["kernel"])
 
 
-def test_init_from_mismatch_lists_the_offending_parameters(pretrained_workdir):
-  from jaxlm import configs
-  state_dir, _ = pretrained.resolve(pretrained_workdir)
+def test_init_from_mismatch_lists_the_offending_parameters(tiny_workdir):
+  state_dir = checkpoint.find_checkpoint(tiny_workdir).state_dir
   other = ModelConfig.from_config(configs.model_config_dict("tiny", mlp_dim=96, position="learned"))
-  with pytest.raises(pretrained.InitFromError) as error:
-    pretrained.restore_params(state_dir, _classifier_params(other), r"^head/")
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.restore_params(state_dir, _classifier_params(other), r"^head/")
   message = str(error.value)
   for line in ("backbone/layers/mlp/up/kernel: shape (2, 64, 128) in the checkpoint, (2, 64, 96) in the model",
                "backbone/layers/mlp/down/kernel: shape", "backbone/position_embed/embedding (128, 64): in the model, "
@@ -183,13 +156,10 @@ def test_init_from_mismatch_lists_the_offending_parameters(pretrained_workdir):
 
 
 @pytest.mark.e2e
-def test_finetune_cli_from_a_pretrained_workdir_writes_the_report(pretrained_workdir, data_dir, tmp_path):
+def test_finetune_cli_from_a_tiny_workdir_writes_the_report(tiny_workdir, data_dir, tmp_path):
   """The real CLI: LoRA fine-tuning of the tiny classifier; eval every 3 steps, best checkpoint, test report."""
-  command = [sys.executable, "-m", "jaxlm.main", "--config=experiments/finetune_packages.py:tiny,lora",
-             f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", f"--config.init_from={pretrained_workdir}"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  run_cli("--config=experiments/finetune_packages.py:tiny,lora", f"--workdir={tmp_path}",
+          f"--config.data.data_dir={data_dir}", f"--config.init_from={tiny_workdir}")
   report = json.load(open(tmp_path / "eval" / "report.json"))
   eval_rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
   assert [row["step"] for row in eval_rows] == [3, 6]
@@ -201,27 +171,34 @@ def test_finetune_cli_from_a_pretrained_workdir_writes_the_report(pretrained_wor
 
 
 @pytest.mark.e2e
-def test_sft_tiny_run_reports_generation(pretrained_workdir, data_dir, tmp_path):
-  config = load_experiment("sft_docstrings", "tiny")
+def test_sft_from_a_pretrained_run_reports_generation_and_generates_from_its_workdir(tiny_workdir, data_dir,
+                                                                                       tmp_path):
+  """quickstart -> SFT with init_from -> --mode=generate on the SFT workdir (once broken: generation looked for
+  a tokenizer trained on the SFT data, which does not exist; the run uses init_from's)."""
+  config = experiment_config("sft_docstrings", "tiny")
   config.data.data_dir = data_dir
-  config.init_from = pretrained_workdir
-  loop.train_and_evaluate(config, str(tmp_path))
+  config.init_from = tiny_workdir
+  Experiment.from_config(config, str(tmp_path)).train()
   report = json.load(open(tmp_path / "eval" / "report.json"))
   generation = report["generation"]
   assert len(generation["examples"]) == 2 and 0 <= generation["rouge_l"] <= 1
   assert {"loss", "perplexity", "token_accuracy"} <= set(report["metrics"])
+  # The SFT workdir holds the pretrained run's tokenizer, byte for byte.
+  assert (tmp_path / "tokenizer.model").read_bytes() == open(os.path.join(tiny_workdir, "tokenizer.model"), "rb").read()
+  cli = run_cli(f"--workdir={tmp_path}", "--mode=generate", "--prompt=def add(a, b):\n    return a + b\n")
+  assert cli.stdout.endswith("\n") and "Traceback" not in cli.stderr
 
 
 def test_distillation_loss_against_numpy():
   """(1 - w) task loss + w tau^2 KL(teacher_tau || student_tau), on the rows the task scores."""
   from jaxlm.tasks import distillation
   task = classification.Classification(num_classes=3, seq_len=16)
-  student, teacher = task.build_model(TINY), task.build_model(TINY.__class__(**{**TINY.__dict__, "mlp_dim": 32}))
+  student, teacher = task.build_model(TINY), task.build_model(dataclasses.replace(TINY, mlp_dim=32))
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(4, 64, (4, 16)).astype(np.int32), "segment_ids": np.ones((4, 16), np.int32),
            "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)), "label": np.array([0, 1, 2, 0], np.int32)}
   batch["segment_ids"][3] = 0  # a padding row: not scored
-  init = lambda model, seed: nn.meta.unbox(model.init(jax.random.key(seed), batch["tokens"])["params"])
+  init = lambda model, seed: params_lib.init_params(model, jax.random.key(seed))
   student_params, teacher_params = init(student, 0), init(teacher, 1)
   distill = distillation.Distillation(task, teacher, teacher_params, weight=0.3, temperature=2.0)
   loss, sums = distill.loss_and_metrics(student, student_params, batch, train=False)

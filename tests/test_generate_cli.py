@@ -1,44 +1,65 @@
-"""`--mode=generate` end to end: train the tiny quickstart through the CLI, then generate from its checkpoint."""
+"""`--mode=generate` end to end: the CLI prints exactly what `Experiment.generate` returns, from a workdir alone
+(relative paths, no --config, moved to another place with a fresh data directory)."""
 
+import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
+from conftest import run_cli
+from jaxlm import Experiment
+
 pytestmark = pytest.mark.e2e
 
-REPO = os.path.join(os.path.dirname(__file__), "..")
+PROMPTS = ["def ", "import os\n"]
 
 
-def cli(workdir, data_dir, *flags):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  command = [sys.executable, "-m", "jaxlm.main", "--config=experiments/quickstart.py:tiny", f"--workdir={workdir}",
-             f"--config.data.data_dir={data_dir}", *flags]
-  process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert process.returncode == 0, process.stderr[-3000:]
-  return process
+@pytest.fixture(scope="module")
+def in_process(tiny_workdir):
+  experiment = Experiment.from_workdir(tiny_workdir)
+  return experiment, experiment.load_params()
 
 
-def test_generate_prints_only_the_texts_to_stdout(data_dir, tokenizer, tmp_path):
-  cli(tmp_path, data_dir, "--config.train.steps=4", "--config.sample.max_new_tokens=0")
-  greedy = cli(tmp_path, data_dir, "--mode=generate", "--prompt=def ", "--prompt=import os\n",
-               "--config.decode.max_new_tokens=12")
-  assert "Restored the parameters at step 4" in greedy.stderr
-  # Two texts, each printed with a newline (a 4-step model mostly continues with whitespace): nothing but text.
-  assert greedy.stdout.endswith("\n") and greedy.stdout.count("\n") >= 2 and len(greedy.stdout) > 2
-  assert "INFO" not in greedy.stdout and "step" not in greedy.stdout
-  sampled = [cli(tmp_path, data_dir, "--mode=generate", "--prompt=def ", "--config.decode.strategy=sample",
-                 "--config.decode.top_p=0.9", "--config.decode.dtype=bfloat16", "--config.decode.max_new_tokens=12")
-             for _ in range(2)]
-  assert sampled[0].stdout == sampled[1].stdout  # decode.seed fixes the key
+@pytest.mark.parametrize("overrides", [
+    {"max_new_tokens": 12},
+    {"strategy": "sample", "top_p": 0.9, "dtype": "bfloat16", "max_new_tokens": 12, "seed": 3},
+    {"strategy": "beam", "beam_size": 3, "max_new_tokens": 6},
+], ids=["greedy", "sample_top_p_bf16", "beam"])
+def test_cli_prints_the_texts_of_experiment_generate(tiny_workdir, in_process, overrides):
+  experiment, params = in_process
+  expected = [result.text for result in experiment.generate(params, PROMPTS, **overrides)]
+  # Same device count as this process (8): the same mesh, so the same numbers.
+  flags = [f"--config.decode.{key}={value}" for key, value in overrides.items()]
+  cli = run_cli(f"--config=experiments/workdir.py:{tiny_workdir}", f"--workdir={tiny_workdir}", "--mode=generate",
+                *[f"--prompt={p}" for p in PROMPTS], *flags, devices=8)
+  assert cli.stdout == "".join(text + "\n" for text in expected)
+  assert "Loaded the parameters of step 4" in cli.stderr
 
 
-def test_generate_without_a_checkpoint_names_the_fix(data_dir, tokenizer, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  process = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=experiments/quickstart.py:tiny",
-                            f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--mode=generate",
-                            "--prompt=x"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_a_moved_workdir_generates_from_a_relative_path_without_config(tiny_workdir, tmp_path):
+  """Copy the run elsewhere, point its data directory at an empty one, and generate with a relative --workdir
+  and no --config: config.json and tokenizer.model in the workdir are all it needs."""
+  shutil.copytree(tiny_workdir, tmp_path / "moved")
+  config_path = tmp_path / "moved" / "config.json"
+  config = json.loads(config_path.read_text())
+  config["data"]["data_dir"] = str(tmp_path / "empty_data_dir")
+  config_path.write_text(json.dumps(config))
+  original = run_cli(f"--workdir={tiny_workdir}", "--mode=generate", "--prompt=def ")
+  moved = run_cli("--workdir=moved", "--mode=generate", "--prompt=def ", cwd=str(tmp_path),
+                  env={"TFDS_DATA_DIR": str(tmp_path / "empty_data_dir")})
+  assert moved.stdout == original.stdout and moved.stdout.endswith("\n")
+  assert not os.path.exists(tmp_path / "empty_data_dir")  # nothing was built or read there
+
+
+def test_generate_without_a_checkpoint_names_the_fix(data_dir, tmp_path):
+  process = run_cli("--config=experiments/quickstart.py:tiny", f"--workdir={tmp_path}",
+                    f"--config.data.data_dir={data_dir}", "--mode=generate", "--prompt=x", check=False)
   assert process.returncode != 0
-  assert "train first with --mode=train" in process.stderr
+  assert "train first (--mode=train with this --workdir)" in process.stderr
   assert process.stdout == ""
+
+
+def test_a_mode_other_than_train_needs_a_workdir_with_config_json(tmp_path):
+  process = run_cli(f"--workdir={tmp_path}", "--mode=generate", "--prompt=x", check=False)
+  assert process.returncode != 0 and "is not a jaxlm workdir" in process.stderr

@@ -2,26 +2,19 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import numpy as np
 
+from conftest import lm_batch, make_trainer, tiny_model_config, train_config
 from jaxlm import sharding
-from jaxlm.models import lora
-from jaxlm.models.config import ModelConfig
-from jaxlm.models.transformer import Decoder
-from jaxlm.tasks import causal_lm
-from jaxlm.training import optim, steps
-from jaxlm.training import state as state_lib
-from test_train import _batch, train_config
+from jaxlm.models import Decoder, lora
+from jaxlm.models import params as params_lib
 
-CONFIG = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16,
-                     lora_rank=4, lora_alpha=8.0, lora_targets="attention/(query|value|out)|mlp/down")
+CONFIG = tiny_model_config(lora_rank=4, lora_alpha=8.0, lora_targets="attention/(query|value|out)|mlp/down")
 
 
 def _init(config):
-  params = Decoder(config).init(jax.random.key(0), np.zeros((1, 16), np.int32))["params"]
-  return nn.meta.unbox(params)
+  return params_lib.init_params(Decoder(config), jax.random.key(0))
 
 
 def test_adapters_sit_on_the_targets_only_and_start_as_the_base_model():
@@ -32,7 +25,7 @@ def test_adapters_sit_on_the_targets_only_and_start_as_the_base_model():
   assert attention["query"]["lora_a"].shape == (2, 32, 4) and attention["query"]["lora_b"].shape == (2, 4, 4, 8)
   assert attention["out"]["lora_a"].shape == (2, 4, 8, 4) and attention["out"]["lora_b"].shape == (2, 4, 32)
   base_model = Decoder(dataclasses.replace(CONFIG, lora_rank=0))
-  tokens = _batch()["tokens"]
+  tokens = lm_batch()["tokens"]
   np.testing.assert_allclose(Decoder(CONFIG).apply({"params": params}, tokens),
                              base_model.apply({"params": lora.merge_lora(params, CONFIG.lora_alpha)}, tokens),
                              rtol=1e-6, atol=1e-6)  # B = 0 at init: the merge adds nothing
@@ -44,11 +37,11 @@ def test_merged_weights_give_the_same_logits_as_base_plus_adapters():
   rng = np.random.default_rng(0)
   # Non-zero adapters, as after training.
   params = jax.tree_util.tree_unflatten(treedef, [
-      rng.normal(0, 0.3, x.shape).astype(np.float32) if optim.param_path(p).endswith("lora_b") else x
+      rng.normal(0, 0.3, x.shape).astype(np.float32) if params_lib.path_name(p).endswith("lora_b") else x
       for p, x in leaves])
   merged = lora.merge_lora(params, CONFIG.lora_alpha)
-  assert not any("lora" in optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
-  batch = _batch(3)
+  assert not any("lora" in params_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
+  batch = lm_batch(3)
   args = (batch["tokens"], batch["positions"], batch["segment_ids"])
   with_adapters = np.asarray(Decoder(CONFIG).apply({"params": params}, *args))
   base = Decoder(dataclasses.replace(CONFIG, lora_rank=0))
@@ -58,22 +51,15 @@ def test_merged_weights_give_the_same_logits_as_base_plus_adapters():
 
 
 def test_only_adapters_change_during_training():
-  model = Decoder(CONFIG)
   train = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, trainable="lora")
-  optimizer, schedule = optim.create_optimizer(train, lambda p: optim.trainable_mask(p, "lora"))
-  mesh = sharding.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-  _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
-  state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(0))
+  state, train_step, mesh = make_trainer(Decoder(CONFIG), train=train)
   before = jax.device_get(state.params)
-  train_step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
-                                  dropout_rng=jax.random.key(1), grad_accum_steps=1, state_sharding=shardings,
-                                  mesh=mesh)
   with sharding.mesh_context(mesh):
     for seed in range(3):
-      state, _ = train_step(state, _batch(seed))
+      state, _ = train_step(state, lm_batch(seed))
   after = jax.device_get(state.params)
-  changed = {optim.param_path(p) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+  changed = {params_lib.path_name(p) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0],
                                                       jax.tree.leaves(after)) if not np.array_equal(a, b)}
-  adapters = {optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]
-              if optim.param_path(p).rsplit("/", 1)[-1] in lora.ADAPTER_NAMES}
+  adapters = {params_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]
+              if params_lib.path_name(p).rsplit("/", 1)[-1] in lora.ADAPTER_NAMES}
   assert changed == adapters  # every adapter moved, nothing else did (bit for bit)

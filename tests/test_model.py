@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import configs
 from jaxlm.models import layers
-from jaxlm.models.config import ConfigError, ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import Decoder
-from jaxlm.training import state as state_lib
+from jaxlm.models import params as params_lib
 
 GPT2_LIKE = dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True)
 LLAMA_LIKE = dict(position="rotary", norm="rmsnorm", mlp="swiglu", num_kv_heads=2, tie_embeddings=False)
@@ -18,7 +18,7 @@ VARIANTS = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE, "llama_remat": {**LLAMA_LIKE
 
 
 def tiny(**overrides) -> ModelConfig:
-  return ModelConfig(**{**configs.MODEL_PRESETS["tiny"], "vocab_size": 97, "max_len": 32, **overrides})
+  return ModelConfig(**{**PRESETS["tiny"], "vocab_size": 97, "max_len": 32, **overrides})
 
 
 class Jitted:
@@ -45,7 +45,7 @@ def test_shapes_and_parameter_layout(variant):
   assert np.all(np.isfinite(logits))
   # Layers are stacked by nn.scan: a leading axis of size num_layers.
   assert params["layers"]["attention"]["query"]["kernel"].shape == (config.num_layers, 64, 4, 16)
-  assert params["layers"]["attention"]["key"]["kernel"].shape[2] == config.kv_heads
+  assert params["layers"]["attention"]["key"]["kernel"].shape[2] == config.num_kv_heads
   assert ("lm_head" in params) == (not config.tie_embeddings)
   assert ("position_embed" in params) == (config.position == "learned")
 
@@ -136,7 +136,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 def expected_param_count(c: ModelConfig) -> int:
   """Parameter count written out by hand (GPT-2: 124,475,904 with the 50304-row vocabulary)."""
-  D, F, L, V, N, K, H = c.embed_dim, c.mlp_dim, c.num_layers, c.vocab_size, c.num_heads, c.kv_heads, c.dim_per_head
+  D, F, L, V, N, K, H = c.embed_dim, c.mlp_dim, c.num_layers, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim
   norm = D * (2 if c.norm == "layernorm" and c.use_bias else 1)
   attention = 2 * D * N * H + 2 * D * K * H + (N * H + 2 * K * H + D if c.use_bias else 0)
   mlp = (3 if c.mlp == "swiglu" else 2) * D * F + ((2 if c.mlp == "swiglu" else 1) * F + D if c.use_bias else 0)
@@ -148,10 +148,10 @@ def expected_param_count(c: ModelConfig) -> int:
 
 @pytest.mark.parametrize("preset", ["gpt2_124m", "gpt2_350m", "llama_1b"])
 def test_full_size_presets_through_eval_shape(preset):
-  config = ModelConfig(**configs.MODEL_PRESETS[preset])
+  config = ModelConfig(**PRESETS[preset])
   model = Decoder(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  assert state_lib.count_params(nn.meta.unbox(shapes["params"])) == expected_param_count(config)
+  assert params_lib.count(nn.meta.unbox(shapes["params"])) == expected_param_count(config)
   if preset == "gpt2_124m":
     assert expected_param_count(config) == 124_475_904
 

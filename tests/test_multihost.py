@@ -9,7 +9,8 @@ import sys
 import portpicker
 import pytest
 
-from tests.test_resume import REPO, train_losses
+from conftest import REPO
+from test_resume import train_losses
 
 pytestmark = pytest.mark.e2e
 

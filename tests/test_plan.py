@@ -1,36 +1,30 @@
 """`--mode=plan`: exact parameter / optimizer bytes per device, and an activation estimate near XLA's."""
 
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-from jaxlm import configs, plan, sharding
-from jaxlm.models.transformer import Decoder
-from jaxlm.tasks import causal_lm
+from conftest import experiment_config, run_cli
+from jaxlm import Experiment, sharding
 from jaxlm.training import optim, steps
 from jaxlm.training import state as state_lib
-from tests.test_resume import REPO
-from tests.test_train import load_experiment
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_plan_matches_the_compiled_train_step(remat):
-  config = load_experiment("quickstart", None)
+  config = experiment_config("quickstart", None)
   config.model.remat = remat
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  memory = plan.memory_plan(config)
+  experiment = Experiment.from_config(config)
+  memory = experiment.plan()
   assert memory.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
 
-  mesh = sharding.create_mesh(config.mesh)
-  model = Decoder(configs.validate(config))
-  optimizer, schedule = optim.create_optimizer(config.train)
-  abstract, shardings = state_lib.state_shardings(model, optimizer, config.data.seq_len, mesh)
-  train_step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
-                                  dropout_rng=jax.random.key(0), grad_accum_steps=1, state_sharding=shardings,
-                                  mesh=mesh)
+  mesh = experiment.mesh
+  optimizer, schedule, _ = optim.optimizer_for(config.train, experiment.task.new_params)
+  abstract, shardings = state_lib.state_shardings(experiment.model, optimizer, mesh)
+  train_step = steps.jit_train_step(model=experiment.model, task=experiment.task, optimizer=optimizer,
+                                    schedule=schedule, dropout_rng=jax.random.key(0), grad_accum_steps=1,
+                                    state_sharding=shardings, mesh=mesh)
   batch_shape = (config.train.batch_size, config.data.seq_len)
   batch = {key: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding.batch_sharding(mesh))
            for key in ("tokens", "segment_ids", "positions")}
@@ -47,11 +41,8 @@ def test_plan_matches_the_compiled_train_step(remat):
 
 
 def test_plan_cli_prints_every_parameter_and_the_verdict(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=experiments/pretrain.py:llama_1b",
-                        f"--workdir={tmp_path}", "--mode=plan", "--plan_devices=64", "--config.mesh.data=1",
-                        "--config.mesh.fsdp=-1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-2000:]
+  out = run_cli("--config=experiments/pretrain.py:llama_1b", f"--workdir={tmp_path}", "--mode=plan",
+                "--plan_devices=64", "--config.mesh.data=1", "--config.mesh.fsdp=-1", devices=1, timeout=120)
   assert "layers/mlp/gate/kernel" in out.stdout and "('layers', 'embed', 'mlp')" in out.stdout
   assert "(None, 'fsdp', 'tensor')" in out.stdout
   assert "total per device" in out.stdout and "device memory" in out.stdout

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
+from conftest import REPO
+
 pytestmark = pytest.mark.e2e
 
-REPO = os.path.join(os.path.dirname(__file__), "..")
 STEPS = 60
 
 

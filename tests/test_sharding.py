@@ -6,12 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import configs, sharding
-from jaxlm.models.config import ConfigError, ModelConfig
-from jaxlm.models.transformer import Decoder
-from jaxlm.tasks import causal_lm
-from jaxlm.training import optim, steps
-from jaxlm.training import state as state_lib
+from conftest import make_trainer
+from jaxlm import sharding
+from jaxlm.errors import ConfigError
+from jaxlm.models import Decoder, ModelConfig
 
 # Every sharded dimension (heads, kv heads, MLP, vocabulary, width) divides by 8.
 MODEL = ModelConfig(vocab_size=128, embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=8, mlp_dim=128,
@@ -28,23 +26,11 @@ def _batches():
     yield {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
-def train_config(**overrides):
-  config = configs.base_config().train
-  config.update(overrides)
-  return config
-
-
 @functools.lru_cache(maxsize=None)
 def _train(data: int, fsdp: int, tensor: int, num_devices: int = 8):
   """Losses of STEPS train steps on a data x fsdp x tensor mesh, and the final state (cached per mesh)."""
-  mesh = sharding.create_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:num_devices])
-  model = Decoder(MODEL)
-  optimizer, schedule = optim.create_optimizer(train_config(steps=10, warmup_steps=0, learning_rate=1e-2))
-  _, shardings = state_lib.state_shardings(model, optimizer, SEQ_LEN, mesh)
-  state = state_lib.create_train_state(model, optimizer, SEQ_LEN, mesh, shardings, jax.random.key(0))
-  train_step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
-                                  dropout_rng=jax.random.key(1), grad_accum_steps=1, state_sharding=shardings,
-                                  mesh=mesh)
+  state, train_step, mesh = make_trainer(Decoder(MODEL), mesh=dict(data=data, fsdp=fsdp, tensor=tensor),
+                                         devices=jax.devices()[:num_devices])
   losses = []
   with sharding.mesh_context(mesh):
     for batch in _batches():

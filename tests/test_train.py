@@ -1,27 +1,19 @@
 """Training pieces: optimizer mask and schedule, gradient accumulation, NaN guard, one sharded run."""
 
-import importlib.util
 import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from jaxlm import configs, sharding
-from jaxlm.models.config import ModelConfig
-from jaxlm.models.transformer import Decoder
-from jaxlm.tasks import causal_lm
-from jaxlm.training import loop, optim, steps
-from jaxlm.training import state as state_lib
+from conftest import experiment_config, lm_batch, make_trainer, tiny_model_config, train_config
+from jaxlm import Experiment, sharding
+from jaxlm.models import Decoder
+from jaxlm.models import params as params_lib
+from jaxlm.tasks.causal_lm import CausalLm
+from jaxlm.training import optim
 from jaxlm.training.writer import MetricWriter, NonFiniteLossError
-
-
-def train_config(**overrides):
-  config = configs.base_config().train
-  config.update(overrides)
-  return config
 
 
 def test_schedule_warms_up_then_decays_to_the_end_fraction():
@@ -45,36 +37,19 @@ def test_weight_decay_skips_norms_and_biases():
                   "token_embed": {"embedding": True}}
 
 
-def _setup(mesh_config, grad_accum_steps=1, seed=0):
-  model = Decoder(ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16,
-                              use_bias=True, norm="layernorm"))
-  config = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, grad_accum_steps=grad_accum_steps)
-  optimizer, schedule = optim.create_optimizer(config)
-  mesh = sharding.create_mesh(mesh_config)
-  _, shardings = state_lib.state_shardings(model, optimizer, 16, mesh)
-  state = state_lib.create_train_state(model, optimizer, 16, mesh, shardings, jax.random.key(seed))
-  step, _ = steps.jit_steps(model=model, task=causal_lm, optimizer=optimizer, schedule=schedule,
-                            dropout_rng=jax.random.key(1), grad_accum_steps=grad_accum_steps,
-                            state_sharding=shardings, mesh=mesh)
-  return state, step, mesh
-
-
-def _batch(seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, 64, size=(8, 16)).astype(np.int32)
-  segment_ids = np.repeat([[1] * 10 + [2] * 6], 8, axis=0).astype(np.int32)
-  segment_ids[3, 12:] = 0  # some padding
-  positions = np.concatenate([np.arange(10), np.arange(6)])[None].repeat(8, 0).astype(np.int32)
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+def _setup(grad_accum_steps=1, seed=0):
+  model = Decoder(tiny_model_config(use_bias=True, norm="layernorm"))
+  train = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, grad_accum_steps=grad_accum_steps)
+  return make_trainer(model, train=train, seed=seed)
 
 
 def test_gradient_accumulation_gives_the_same_update():
-  whole_state, whole_step, mesh = _setup(dict(data=-1, fsdp=1, tensor=1))
-  accum_state, accum_step, _ = _setup(dict(data=-1, fsdp=1, tensor=1), grad_accum_steps=4)
+  whole_state, whole_step, mesh = _setup()
+  accum_state, accum_step, _ = _setup(grad_accum_steps=4)
   with sharding.mesh_context(mesh):
     for seed in range(3):
-      whole_state, whole_metrics = whole_step(whole_state, _batch(seed))
-      accum_state, accum_metrics = accum_step(accum_state, _batch(seed))
+      whole_state, whole_metrics = whole_step(whole_state, lm_batch(seed))
+      accum_state, accum_metrics = accum_step(accum_state, lm_batch(seed))
       np.testing.assert_allclose(whole_metrics["loss_sum"], accum_metrics["loss_sum"], rtol=1e-5)
       assert float(whole_metrics["weight"]) == float(accum_metrics["weight"])
   # Adam divides by sqrt(v): float32 summation-order noise in near-zero gradients shows at ~1e-6.
@@ -84,12 +59,10 @@ def test_gradient_accumulation_gives_the_same_update():
 
 def test_loss_is_mean_cross_entropy_over_targets():
   """The task's loss against a NumPy computation from the logits."""
-  model = Decoder(ModelConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=16))
-  batch = _batch(1)
-  params = jax.jit(model.init)(jax.random.key(0), batch["tokens"])["params"]
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  loss_sum, sums = causal_lm.loss_and_metrics(model, params, batch, train=False)
+  model = Decoder(tiny_model_config(num_layers=1))
+  batch = lm_batch(1)
+  params = params_lib.init_params(model, jax.random.key(0))
+  loss_sum, sums = CausalLm().loss_and_metrics(model, params, batch, train=False)
   logits = np.asarray(model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]),
                       np.float64)
   log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -115,21 +88,13 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
   assert rows == [{"step": 1, "split": "train", "loss": 2.0}]
 
 
-def load_experiment(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   """End to end in-process on a data x FSDP x tensor mesh: data, eval, metrics, checkpoints, sample."""
-  config = load_experiment("quickstart", "tiny")
+  config = experiment_config("quickstart", "tiny")
   config.data.data_dir = data_dir
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   config.train.update(dict(steps=12, eval_every=4, checkpoint_every=4, keep_checkpoints=1, learning_rate=1e-2))
-  final = loop.train_and_evaluate(config, str(tmp_path))
+  final = Experiment.from_config(config, str(tmp_path)).train()
 
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train_rows = [r for r in rows if r["split"] == "train"]

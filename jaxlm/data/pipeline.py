@@ -24,6 +24,19 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset, ZipIterDataset
 
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
+from jaxlm.errors import check
+
+TRUNCATIONS = ("right", "left")
+
+
+def check_config(data) -> None:
+  """Validates the `data` section on its own (its fit with the model is checked by `jaxlm.experiment`)."""
+  check(bool(data.name), "data.name", "must name a dataset.")
+  check(data.seq_len > 1, "data.seq_len", f"must be at least 2, got {data.seq_len}.")
+  check(data.num_streams >= 0, "data.num_streams", f"must be >= 0 (0 = one per process), got {data.num_streams}.")
+  check(data.shuffle_window >= 0, "data.shuffle_window", f"must be >= 0, got {data.shuffle_window}.")
+  check(bool(data.tokenizer) or data.vocab_size > 4, "data.vocab_size", "must exceed the 4 special pieces.")
+  check(data.truncation in TRUNCATIONS, "data.truncation", f"{data.truncation!r} is not one of {TRUNCATIONS}.")
 
 
 def record_text(record: dict, field: str, index: int, dataset: str) -> str:
@@ -139,9 +152,6 @@ def padding_batch(shapes: dict[str, tuple]) -> dict:
   """A batch of padding only (segment id 0: no targets, contributes nothing to any metric); `shapes` as
   `Task.batch_shapes(rows)`."""
   return {key: np.zeros(shape, np.int32) for key, shape in shapes.items()}
-
-
-TRUNCATIONS = ("right", "left")
 
 
 def truncate(ids: list[int], length: int, side: str) -> list[int]:

@@ -11,7 +11,7 @@ import importlib
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxlm.models.config import ConfigError
+from jaxlm.errors import ConfigError
 
 # Built-in corpora: TFDS name -> module that defines (and so registers) its builder.
 BUILTIN_DATASETS = {

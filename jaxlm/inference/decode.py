@@ -24,7 +24,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models.config import ConfigError
+from jaxlm.errors import check
+from jaxlm.models.config import DTYPES
 from jaxlm.models.layers import KVCache
 from jaxlm.models.transformer import Decoder
 
@@ -49,18 +50,21 @@ class DecodeSettings:
     return cls(**{field.name: decode_config[field.name] for field in dataclasses.fields(cls)})
 
   def __post_init__(self):
-    def check(ok: bool, key: str, message: str):
-      if not ok:
-        raise ConfigError(f"decode.{key}: {message}")
-
-    check(self.strategy in STRATEGIES, "strategy", f"{self.strategy!r} is not one of {STRATEGIES}.")
-    check(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}.")
-    check(self.temperature > 0, "temperature",
+    check(self.strategy in STRATEGIES, "decode.strategy", f"{self.strategy!r} is not one of {STRATEGIES}.")
+    check(self.max_new_tokens > 0, "decode.max_new_tokens", f"must be positive, got {self.max_new_tokens}.")
+    check(self.temperature > 0, "decode.temperature",
           f"must be positive, got {self.temperature}; use decode.strategy='greedy' for temperature 0.")
-    check(self.top_k >= 0, "top_k", f"must be >= 0 (0 keeps every token), got {self.top_k}.")
-    check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}.")
-    check(self.beam_size > 0, "beam_size", f"must be positive, got {self.beam_size}.")
-    check(self.length_penalty >= 0, "length_penalty", f"must be >= 0, got {self.length_penalty}.")
+    check(self.top_k >= 0, "decode.top_k", f"must be >= 0 (0 keeps every token), got {self.top_k}.")
+    check(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}.")
+    check(self.beam_size > 0, "decode.beam_size", f"must be positive, got {self.beam_size}.")
+    check(self.length_penalty >= 0, "decode.length_penalty", f"must be >= 0, got {self.length_penalty}.")
+
+
+def check_config(decode_config: Any) -> None:
+  """Validates the `decode` section: the settings, and `dtype` ('' = as trained)."""
+  DecodeSettings.from_config(decode_config)
+  check(decode_config.dtype in ("", *DTYPES), "decode.dtype",
+        f"{decode_config.dtype!r} is not '' or one of {tuple(DTYPES)}.")
 
 
 class DecodeOutput(flax.struct.PyTreeNode):

@@ -1,33 +1,26 @@
-"""Generation entry points: token arrays (`decode`), texts (`generate`) and a trained workdir (`--mode=generate`).
+"""Generation: token arrays (`decode`) and texts (`generate`).
 
-`decode` compiles prefill + one strategy into one program; `generate` is the
-notebook API: it tokenizes and left-pads the prompts, decodes (sharded over
-`mesh` when given, with the training mesh and rules) and returns texts, token
-ids, per-token log-probabilities and scores. `load_for_generation` restores
-the parameters alone from a run's latest checkpoint, in the mesh shardings;
-`generate_from_workdir` is `--mode=generate`.
+`decode` compiles prefill + one strategy into one program; `generate` takes
+texts in and gives texts out: it tokenizes and left-pads the prompts, decodes
+(sharded over `mesh` when given, with the training mesh and rules) and returns
+texts, token ids, per-token log-probabilities and scores. A trained run's
+model, params and tokenizer come from `jaxlm.Experiment` (`Experiment.generate`).
 
 Shape legend: B batch (prompts), P padded prompt length.
 """
 
 import dataclasses
 import functools
-import os
 
+import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxlm import configs, sharding
-from jaxlm.data import pipeline
+from jaxlm import sharding
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference import beam_search
 from jaxlm.inference.decode import CachedDecoder, DecodeOutput, DecodeSettings, StepModel, sample_loop
-from jaxlm.models.transformer import Decoder
-from jaxlm.training import checkpoint, optim
-from jaxlm.training import state as state_lib
 
 PROMPT_ALIGN = 8  # padded prompt lengths are multiples of this, so that similar prompts share a compilation
 
@@ -69,7 +62,7 @@ class Generation:
   score: float  # sum of log_probs (beam search: over length ** length_penalty)
 
 
-def generate(model: Decoder, params, tokenizer: Tokenizer, prompts: list[str],
+def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
              settings: DecodeSettings = DecodeSettings(), *, rng: jax.Array | None = None, mesh=None,
              **overrides) -> list[Generation]:
   """Continues each prompt (after a BOS token), e.g. `generate(model, params, tokenizer, ["def "], top_k=40,
@@ -112,30 +105,3 @@ def generate(model: Decoder, params, tokenizer: Tokenizer, prompts: list[str],
     results.append(Generation(text=tokenizer.decode(ids), tokens=ids,
                               log_probs=output.log_probs[row, :length].tolist(), score=float(output.scores[row])))
   return results
-
-
-def load_for_generation(config: ml_collections.ConfigDict, workdir: str) -> tuple:
-  """(model, params, tokenizer, mesh) of the latest checkpoint in `workdir`, for `generate` (e.g. in a notebook).
-
-  The parameters alone are read, in the shardings of `config.mesh`; `decode.dtype` (if set) casts them.
-  """
-  trained_config = configs.validate(config)
-  tokenizer = Tokenizer(config.data.tokenizer or pipeline.cached_tokenizer_path(config.data))
-  mesh = sharding.create_mesh(config.mesh)
-  optimizer, _ = optim.create_optimizer(config.train)
-  abstract_state, _ = state_lib.state_shardings(Decoder(trained_config), optimizer, config.data.seq_len, mesh)
-  params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract_state.params)
-  logging.info("Restored the parameters at step %d from %s", step, workdir)
-  model_config = trained_config
-  if config.decode.dtype:  # weights and activations in decode.dtype; the cast keeps each array's sharding
-    model_config = dataclasses.replace(trained_config, dtype=config.decode.dtype, param_dtype=config.decode.dtype)
-    params = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(model_config.weight_dtype), tree))(params)
-  return Decoder(model_config), params, tokenizer, mesh
-
-
-def generate_from_workdir(config: ml_collections.ConfigDict, workdir: str, prompts: list[str]) -> list[Generation]:
-  """What `--mode=generate` runs: the latest checkpoint in `workdir`, the run's tokenizer, `config.decode`."""
-  settings = DecodeSettings.from_config(config.decode)
-  model, params, tokenizer, mesh = load_for_generation(config, workdir)
-  logging.info("Generating %d prompt(s) with %s", len(prompts), settings)
-  return generate(model, params, tokenizer, prompts, settings, rng=jax.random.key(config.decode.seed), mesh=mesh)

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.errors import ConfigError, check
+
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -18,14 +20,31 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-
-class ConfigError(ValueError):
-  """An invalid configuration: the message names the key and the fix."""
+# Model-size presets: overrides of ModelConfig's defaults (`jaxlm.configs.model_config_dict(preset)`).
+PRESETS = {
+    # A few hundred K parameters: unit tests and CI end-to-end runs.
+    "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
+    # The quickstart model: trains on 2 CPU cores in minutes.
+    "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
+    # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
+    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+    # GPT-2 medium (350M).
+    "gpt2_350m": dict(vocab_size=50304, embed_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096, max_len=1024,
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+    # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
+    "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Sizes and switches of a transformer. GPT-2 and Llama are two settings of it."""
+  """Sizes and switches of a transformer. GPT-2 and Llama are two settings of it.
+
+  `num_kv_heads` and `head_dim` given as 0 are resolved on construction (to `num_heads` and
+  `embed_dim // num_heads`), so the fields always hold the sizes the model uses.
+  """
 
   vocab_size: int = 4096  # rows of the embedding table; >= the tokenizer's vocabulary
   embed_dim: int = 256  # D, the model width
@@ -53,31 +72,31 @@ class ModelConfig:
   lora_targets: str = "attention/(query|value)"  # regex searched in module paths, e.g. "layers/mlp/up"
 
   def __post_init__(self):
-    def check(ok: bool, key: str, message: str):
-      if not ok:
-        raise ConfigError(f"model.{key}: {message}")
-
     for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
-      check(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}.")
-    check(self.position in POSITIONS, "position", f"{self.position!r} is not one of {POSITIONS}.")
-    check(self.norm in NORMS, "norm", f"{self.norm!r} is not one of {NORMS}.")
-    check(self.mlp in MLPS, "mlp", f"{self.mlp!r} is not one of {MLPS}.")
-    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
-    check(self.attention in ATTENTION_IMPLEMENTATIONS, "attention",
+      check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}.")
+    check(self.position in POSITIONS, "model.position", f"{self.position!r} is not one of {POSITIONS}.")
+    check(self.norm in NORMS, "model.norm", f"{self.norm!r} is not one of {NORMS}.")
+    check(self.mlp in MLPS, "model.mlp", f"{self.mlp!r} is not one of {MLPS}.")
+    check(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
+    check(self.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
           f"{self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
     for key in ("dtype", "param_dtype"):
-      check(getattr(self, key) in DTYPES, key, f"{getattr(self, key)!r} is not one of {tuple(DTYPES)}.")
-    check(0.0 <= self.dropout_rate < 1.0, "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
-    check(self.lora_rank >= 0, "lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
-    check(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0 (0 means num_heads).")
+      check(getattr(self, key) in DTYPES, f"model.{key}", f"{getattr(self, key)!r} is not one of {tuple(DTYPES)}.")
+    check(0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
+    check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
+    check(self.num_kv_heads >= 0, "model.num_kv_heads", "must be >= 0 (0 means num_heads).")
+    check(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means embed_dim // num_heads).")
     if not self.head_dim:
-      check(self.embed_dim % self.num_heads == 0, "num_heads",
+      check(self.embed_dim % self.num_heads == 0, "model.num_heads",
             f"{self.num_heads} heads do not divide embed_dim={self.embed_dim}; "
             "change model.num_heads or model.embed_dim, or set model.head_dim explicitly.")
-    check(self.num_heads % self.kv_heads == 0, "num_kv_heads",
-          f"{self.kv_heads} key/value heads do not divide num_heads={self.num_heads}.")
+      object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+    if not self.num_kv_heads:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+          f"{self.num_kv_heads} key/value heads do not divide num_heads={self.num_heads}.")
     if self.position == "rotary":
-      check(self.dim_per_head % 2 == 0, "head_dim", f"rotary positions need an even head_dim, got {self.dim_per_head}.")
+      check(self.head_dim % 2 == 0, "model.head_dim", f"rotary positions need an even head_dim, got {self.head_dim}.")
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -88,14 +107,6 @@ class ModelConfig:
     if unknown:
       raise ConfigError(f"model.{unknown[0]}: unknown model option; known options are {sorted(known)}.")
     return cls(**values)
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim or self.embed_dim // self.num_heads
 
   @property
   def compute_dtype(self):

@@ -92,7 +92,7 @@ class KVCache(flax.struct.PyTreeNode):
   @classmethod
   def create(cls, config: ModelConfig, start: jax.Array, length: int) -> "KVCache":
     """An empty cache of `length` slots for rows whose tokens begin at slots `start` ([B])."""
-    shape = (config.num_layers, start.shape[0], config.kv_heads, length, config.dim_per_head)
+    shape = (config.num_layers, start.shape[0], config.num_kv_heads, length, config.head_dim)
     zeros = nn.with_logical_constraint(jnp.zeros(shape, config.compute_dtype), cls.AXES)
     return cls(key=zeros, value=zeros, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -167,7 +167,7 @@ class Attention(nn.Module):
     attend over its S slots, and the result is `(out, (keys, values, layer + 1, index))`.
     """
     config = self.config
-    D, N, K, H = config.embed_dim, config.num_heads, config.kv_heads, config.dim_per_head
+    D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
     std = config.init_std
     query = Einsum(config, "BTD,DNH->BTNH", (D, N, H), (EMBED, HEADS, HEAD_DIM), std, 2, name="query")(x)
     key = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="key")(x)

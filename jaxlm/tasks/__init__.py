@@ -1,21 +1,24 @@
-"""Objectives: one module per task; `create(config, num_classes)` builds the task object the loop runs."""
+"""Objectives, one module each, behind the `Task` protocol (`base.py`) and a registry by name.
 
-TASKS = ("causal_lm", "classification", "seq2seq")
+`create(config)` builds the task of `config.task`; distillation (`distillation.Distillation`) wraps any of
+them around a restored teacher.
+"""
+
+from jaxlm.errors import ConfigError
+from jaxlm.tasks import causal_lm, classification, seq2seq  # noqa: F401  (registers the tasks)
+from jaxlm.tasks.base import REGISTRY, BaseTask, Task, register
 
 
-def create(config, num_classes: int = 0):
-  """The `jaxlm.tasks.base.Task` of `config.task` with its data and loss options (distillation is added by the
-  loop, which restores the teacher)."""
-  from jaxlm.tasks import causal_lm, classification, seq2seq  # here: the task modules import the models
-  data = config.data
-  common = dict(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name)
-  if config.task == "causal_lm":
-    return causal_lm.CausalLm(shuffle_window=data.shuffle_window, **common)
-  if config.task == "seq2seq":
-    return seq2seq.Seq2Seq(target_field=data.target_field, separator=data.separator, truncation=data.truncation,
-                           **common)
-  options = config.classification
-  return classification.Classification(
-      num_classes=num_classes, label_field=data.label_field, truncation=data.truncation, pooling=options.pooling,
-      label_smoothing=options.label_smoothing, focal_gamma=options.focal_gamma,
-      focal_adaptive=options.focal_adaptive, class_weights=tuple(options.class_weights), **common)
+def task_class(name: str) -> type:
+  """The registered class of `config.task = name`."""
+  if name not in REGISTRY:
+    raise ConfigError(f"task: {name!r} is not one of {sorted(REGISTRY)}.")
+  return REGISTRY[name]
+
+
+def create(config) -> Task:
+  """The task of `config.task` with its options."""
+  return task_class(config.task).from_config(config)
+
+
+__all__ = ["REGISTRY", "BaseTask", "Task", "create", "register", "task_class"]

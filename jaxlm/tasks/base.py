@@ -1,33 +1,108 @@
-"""What a task supplies to the one train loop: its model, its batches, its loss and its metrics.
+"""What a task supplies to the one train loop, to evaluation and to prediction: its model, its batches, its
+loss and its metrics.
 
-A task is a small frozen object built from the config (`jaxlm.tasks.create`).
-The loop and the train/eval steps use only this interface, so pretraining and
-every fine-tuning recipe share one loop:
+A task is a small frozen object built from the config by its class's `from_config` (found by name in
+`jaxlm.tasks.REGISTRY`). The loop, the steps, `Experiment.evaluate`/`predict` and the plan use only the
+`Task` protocol below, so pretraining and every fine-tuning recipe share one loop, and a new task touches
+no loop, plan or generate code: write its module, decorate the class with `@register("name")`, import the
+module in `jaxlm/tasks/__init__.py`.
 
-  build_model(model_config) -> flax module
-  batches(source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count)
-      -> grain dataset of host batches (dicts of int32 numpy arrays) of one stream (`pipeline.process_streams`)
-  batch_shapes(rows) -> {key: shape} of a batch of `rows` rows (what the steps are compiled for)
-  logits(model, params, batch, *, train, rng) -> [B, C] or [B, T, V]
-  weights(batch) -> float weight of each prediction in `logits` (0 = not scored)
-  loss_sums(logits, batch, *, train) -> (loss_sum, metric sums with at least `loss_sum` and `weight`;
-      eval sums may add more, e.g. calibration bins)
-  loss_and_metrics(model, params, batch, *, train, rng) -> loss_sums of logits
-  summarize(sums) -> reported metrics (plain floats, `loss` among them)
-  baselines(batches) -> scores of trivial predictors on those batches
-  new_params -> regex of parameter paths the task adds on top of a pretrained backbone
-
-Losses and metrics are sums, not means: the train step divides once by the
-summed `weight`, gradient accumulation and multi-batch evaluation add exactly.
+Losses and metrics are sums, not means: the train step divides once by the summed `weight`, so gradient
+accumulation and multi-batch evaluation add exactly.
 """
 
+from typing import Any, Callable, ClassVar, Protocol
 
-class Task:
-  """Defaults shared by the tasks; each subclass supplies the rest of the interface above."""
+import flax.linen as nn
 
+REGISTRY: dict[str, type] = {}  # config.task -> task class
+
+
+def register(name: str):
+  """Class decorator: makes the task class available as `config.task = name`."""
+
+  def add(cls):
+    REGISTRY[name] = cls
+    cls.name = name
+    return cls
+
+  return add
+
+
+class Task(Protocol):
+  """The interface. Optional hooks have defaults in `BaseTask`."""
+
+  name: ClassVar[str]  # the registry name (config.task)
   # Regex over '/'-joined parameter paths of what the task adds to a pretrained backbone: `init_from`
-  # initialises these instead of restoring them; `train.trainable = "head"` trains only these.
-  new_params: str | None = None
+  # initialises these instead of restoring them; `train.trainable = "head"` trains only these. None: nothing.
+  new_params: ClassVar[str | None]
+  # Hook: True when the model continues text (the loop then prints a greedy `sample.prompt` at the end).
+  generates_text: ClassVar[bool]
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Validates the task's own config section (ConfigError naming the key)."""
+
+  @classmethod
+  def resolve_config(cls, config) -> None:
+    """Hook: fills in config values found from the data (e.g. the class count from the dataset's features),
+    in place, before validation; `config.json` then records them, so the workdir needs no dataset to rebuild
+    the model."""
+
+  @classmethod
+  def from_config(cls, config) -> "Task":
+    """The task with the options of `config`."""
+
+  def build_model(self, model_config) -> nn.Module:
+    """The flax module trained for this task (a backbone from `jaxlm.models`, maybe with a head)."""
+
+  def batches(self, source, tokenizer, *, batch_size: int, shuffle_seed: int | None, repeat: bool,
+              stream_index: int, stream_count: int):
+    """grain dataset of host batches (dicts of int32 numpy arrays) of one stream (`pipeline.process_streams`)."""
+
+  def batch_shapes(self, rows: int) -> dict[str, tuple]:
+    """{key: shape} of a batch of `rows` rows: what the steps are compiled for."""
+
+  def logits(self, model, params, batch, *, train: bool, rng=None):
+    """[B, C] (one prediction per row) or [B, T, V] (one per token)."""
+
+  def weights(self, batch):
+    """Float weight of each prediction in `logits` (0 = not scored)."""
+
+  def loss_sums(self, logits, batch, *, train: bool) -> tuple[Any, dict]:
+    """(loss_sum, metric sums with at least `loss_sum` and `weight`; eval sums may add more)."""
+
+  def loss_and_metrics(self, model, params, batch, *, train: bool, rng=None) -> tuple[Any, dict]:
+    """`loss_sums` of `logits`."""
+
+  def summarize(self, sums: dict) -> dict:
+    """Reported metrics (plain floats, `loss` among them) from summed metric sums."""
+
+  def baselines(self, batches: list[dict]) -> dict:
+    """Scores of trivial predictors on these batches (e.g. the majority class)."""
+
+  def predictions(self, logits, batch) -> dict:
+    """{"logits", "labels", "weights"}, one entry per prediction (the leading axes of `logits`): what
+    `Experiment.predict` returns and calibrators and conformal sets consume."""
+
+  def test_report(self, *, source, tokenizer, generate: Callable, max_examples: int, max_new_tokens: int) -> dict:
+    """Hook: extra entries of the final test report (e.g. generation scores); `generate(prompts,
+    max_new_tokens) -> list[inference.generate.Generation]` decodes greedily with the evaluated params."""
+
+
+class BaseTask:
+  """Defaults shared by the tasks: the optional hooks, and the model call and loss composition."""
+
+  new_params: ClassVar[str | None] = None
+  generates_text: ClassVar[bool] = False
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    del config
+
+  @classmethod
+  def resolve_config(cls, config) -> None:
+    del config
 
   def logits(self, model, params, batch, *, train: bool, rng=None):
     return model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
@@ -38,4 +113,8 @@ class Task:
 
   def baselines(self, batches: list[dict]) -> dict:
     del batches
+    return {}
+
+  def test_report(self, *, source, tokenizer, generate, max_examples, max_new_tokens) -> dict:
+    del source, tokenizer, generate, max_examples, max_new_tokens
     return {}

@@ -50,17 +50,6 @@ def next_token_sums(logits, tokens, weights, *, train: bool) -> tuple[jax.Array,
   return loss_sum, sums
 
 
-def loss_and_metrics(model, params, batch, *, train: bool, rng=None):
-  """Summed next-token cross-entropy over the batch's targets, and metric sums.
-
-  batch: `tokens`, `segment_ids`, `positions`, int32 [B, T].
-  Returns (loss_sum, {"loss_sum", "weight", "correct"}); `weight` counts targets. With `train=False` the
-  sums also hold `calibration.calibration_bin_sums` of the tokens ("bin_count", "bin_confidence_sum",
-  "bin_correct_sum", each [ECE_BINS]).
-  """
-  return CausalLm().loss_and_metrics(model, params, batch, train=train, rng=rng)
-
-
 def summarize(sums: dict) -> dict:
   """Mean loss (nats per target token), perplexity, token accuracy and, from eval sums, token-level ECE."""
   weight = max(float(sums["weight"]), 1.0)
@@ -90,14 +79,23 @@ def unigram_entropy(batches) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+@base.register("causal_lm")
 @dataclasses.dataclass(frozen=True)
-class CausalLm(base.Task):
+class CausalLm(base.BaseTask):
   """Next-token prediction on packed documents (pretraining)."""
 
   text_field: str = "text"  # record field with the document
   seq_len: int = 256  # T
   dataset_name: str = ""  # for error messages
   shuffle_window: int = 0  # packed training rows shuffled together
+
+  generates_text = True
+
+  @classmethod
+  def from_config(cls, config):
+    data = config.data
+    return cls(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
+               shuffle_window=data.shuffle_window)
 
   def build_model(self, model_config):
     return Decoder(model_config)
@@ -119,6 +117,10 @@ class CausalLm(base.Task):
 
   def summarize(self, sums):
     return summarize(sums)
+
+  def predictions(self, logits, batch):
+    """Per token: logits [B, T, V], the next token as label [B, T], the target weights [B, T]."""
+    return {"logits": logits, "labels": jnp.roll(batch["tokens"], -1, axis=1), "weights": self.weights(batch)}
 
   def baselines(self, batches):
     return {"unigram_entropy": unigram_entropy(batches)}

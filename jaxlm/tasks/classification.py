@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import pipeline
+from jaxlm.data import pipeline, sources
+from jaxlm.errors import ConfigError, check
 from jaxlm.evaluation import calibration, metrics
-from jaxlm.models.heads import SequenceClassifier
+from jaxlm.models.heads import POOLINGS, SequenceClassifier
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
 
@@ -53,8 +54,19 @@ def macro_f1(confusion) -> float:
   return float(f1[present].mean()) if present.any() else 0.0
 
 
+def dataset_num_classes(data_config) -> int:
+  """Classes of `data.label_field` in the dataset's features."""
+  features = sources.get_builder(data_config.name, data_config.data_dir or None).info.features
+  feature = features[data_config.label_field] if data_config.label_field in features else None
+  if not hasattr(feature, "num_classes"):
+    raise ConfigError(f"data.label_field: {data_config.label_field!r} is not a class label of {data_config.name!r} "
+                      f"(features: {sorted(features)}).")
+  return feature.num_classes
+
+
+@base.register("classification")
 @dataclasses.dataclass(frozen=True)
-class Classification(base.Task):
+class Classification(base.BaseTask):
   """One class per padded row; the head is new on top of a pretrained backbone."""
 
   num_classes: int  # C
@@ -70,6 +82,34 @@ class Classification(base.Task):
   class_weights: tuple[float, ...] = ()  # () = all 1
 
   new_params = r"^head/"
+
+  @classmethod
+  def resolve_config(cls, config) -> None:
+    """`classification.num_classes = 0` becomes the class count of the dataset's label feature."""
+    if not config.classification.num_classes:
+      config.classification.num_classes = dataset_num_classes(config.data)
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    options = config.classification
+    check(options.num_classes == 0 or options.num_classes > 1, "classification.num_classes",
+          f"must be at least 2 (0 = from the dataset's label feature), got {options.num_classes}.")
+    check(options.pooling in POOLINGS, "classification.pooling", f"{options.pooling!r} is not one of {POOLINGS}.")
+    check(0.0 <= options.label_smoothing < 1.0, "classification.label_smoothing", "must be in [0, 1).")
+    check(options.focal_gamma >= 0, "classification.focal_gamma", "must be >= 0.")
+    weights = tuple(options.class_weights)
+    check(not weights or not options.num_classes or len(weights) == options.num_classes,
+          "classification.class_weights",
+          f"has {len(weights)} weights for {options.num_classes} classes; give one per class or ().")
+    check(all(w >= 0 for w in weights), "classification.class_weights", f"must be >= 0, got {weights}.")
+
+  @classmethod
+  def from_config(cls, config):
+    data, options = config.data, config.classification
+    return cls(num_classes=options.num_classes, text_field=data.text_field, label_field=data.label_field,
+               seq_len=data.seq_len, truncation=data.truncation, dataset_name=data.name, pooling=options.pooling,
+               label_smoothing=options.label_smoothing, focal_gamma=options.focal_gamma,
+               focal_adaptive=options.focal_adaptive, class_weights=tuple(options.class_weights))
 
   def build_model(self, model_config):
     return SequenceClassifier(Decoder(model_config), model_config, self.num_classes, self.pooling)
@@ -89,6 +129,10 @@ class Classification(base.Task):
   def weights(self, batch):
     """[B]: 1 for rows that hold an example, 0 for padding rows."""
     return jnp.any(batch["segment_ids"] != 0, axis=1).astype(jnp.float32)
+
+  def predictions(self, logits, batch):
+    """Per row: logits [B, C], the label [B], 1 for a real example and 0 for a padding row [B]."""
+    return {"logits": logits, "labels": batch["label"], "weights": self.weights(batch)}
 
   def loss_sums(self, logits, batch, *, train):
     labels = batch["label"]

@@ -15,10 +15,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import check
+
+
+def check_config(distill) -> None:
+  """Validates the `distill` section."""
+  check(0.0 <= distill.weight <= 1.0, "distill.weight", f"must be in [0, 1], got {distill.weight}.")
+  check(distill.temperature > 0, "distill.temperature", f"must be positive, got {distill.temperature}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-  """Wraps the student's task (`jaxlm.tasks.base`); everything but the loss and its summary is the student's."""
+  """Wraps the student's task (`jaxlm.tasks.base.Task`): the loss and its summary add the KL term; everything
+  else is the student's, forwarded explicitly below."""
 
   student: Any  # the task being trained (jaxlm.tasks.base.Task)
   teacher_model: nn.Module
@@ -26,10 +35,38 @@ class Distillation:
   weight: float = 0.5  # share of the KL term in the loss
   temperature: float = 2.0  # tau
 
-  def __getattr__(self, name):  # build_model, batches, batch_shapes, weights, new_params, baselines, ...
-    if name == "student":  # not set yet (copying): no recursion
-      raise AttributeError(name)
-    return getattr(self.student, name)
+  @property
+  def name(self) -> str:
+    return self.student.name
+
+  @property
+  def new_params(self) -> str | None:
+    return self.student.new_params
+
+  @property
+  def generates_text(self) -> bool:
+    return self.student.generates_text
+
+  def build_model(self, model_config):
+    return self.student.build_model(model_config)
+
+  def batches(self, *args, **kwargs):
+    return self.student.batches(*args, **kwargs)
+
+  def batch_shapes(self, rows):
+    return self.student.batch_shapes(rows)
+
+  def weights(self, batch):
+    return self.student.weights(batch)
+
+  def baselines(self, batches):
+    return self.student.baselines(batches)
+
+  def predictions(self, logits, batch):
+    return self.student.predictions(logits, batch)
+
+  def test_report(self, **kwargs):
+    return self.student.test_report(**kwargs)
 
   def loss_and_metrics(self, model, params, batch, *, train, rng=None):
     return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch, train=train)

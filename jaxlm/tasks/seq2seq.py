@@ -10,9 +10,11 @@ reference: exact match and ROUGE-L F1 (`jaxlm.evaluation.metrics`), in the loop'
 import dataclasses
 
 import jax.numpy as jnp
+from absl import logging
 
 from jaxlm.data import pipeline
-from jaxlm.tasks import causal_lm
+from jaxlm.evaluation import metrics
+from jaxlm.tasks import base, causal_lm
 
 
 def target_weights(loss_mask) -> jnp.ndarray:
@@ -20,6 +22,7 @@ def target_weights(loss_mask) -> jnp.ndarray:
   return jnp.roll(loss_mask, -1, axis=1).at[:, -1].set(0).astype(jnp.float32)
 
 
+@base.register("seq2seq")
 @dataclasses.dataclass(frozen=True)
 class Seq2Seq(causal_lm.CausalLm):
   """Next-token loss on the target tokens of padded prompt/target rows."""
@@ -27,6 +30,12 @@ class Seq2Seq(causal_lm.CausalLm):
   target_field: str = "target"  # record field with the target (text_field holds the prompt)
   separator: str = "\n"  # text between prompt and target (never truncated)
   truncation: str = "right"  # which end of a too-long prompt is cut: "right" (keep its start) or "left"
+
+  @classmethod
+  def from_config(cls, config):
+    data = config.data
+    return cls(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
+               target_field=data.target_field, separator=data.separator, truncation=data.truncation)
 
   def encode(self, tokenizer, record, index):
     return pipeline.sft_example(
@@ -52,3 +61,19 @@ class Seq2Seq(causal_lm.CausalLm):
     """The text a generation continues (after bos): the row's prompt, truncated as in training, and the separator."""
     row = self.encode(tokenizer, record, index)
     return tokenizer.decode(row["tokens"][:int(row["loss_mask"].argmax())])
+
+  def test_report(self, *, source, tokenizer, generate, max_examples, max_new_tokens) -> dict:
+    """Greedy outputs for the first `max_examples` examples of `source` against their targets: exact match,
+    ROUGE-L F1, corpus BLEU and the examples themselves (nothing when `max_examples` is 0)."""
+    if not max_examples:
+      return {}
+    records = [(index, source[index]) for index in range(min(max_examples, len(source)))]
+    outputs = generate([self.prompt_text(tokenizer, record, index) for index, record in records], max_new_tokens)
+    generated = [output.text.strip() for output in outputs]
+    references = [pipeline.record_text(record, self.target_field, index, self.dataset_name).strip()
+                  for index, record in records]
+    scores = {"exact_match": metrics.exact_match(generated, references),
+              "rouge_l": metrics.rouge_l(generated, references), "bleu": metrics.bleu(generated, references)}
+    logging.info("test generation over %d examples: %s", len(records), scores)
+    return {"generation": {**scores, "examples": [{"reference": r, "generated": g}
+                                                  for r, g in zip(references, generated)]}}

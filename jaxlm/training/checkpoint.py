@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state together with the data iterator's position.
+"""Orbax checkpoints: the train state with the data iterator's position, and parameters read alone.
 
 `WORKDIR/checkpoints/<step>/` holds two items: `state` (the TrainState, saved
 sharded by every process) and `data` (the grain iterator state). Saving is
@@ -6,14 +6,28 @@ asynchronous and atomic: Orbax writes into a temporary directory and renames
 it when complete, so a run killed mid-save leaves the previous checkpoint as
 the latest one and never a half-written one. Kept: the `keep` most recent
 checkpoints plus the best one by `best_metric` (lowest or highest, `best_mode`).
+
+Reading parameters alone (evaluation, generation, `init_from`, a distillation teacher) is
+`find_checkpoint` (which step of which run) then `restore_params` (only `state/params`, straight into the
+target shardings, with every mismatch listed in one error).
 """
 
+import dataclasses
 import json
+import os
+import re
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from jaxlm.errors import CheckpointError
+from jaxlm.models import lora
+from jaxlm.models import params as params_lib
+
+BACKBONE_PREFIX = "backbone/"  # a language model's parameters are a classifier's backbone
 
 
 def _lists_to_tuples(value):
@@ -51,7 +65,7 @@ class _IteratorState:
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
-  def __init__(self, directory: str, keep: int, best_metric: str = "eval_loss", best_mode: str = "min"):
+  def __init__(self, directory: str, keep: int = 1, best_metric: str = "loss", best_mode: str = "min"):
     policy = preservation_policy.AnyPreservationPolicy([
         preservation_policy.LatestN(keep),
         preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
@@ -94,24 +108,115 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory: str, abstract_params) -> tuple:
-  """(parameters, step) of the latest checkpoint in `directory`, in the shardings of `abstract_params`.
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  """One finished checkpoint of a run."""
 
-  Reads the parameters alone: no optimizer state, no data iterator (generation, evaluation).
+  workdir: str  # the run's directory (config.json, tokenizer.model, checkpoints/)
+  step: int
+  state_dir: str  # WORKDIR/checkpoints/<step>/state
+
+
+def split_checkpoint_path(path: str) -> tuple[str, int | None]:
+  """(workdir, step) of `WORKDIR` (step None) or of one checkpoint directory `WORKDIR/checkpoints/<step>`."""
+  path = os.path.abspath(os.path.expanduser(path))
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent), int(name)
+  return path, None
+
+
+def find_checkpoint(path: str, step: str | int = "latest", best_metric: str = "loss",
+                    best_mode: str = "min") -> CheckpointRef:
+  """The checkpoint `step` ("latest", "best" by `best_metric`, or a number) of the run at `path`.
+
+  `path` is a WORKDIR or a checkpoint directory WORKDIR/checkpoints/<step> (which then fixes the step).
+  Only finished checkpoints count: Orbax's temporary directories of an interrupted save are never chosen.
   """
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  workdir, fixed_step = split_checkpoint_path(path)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{path} has no checkpoints/ directory: it is not a jaxlm workdir, or nothing was saved "
+                          "yet; train first (--mode=train with this --workdir).")
+  checkpointer = Checkpointer(directory, best_metric=best_metric, best_mode=best_mode)
   try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {directory}; train first with --mode=train and the same --workdir.")
-    item = {"params": abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise CheckpointError(f"{directory} holds no finished checkpoint; train first (--mode=train with this "
+                            "--workdir), or resume the interrupted run.")
+    if fixed_step is not None:
+      step = fixed_step
+    elif step == "latest":
+      step = max(steps)
+    elif step == "best":
+      best = checkpointer.best_step()
+      if best is None:
+        raise CheckpointError(f"No checkpoint in {directory} was ranked by {best_metric!r}; use step='latest'.")
+      step = best
   finally:
-    manager.close()
-  return restored["state"]["params"], step
+    checkpointer.close()
+  if not isinstance(step, int) or step not in steps:
+    raise CheckpointError(f"No finished checkpoint {step!r} in {directory}; it holds steps {sorted(steps)} "
+                          "(or ask for 'latest' or 'best').")
+  return CheckpointRef(workdir, step, os.path.join(directory, str(step), "state"))
 
 
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def restore_params(state_dir: str, target, new_params: str | None = None, allow_adapters: bool = False):
+  """Parameters of the checkpoint item `state_dir`, restored into the shapes and shardings of `target`.
+
+  `target` is a parameter tree of arrays or ShapeDtypeStructs (`models.params.abstract_params`). Checkpoint
+  names match target names as they are, or under the target's `backbone/` prefix. Target parameters the
+  checkpoint lacks are kept from `target` (which must then hold arrays) only when they match the regex
+  `new_params` (a task's new head) or, with `allow_adapters`, are LoRA adapters. Any other difference (a
+  missing or unused parameter, a shape mismatch) raises CheckpointError listing every offending parameter.
+  Returns (params, names of the parameters kept from `target`). No optimizer state is read.
+  """
+  source = params_lib.flatten(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"])
+  wanted = params_lib.flatten(target)
+  prefix = max(("", BACKBONE_PREFIX), key=lambda p: sum(p + name in wanted for name in source))
+  problems, to_restore = [], {}
+  for name, meta in sorted(source.items()):
+    leaf = wanted.get(prefix + name)
+    if leaf is None:
+      problems.append(f"  {name} {tuple(meta.shape)}: in the checkpoint, not in the model")
+    elif tuple(leaf.shape) != tuple(meta.shape):
+      problems.append(f"  {prefix + name}: shape {tuple(meta.shape)} in the checkpoint, {tuple(leaf.shape)} in the "
+                      "model")
+    else:
+      to_restore[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+  new = sorted(set(wanted) - {prefix + name for name in source})
+  for name in new:
+    allowed = (new_params and re.search(new_params, name)) or (allow_adapters and
+                                                               name.rsplit("/", 1)[-1] in lora.ADAPTER_NAMES)
+    if not allowed:
+      problems.append(f"  {name} {tuple(wanted[name].shape)}: in the model, not in the checkpoint")
+  if problems:
+    raise CheckpointError(
+        f"The checkpoint {state_dir} does not fit the model ({len(problems)} parameters):\n" + "\n".join(problems)
+        + "\nUse the model.* settings of the run that wrote it (its config.json).")
+
+  abstract = {"params": _nest(to_restore)}
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  values = params_lib.flatten(restored["params"])
+
+  def pick(path, leaf):
+    name = params_lib.path_name(path)
+    return values.get(name[len(prefix):] if name.startswith(prefix) else None, leaf)
+
+  params = jax.tree_util.tree_map_with_path(pick, target)
+  logging.info("Restored %d parameters from %s%s", len(values), state_dir,
+               f"; kept {len(new)} new ones: {new}" if new else "")
+  return params, new
+
+
+def _nest(flat: dict) -> dict:
+  """{"a/b/c": leaf} -> {"a": {"b": {"c": leaf}}}."""
+  tree = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree

@@ -1,22 +1,24 @@
 """The one train / eval loop, for pretraining and fine-tuning alike (the task supplies model, batches and metrics).
 
-`train_and_evaluate(config, workdir)`:
-  1. validates the config and writes WORKDIR/config.json;
-  2. builds the mesh, the tokenizer (`data.tokenizer`, else the `init_from` run's, else one trained on the
-     train split), the task (`jaxlm.tasks`), its model and batches, and the optimizer with its trainable mask;
+`train_and_evaluate(experiment)` (what `jaxlm.Experiment.train()` runs; everything is set up by the
+experiment: config, task, model, tokenizer, mesh, data):
+  1. prepares the data and writes WORKDIR/config.json and WORKDIR/tokenizer.model (a copy);
+  2. builds the optimizer with its trainable mask (`optim.optimizer_for`);
   3. restores, in this order: the latest checkpoint in WORKDIR/checkpoints (state and data position), else the
-     `init_from` run's parameters (new ones, like a classification head, initialised from `config.seed`),
-     else initialises everything from `config.seed`; a `distill.teacher` is restored as a frozen teacher;
+     parameters of `Experiment.init_params` (the `init_from` run's, new ones like a classification head
+     initialised from `config.seed`; or all from `config.seed`); a `distill.teacher` is restored as a frozen
+     teacher (`Experiment.training_task`);
   4. compiles the train and eval steps once, before the loop, and logs their memory;
   5. trains, logging every `train.log_every` steps, evaluating on `data.eval_split` every `train.eval_every`
      and checkpointing every `train.checkpoint_every` (kept: the latest ones and the best by
      `train.best_metric`); stops early after `train.early_stopping_patience` evaluations without a better
      best metric (the count restarts when a run resumes); on SIGTERM it saves a checkpoint and returns;
   6. evaluates, saves a final checkpoint; with `data.test_split`, evaluates the best checkpoint on it and writes
-     WORKDIR/eval/report.json; prints a greedy sample (language-model tasks).
+     WORKDIR/eval/report.json (with the task's `test_report` extras); prints a greedy sample when the task
+     generates text.
 """
 
-import itertools
+import functools
 import json
 import os
 import signal
@@ -25,23 +27,16 @@ import time
 
 import jax
 import numpy as np
-import optax
 import tqdm
-from jax.experimental import multihost_utils
 from absl import logging
 
-from jaxlm import configs, sharding, tasks
-from jaxlm.data import pipeline, sources
-from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.evaluation import metrics as metrics_lib
+from jaxlm import sharding
+from jaxlm.errors import ConfigError, check
 from jaxlm.inference import generate
-from jaxlm.models.config import ConfigError, ModelConfig
-from jaxlm.tasks import distillation
-from jaxlm.training import checkpoint, optim, pretrained, steps
+from jaxlm.models import params as params_lib
+from jaxlm.training import checkpoint, optim, steps
 from jaxlm.training import state as state_lib
 from jaxlm.training.writer import MetricWriter
-
-EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
 
 
 class _PreemptionFlag:
@@ -62,89 +57,19 @@ class _PreemptionFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_batch_sizes(config, mesh) -> None:
-  """Batches must split evenly over the data-parallel shards, the processes and the data streams."""
-  parallel, processes = sharding.data_parallel_size(mesh), jax.process_count()
-  streams = config.data.num_streams or processes
-  if streams % processes:
-    raise ConfigError(f"data.num_streams={streams} must be a multiple of the {processes} processes.")
-  for key, size in (("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
-                    ("eval.batch_size", config.eval.batch_size)):
-    per = "per micro-batch " if key.startswith("train") and config.train.grad_accum_steps > 1 else ""
-    if size % parallel or size % streams:
-      raise ConfigError(f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
-                        f"shards (mesh.data x mesh.fsdp) and the {streams} data streams (data.num_streams, "
-                        f"one per process by default).")
-
-
-def _tokenizer(config, train_source) -> Tokenizer:
-  """`data.tokenizer`, else the tokenizer of the `init_from` run, else one trained on the train split."""
-  if not config.data.tokenizer and config.init_from:
-    return Tokenizer(pretrained.tokenizer_path(pretrained.resolve(config.init_from)[1]))
-  return pipeline.tokenizer_for(config.data, train_source)
-
-
-def _num_classes(config) -> int:
-  """Classes of `data.label_field` in the dataset's features (0 for tasks without labels)."""
-  if config.task != "classification":
-    return 0
-  features = sources.get_builder(config.data.name, config.data.data_dir or None).info.features
-  feature = features[config.data.label_field] if config.data.label_field in features else None
-  if not hasattr(feature, "num_classes"):
-    raise ConfigError(f"data.label_field: {config.data.label_field!r} is not a class label of {config.data.name!r} "
-                      f"(features: {sorted(features)}).")
-  return feature.num_classes
-
-
-def _streams(config) -> tuple[int, list[int]]:
-  """(number of data streams, the streams this process feeds): see `pipeline.process_streams`."""
-  num_streams = config.data.num_streams or jax.process_count()
-  return num_streams, pipeline.process_streams(num_streams, jax.process_index(), jax.process_count())
-
-
-def _train_batches(config, task, tokenizer, source):
-  """This process's rows of every training batch: one batch of each of its streams, side by side."""
-  num_streams, streams = _streams(config)
-  return pipeline.zip_streams([
-      task.batches(source, tokenizer, batch_size=config.train.batch_size // num_streams, shuffle_seed=config.seed,
-                   repeat=True, stream_index=index, stream_count=num_streams) for index in streams])
-
-
-def _eval_batches(config, task, tokenizer, split: str, limit: int | None) -> list[dict]:
-  """This process's rows of the first `limit` eval batches (None: all) of `split`.
-
-  Evaluation reads the split once in a fixed shuffled order, so that the first batches are a representative
-  sample, and the same one at every evaluation.
-  """
-  source = sources.get_source(config.data.name, split, config.data.data_dir or None)
-  num_streams, streams = _streams(config)
-  rows = config.eval.batch_size // num_streams
-  eval_streams = [list(itertools.islice(task.batches(source, tokenizer, batch_size=rows, shuffle_seed=EVAL_ORDER_SEED,
-                                                     repeat=False, stream_index=index, stream_count=num_streams),
-                                        limit)) for index in streams]
-  # Every process must run the same number of eval steps: shorter streams are padded with empty batches.
-  num_eval = max(len(batches) for batches in eval_streams)
-  if jax.process_count() > 1:
-    num_eval = int(np.max(multihost_utils.process_allgather(np.int32(num_eval))))
-  if not num_eval:
-    raise ValueError(f"The {split!r} split of {config.data.name!r} gave no eval batch.")
-  empty = pipeline.padding_batch(task.batch_shapes(rows))
-  return [pipeline.concat_rows(batches) for batches in
-          zip(*[batches + [empty] * (num_eval - len(batches)) for batches in eval_streams])]
-
-
-def _teacher(config, task, mesh):
-  """(model, params) of `distill.teacher`, restored whole into the shardings of its own config."""
-  state_dir, teacher_config = pretrained.resolve(config.distill.teacher)
-  teacher_model = task.build_model(ModelConfig.from_config(teacher_config["model"]))
-  abstract, _ = state_lib.state_shardings(teacher_model, optax.set_to_zero(), config.data.seq_len, mesh)
-  params, _ = pretrained.restore_params(state_dir, abstract.params, new_params=None, allow_adapters=False)
-  return teacher_model, params
-
-
-def _to_global(batch: dict, batch_sharding) -> dict:
-  """This process's rows -> global arrays laid out over the mesh."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in batch.items()}
+def check_config(config) -> None:
+  """Validates the loop's keys: the `train` schedule of steps, evaluations and checkpoints, and `sample`."""
+  train = config.train
+  for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    check(train[key] > 0, f"train.{key}", f"must be positive, got {train[key]}.")
+  check(train.eval_every >= 0, "train.eval_every", f"must be >= 0, got {train.eval_every}.")
+  check(train.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
+        f"{train.grad_accum_steps} micro-batches do not divide train.batch_size={train.batch_size}.")
+  check(train.best_mode in ("min", "max"), "train.best_mode", f"must be 'min' or 'max', got {train.best_mode!r}.")
+  check(not train.best_metric.startswith(("eval_", "train_")), "train.best_metric",
+        f"name the metric as in metrics.jsonl's eval rows, e.g. {train.best_metric.split('_', 1)[-1]!r}.")
+  check(train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = off).")
+  check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
 
 
 def _log_compiled(name: str, compiled) -> None:
@@ -155,60 +80,31 @@ def _log_compiled(name: str, compiled) -> None:
                  memory.temp_size_in_bytes / 2**20)
 
 
-def _generation_scores(config, task, tokenizer, model, params, mesh, step: int) -> dict:
-  """Greedy outputs for the first `eval.generate_examples` test examples against their references:
-  exact match, ROUGE-L F1, corpus BLEU and the examples themselves."""
-  source = sources.get_source(config.data.name, config.data.test_split, config.data.data_dir or None)
-  records = [(index, source[index]) for index in range(min(config.eval.generate_examples, len(source)))]
-  prompts = [task.prompt_text(tokenizer, record, index) for index, record in records]
-  outputs = generate.generate(model, params, tokenizer, prompts, mesh=mesh, strategy="greedy",
-                              max_new_tokens=config.eval.max_new_tokens)
-  generated = [output.text.strip() for output in outputs]
-  references = [pipeline.record_text(record, task.target_field, index, config.data.name).strip()
-                for index, record in records]
-  scores = {"exact_match": metrics_lib.exact_match(generated, references),
-            "rouge_l": metrics_lib.rouge_l(generated, references), "bleu": metrics_lib.bleu(generated, references)}
-  logging.info("step %d test generation over %d examples: %s", step, len(records), scores)
-  return {**scores, "examples": [{"reference": r, "generated": g} for r, g in zip(references, generated)]}
+def _metric_names(task, model, abstract_params, global_batch) -> list[str]:
+  """The names `task.summarize` reports for eval sums, found without running anything."""
+  sums = jax.eval_shape(functools.partial(steps.eval_step, model=model, task=task), abstract_params, global_batch)
+  return sorted(task.summarize(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), sums)))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains and evaluates `config` in `workdir`; returns the last eval metrics."""
-  model_config = configs.validate(config)
-  workdir = os.path.abspath(workdir)
+def train_and_evaluate(experiment) -> dict:
+  """Trains and evaluates `experiment` (a `jaxlm.Experiment`) in its workdir; returns the last eval metrics."""
+  config, workdir = experiment.config, experiment.workdir
+  train, data = config.train, config.data
+  mesh = experiment.mesh
+  logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+
+  task, model, tokenizer = experiment.training_task(), experiment.model, experiment.tokenizer
+  train_iterator = iter(experiment.train_batches())
+  eval_batches = experiment.eval_batches()
+  eval_baselines = task.baselines(eval_batches)
   os.makedirs(workdir, exist_ok=True)
   writer = MetricWriter(workdir)
   writer.write_config(workdir, config)
-  mesh = sharding.create_mesh(config.mesh)
-  _check_batch_sizes(config, mesh)
-  sharding.check_model_fits_mesh(model_config, mesh.shape)
-  logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+  experiment.save_tokenizer()
+  optimizer, schedule, trainable = optim.optimizer_for(train, task.new_params)
 
-  data = config.data
-  train_source = sources.get_source(data.name, data.train_split, data.data_dir or None)
-  tokenizer = _tokenizer(config, train_source)
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ConfigError(f"model.vocab_size: {model_config.vocab_size} rows cannot embed the tokenizer's "
-                      f"{tokenizer.vocab_size} pieces ({tokenizer.path}); raise model.vocab_size.")
-  task = tasks.create(config, _num_classes(config))
-  train_iterator = iter(_train_batches(config, task, tokenizer, train_source))
-  eval_batches = _eval_batches(config, task, tokenizer, data.eval_split,
-                               None if config.eval.num_batches == -1 else config.eval.num_batches)
-  eval_baselines = task.baselines(eval_batches)
-  model = task.build_model(model_config)
-  if config.distill.teacher:
-    teacher_model, teacher_params = _teacher(config, task, mesh)
-    task = distillation.Distillation(task, teacher_model, teacher_params, config.distill.weight,
-                                     config.distill.temperature)
-  train = config.train
-  trainable = None
-  if train.trainable != "all" or train.frozen:
-    trainable = lambda params: optim.trainable_mask(params, train.trainable, train.frozen, task.new_params)
-  optimizer, schedule = optim.create_optimizer(train, trainable)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-
-  # Restore order: the workdir's latest checkpoint, else `init_from` (+ new parameters), else a fresh init.
-  abstract_state, state_sharding = state_lib.state_shardings(model, optimizer, data.seq_len, mesh)
+  # Restore order: the workdir's latest checkpoint, else `Experiment.init_params` (`init_from` or a fresh init).
+  abstract_state, state_sharding = state_lib.state_shardings(model, optimizer, mesh)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints,
                                          best_metric=train.best_metric, best_mode=train.best_mode)
   latest = checkpointer.latest_step()
@@ -216,41 +112,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
     state = checkpointer.restore(latest, abstract_state, train_iterator)
   else:
-    state = state_lib.create_train_state(model, optimizer, data.seq_len, mesh, state_sharding, init_rng)
-    if config.init_from:
-      logging.info("No checkpoint in %s: starting from %s (new parameters from seed %d)", workdir, config.init_from,
-                   config.seed)
-      params, _ = pretrained.restore_params(pretrained.resolve(config.init_from)[0], state.params, task.new_params)
-      state = state.replace(params=params)
-    else:
+    if not config.init_from:
       logging.info("No checkpoint in %s: initialising from seed %d", workdir, config.seed)
+    state = state_lib.create_train_state(experiment.init_params(), optimizer, state_sharding, mesh)
   mask = jax.tree.leaves(trainable(state.params)) if trainable else [True] * len(jax.tree.leaves(state.params))
   trainable_count = sum(int(x.size) for x, trains in zip(jax.tree.leaves(state.params), mask) if trains)
-  total_count = state_lib.count_params(state.params)
+  total_count = params_lib.count(state.params)
   logging.info("Model: %s parameters, %s trainable", f"{total_count:,}", f"{trainable_count:,}")
 
   batch_sharding = sharding.batch_sharding(mesh)
   global_batch = lambda rows: {key: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
                                for key, shape in task.batch_shapes(rows).items()}
-  train_step, eval_step = steps.jit_steps(model=model, task=task, optimizer=optimizer, schedule=schedule,
-                                          dropout_rng=dropout_rng, grad_accum_steps=train.grad_accum_steps,
-                                          state_sharding=state_sharding, mesh=mesh)
+  dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
+  train_step = steps.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
+                                    dropout_rng=dropout_rng, grad_accum_steps=train.grad_accum_steps,
+                                    state_sharding=state_sharding, mesh=mesh)
+  eval_step = steps.jit_eval_step(model=model, task=task, param_sharding=state_sharding.params, mesh=mesh)
   with sharding.mesh_context(mesh):
     start = time.perf_counter()
     train_step = train_step.lower(abstract_state, global_batch(train.batch_size)).compile()
     eval_step = eval_step.lower(abstract_state.params, global_batch(config.eval.batch_size)).compile()
+    metric_names = _metric_names(task, model, abstract_state.params, global_batch(config.eval.batch_size))
   logging.info("Compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   _log_compiled("train_step", train_step)
-
-  def evaluate(params, batches) -> dict:
-    totals = None
-    for batch in batches:
-      sums = eval_step(params, _to_global(batch, batch_sharding))
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    return task.summarize(jax.device_get(totals))
+  if train.best_metric not in metric_names:
+    raise ConfigError(f"train.best_metric: {train.best_metric!r} is not an eval metric of task {config.task!r}; "
+                      f"choose one of {metric_names}.")
 
   def evaluate_and_log(step: int, params) -> dict:
-    metrics = {**evaluate(params, eval_batches), **eval_baselines}
+    metrics = {**task.summarize(steps.evaluate(eval_step, params, eval_batches, mesh)), **eval_baselines}
     writer.write(step, "eval", metrics)
     logging.info("step %d eval: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
@@ -259,7 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_metrics = {}
   best_value, evals_without_improvement = None, 0
   better = (lambda a, b: a < b) if train.best_mode == "min" else (lambda a, b: a > b)
-  best_key = train.best_metric.removeprefix("eval_")
+  best_key = train.best_metric
   tokens_per_step = train.batch_size * data.seq_len
   progress = tqdm.tqdm(total=train.steps, initial=step, desc="train", unit="step",
                        disable=jax.process_index() != 0 or not sys.stderr.isatty())
@@ -267,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with _PreemptionFlag() as preemption:
       interval_start, interval_steps = time.perf_counter(), 0
       while step < train.steps:
-        state, metrics = train_step(state, _to_global(next(train_iterator), batch_sharding))
+        state, metrics = train_step(state, steps.to_global(next(train_iterator), mesh))
         step += 1
         interval_steps += 1
         progress.update(1)
@@ -285,9 +175,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stop_early = False
         if evaluated_now:
           eval_metrics = evaluate_and_log(step, state.params)
-          if best_key not in eval_metrics:
-            raise ConfigError(f"train.best_metric: {train.best_metric!r} is not an eval metric of this task; "
-                              f"choose one of {sorted('eval_' + k for k in eval_metrics)}.")
           if best_value is None or better(eval_metrics[best_key], best_value):
             best_value, evals_without_improvement = eval_metrics[best_key], 0
           else:
@@ -310,15 +197,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     if data.test_split:
       best_step = checkpointer.best_step() or step
-      best_params = checkpointer.restore(best_step, abstract_state, train_iterator).params
-      test_batches = _eval_batches(config, task, tokenizer, data.test_split, None)
-      test_metrics = evaluate(best_params, test_batches)
+      best_params, _ = checkpoint.restore_params(
+          os.path.join(workdir, "checkpoints", str(best_step), "state"), abstract_state.params)
+      test_batches = experiment.eval_batches(data.test_split, -1)
+      test_metrics = task.summarize(steps.evaluate(eval_step, best_params, test_batches, mesh))
+      logging.info("test (%s, checkpoint %d): %s", data.test_split, best_step, test_metrics)
       report = {"split": data.test_split, "checkpoint_step": best_step, "best_metric": train.best_metric,
                 "metrics": test_metrics, "baselines": task.baselines(test_batches),
                 "trainable": train.trainable, "trainable_params": trainable_count, "total_params": total_count}
-      if config.eval.generate_examples:  # every process runs the (sharded) decode
-        report["generation"] = _generation_scores(config, task, tokenizer, model, best_params, mesh, best_step)
-      logging.info("test (%s, checkpoint %d): %s", data.test_split, best_step, test_metrics)
+      # Every process runs the (sharded) decode of a generation report.
+      report.update(task.test_report(
+          source=experiment.source(data.test_split), tokenizer=tokenizer,
+          generate=lambda prompts, max_new_tokens: generate.generate(
+              model, best_params, tokenizer, prompts, mesh=mesh, strategy="greedy", max_new_tokens=max_new_tokens),
+          max_examples=config.eval.generate_examples, max_new_tokens=config.eval.max_new_tokens))
       if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         with open(os.path.join(workdir, "eval", "report.json"), "w") as f:
@@ -329,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
 
   # Every process runs the (sharded) decode.
-  if config.task != "classification" and config.sample.prompt and config.sample.max_new_tokens:
+  if task.generates_text and config.sample.prompt and config.sample.max_new_tokens:
     sample = generate.generate(model, state.params, tokenizer, [config.sample.prompt], mesh=mesh,
                                max_new_tokens=config.sample.max_new_tokens)[0]
     if jax.process_index() == 0:

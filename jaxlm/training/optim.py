@@ -10,9 +10,26 @@ import re
 import jax
 import optax
 
+from jaxlm.errors import check
 from jaxlm.models import lora
+from jaxlm.models.params import path_name
 
 TRAINABLE = ("all", "head", "lora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_config(train) -> None:
+  """Validates the optimizer and schedule keys of the `train` section (ConfigError naming the key)."""
+  check(train.learning_rate > 0, "train.learning_rate", f"must be positive, got {train.learning_rate}.")
+  check(train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {train.warmup_steps}.")
+  check(train.schedule in SCHEDULES, "train.schedule", f"{train.schedule!r} is not one of {SCHEDULES}.")
+  check(train.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {train.grad_clip}.")
+  check(train.trainable in TRAINABLE, "train.trainable", f"{train.trainable!r} is not one of {TRAINABLE}.")
+  if train.frozen:
+    try:
+      re.compile(train.frozen)
+    except re.error as error:
+      check(False, "train.frozen", f"{train.frozen!r} is not a regular expression ({error}).")
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -30,11 +47,6 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def param_path(path) -> str:
-  """'/'-joined names of a tree path, e.g. 'backbone/layers/attention/query/kernel'."""
-  return "/".join(str(key.key) for key in path if hasattr(key, "key"))
 
 
 def weight_decay_mask(params):
@@ -56,7 +68,7 @@ def trainable_mask(params, trainable: str = "all", frozen: str = "", new_params:
   """
 
   def trains(path, _):
-    name = param_path(path)
+    name = path_name(path)
     is_new = bool(new_params) and re.search(new_params, name) is not None
     chosen = {"all": True, "head": is_new, "lora": is_new or name.rsplit("/", 1)[-1] in lora.ADAPTER_NAMES}[trainable]
     return chosen and not (frozen and re.search(frozen, name))
@@ -80,3 +92,13 @@ def create_optimizer(train_config, trainable=None) -> tuple[optax.GradientTransf
     return jax.tree.map(lambda train: "train" if train else "frozen", mask)
 
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def optimizer_for(train_config, new_params: str | None = None):
+  """(optimizer, schedule, trainable) for the `train` section and a task adding `new_params`: the one recipe
+  used by training and by the memory plan. `trainable` is None (everything trains) or `params -> mask`."""
+  trainable = None
+  if train_config.trainable != "all" or train_config.frozen:
+    trainable = lambda params: trainable_mask(params, train_config.trainable, train_config.frozen, new_params)
+  optimizer, schedule = create_optimizer(train_config, trainable)
+  return optimizer, schedule, trainable

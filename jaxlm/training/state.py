@@ -1,4 +1,7 @@
-"""The train state pytree and its sharded creation ("born sharded")."""
+"""The train state pytree: parameters plus the optimizer's state, laid out on the mesh.
+
+Only training has a train state; everything else handles parameters alone (`jaxlm.models.params`).
+"""
 
 from typing import Any
 
@@ -9,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import sharding
+from jaxlm.models import params as params_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -19,17 +23,18 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
+def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh) -> tuple[Any, Any]:
+  """(abstract state as ShapeDtypeStructs, NamedShardings), without allocating anything.
+
+  The optimizer is initialised abstractly on the boxed parameters, so its moments inherit each
+  parameter's logical axis names and are sharded like it.
+  """
+  init_params = params_lib.boxed_init_fn(model)
+
   def init(rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]  # boxed: leaves carry logical axis names
+    params = init_params(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-  return init
 
-
-def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
-  """(abstract state as ShapeDtypeStructs, NamedShardings), without allocating anything."""
-  init = init_fn(model, optimizer, seq_len)
   with sharding.mesh_context(mesh):
     abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
@@ -37,17 +42,13 @@ def state_shardings(model, optimizer, seq_len: int, mesh) -> tuple[Any, Any]:
   # as one (prefix) leaf: keep the node.
   abstract = jax.tree.map(
       lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      nn.meta.unbox(abstract), shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+      params_lib.unbox(abstract), shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   return abstract, shardings
 
 
-def create_train_state(model, optimizer, seq_len: int, mesh, shardings, rng) -> TrainState:
-  """Initialises parameters and optimizer state directly in `shardings` (from `state_shardings`):
-  no host ever holds the full model."""
-  init = init_fn(model, optimizer, seq_len)
+def create_train_state(params, optimizer: optax.GradientTransformation, shardings, mesh) -> TrainState:
+  """A step-0 state around `params` (already laid out in `shardings.params`, which they are donated to):
+  the optimizer state is created directly in its shardings."""
+  init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
   with sharding.mesh_context(mesh):
-    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-
-
-def count_params(params) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(params))
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)

@@ -68,17 +68,34 @@ def eval_step(params, batch: dict, *, model, task) -> dict:
   return sums
 
 
-def jit_steps(*, model, task, optimizer, schedule, dropout_rng, grad_accum_steps: int, state_sharding, mesh):
-  """(train_step, eval_step) jitted with explicit shardings; the train step donates the state.
-
-  The one place the steps are jitted: the loop, the benchmark and the tests all use it.
-  Inputs are global batches laid out by `sharding.batch_sharding(mesh)`; metrics come back replicated.
-  """
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train = jax.jit(
+def jit_train_step(*, model, task, optimizer, schedule, dropout_rng, grad_accum_steps: int, state_sharding, mesh):
+  """`train_step` jitted with explicit shardings, donating the state: the one place it is jitted (the loop, the
+  benchmark and the tests all use it). Inputs are global batches laid out by `sharding.batch_sharding(mesh)`;
+  metrics come back replicated."""
+  return jax.jit(
       functools.partial(train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
                         dropout_rng=dropout_rng, grad_accum_steps=grad_accum_steps),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, model=model, task=task),
-                     in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
-  return train, evaluate
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(*, model, task, param_sharding, mesh):
+  """`eval_step` jitted with explicit shardings (parameters in `param_sharding`, batches over the data axes)."""
+  return jax.jit(functools.partial(eval_step, model=model, task=task),
+                 in_shardings=(param_sharding, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """This process's rows of a batch -> global arrays laid out over the mesh's data axes."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in batch.items()}
+
+
+def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
+  """Metric sums of `params` over `batches` (host batches of this process), on the host."""
+  totals = None
+  with sharding.mesh_context(mesh):
+    for batch in batches:
+      sums = eval_step(params, to_global(batch, mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return jax.device_get(totals)

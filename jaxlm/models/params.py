@@ -1,0 +1,78 @@
+"""Parameters as plain pytrees, born sharded: their abstract shapes, their shardings and their initialisation.
+
+No optimizer, no train state: what a notebook, evaluation, generation or a checkpoint reader needs.
+`jax.eval_shape` of the model's init gives every parameter's shape, dtype and logical axis names; the
+one rules table (`jaxlm.sharding`) turns the names into shardings on a mesh; `init_params` then runs the
+init jitted with those output shardings, so no host ever holds the full model.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm import sharding
+
+
+def boxed_init_fn(model: nn.Module, sample_inputs: tuple | None = None) -> Callable:
+  """`rng -> params` whose leaves are still boxed with their logical axis names (`nn.Partitioned`).
+
+  `sample_inputs` are positional arguments of `model.init` after the key; the default, one [1, 1] token
+  array, fits every jaxlm model (parameter shapes never depend on the input length).
+  """
+  inputs = sample_inputs if sample_inputs is not None else (jnp.zeros((1, 1), jnp.int32),)
+  return lambda rng: model.init(rng, *inputs)["params"]
+
+
+def unbox(tree: Any) -> Any:
+  """Plain arrays (or ShapeDtypeStructs) from a tree whose leaves may carry logical axis metadata."""
+  return nn.meta.unbox(tree)
+
+
+def logical_specs(model: nn.Module, sample_inputs: tuple | None = None) -> Any:
+  """A tree of logical `PartitionSpec`s (e.g. `("embed", "mlp")`), one per parameter."""
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(boxed_init_fn(model, sample_inputs), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None,
+                    sample_inputs: tuple | None = None) -> Any:
+  """ShapeDtypeStructs of every parameter, each with its `NamedSharding` on `mesh` (none without a mesh).
+
+  Nothing is allocated: this is what a checkpoint restores into and what a plan counts.
+  """
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    abstract = unbox(jax.eval_shape(boxed_init_fn(model, sample_inputs), jax.random.key(0)))
+  if mesh is None:
+    return abstract
+  shardings = sharding.logical_to_sharding(logical_specs(model, sample_inputs), mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def init_params(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
+                sample_inputs: tuple | None = None) -> Any:
+  """Freshly initialised parameters, created directly in their shardings on `mesh` (or on the default device)."""
+  init = boxed_init_fn(model, sample_inputs)
+  if mesh is None:
+    return jax.jit(lambda key: unbox(init(key)))(rng)
+  shardings = sharding.logical_to_sharding(logical_specs(model, sample_inputs), mesh)
+  with sharding.mesh_context(mesh):
+    return jax.jit(lambda key: unbox(init(key)), out_shardings=shardings)(rng)
+
+
+def count(params: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def path_name(path) -> str:
+  """'/'-joined names of a tree path, e.g. 'backbone/layers/attention/query/kernel': the one spelling of a
+  parameter's name (checkpoint matching, trainable masks, error messages)."""
+  return "/".join(str(key.key) for key in path if hasattr(key, "key"))
+
+
+def flatten(tree: Any) -> dict:
+  """{path name: leaf} of a parameter tree."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
