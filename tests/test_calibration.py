@@ -1,6 +1,10 @@
 """Calibration metrics against scikit-learn and float64 NumPy references, edge cases, and a consistency limit."""
 
+import fractions
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
@@ -25,16 +29,29 @@ def _reference_bins(confidences, num_bins, right_closed, binning):
     ranks = np.empty(n, int)
     ranks[np.argsort(confidences, kind="stable")] = np.arange(n)
     return np.array([r * num_bins // n for r in ranks])
-  edges = np.linspace(0, 1, num_bins + 1).astype(confidences.dtype)
-  ids = np.full(n, -1)
-  for b in range(num_bins):
-    lo, hi = edges[b], edges[b + 1]
-    if right_closed:
-      inside = ((confidences > lo) | (b == 0)) & (confidences <= hi)
-    else:
-      inside = (confidences >= lo) & ((confidences < hi) | (b == num_bins - 1))
-    ids[inside & (ids < 0)] = b
-  return ids
+  return np.array([_exact_bin(c, num_bins, right_closed) for c in confidences])
+
+
+def _nearest(fraction, dtype):
+  """The `dtype` value nearest to an exact Fraction in [0, 1], ties to an even significand, by exact tests of
+  the neighbours (for non-negative floats, the next and previous values are the bit patterns +-1)."""
+  bits = {2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
+  guess = int(np.array(float(fraction)).astype(dtype).view(bits))
+  candidates = [pattern for pattern in (guess - 1, guess, guess + 1) if pattern >= 0]
+  value = lambda pattern: np.array(pattern, bits).view(dtype)[()]
+  best = min(candidates, key=lambda p: (abs(fractions.Fraction(float(value(p))) - fraction), p & 1))
+  return value(best)
+
+
+def _exact_bin(confidence, num_bins, right_closed):
+  """Bin of a confidence under the documented meaning: exactly k / B if it is the value of its dtype nearest to
+  k / B, else its own exact value; then (k/B, (k+1)/B] (right-closed) or [k/B, (k+1)/B) in exact arithmetic."""
+  value = fractions.Fraction(float(confidence))
+  nearest_edge = round(value * num_bins)  # the only edge k / B that can round to this confidence
+  if confidence == _nearest(fractions.Fraction(nearest_edge, num_bins), confidence.dtype.type):
+    value = fractions.Fraction(nearest_edge, num_bins)
+  index = math.ceil(value * num_bins) - 1 if right_closed else math.floor(value * num_bins)
+  return min(max(index, 0), num_bins - 1)
 
 
 def _reference_ece(confidences, correct, num_bins, norm, right_closed=True, binning="equal_width"):
@@ -84,6 +101,53 @@ def test_bin_edges_zero_one_and_empty_bins():
   np.testing.assert_array_equal(curve["bin_count"], [0, 1, 0, 2])
   assert np.isnan(curve["bin_accuracy"][0]) and curve["bin_accuracy"][3] == 0.5
 
+
+def _on_and_beside_edges(num_bins, dtype):
+  """0, 1, every edge k / B as the nearest `dtype` value, and the two neighbouring values of each edge."""
+  edges = np.array([_nearest(fractions.Fraction(k, num_bins), dtype) for k in range(num_bins + 1)], dtype)
+  values = np.concatenate([edges, np.nextafter(edges, dtype(0)), np.nextafter(edges, dtype(1))])
+  return values
+
+
+@pytest.mark.parametrize("right_closed", [True, False])
+def test_confidences_on_bin_edges_for_every_bin_count(right_closed):
+  """float32 (B = 1..100, 128, 1000) and float16 (a few B): every edge, and the values just beside it."""
+  cases = [(b, np.float32) for b in [*range(1, 101), 128, 1000]] + [(b, np.float16) for b in (3, 7, 10, 15, 100)]
+  for num_bins, dtype in cases:
+    confidences = _on_and_beside_edges(num_bins, dtype)
+    expected = [_exact_bin(c, num_bins, right_closed) for c in confidences]
+    ours = calibration.equal_width_bin_ids(confidences, num_bins, right_closed=right_closed)
+    np.testing.assert_array_equal(ours, expected, err_msg=f"{num_bins} bins, {dtype.__name__}")
+  # The cases of issue 13 (float32 linspace put these edges at 0.8000001 and 0.049999997).
+  for c, num_bins, right, left in [(0.8, 15, 11, 12), (0.05, 100, 4, 5), (1 / 3, 3, 0, 1), (0.0, 5, 0, 0),
+                                   (1.0, 5, 4, 4)]:
+    bin_id = calibration.equal_width_bin_ids(np.float32(c), num_bins, right_closed=right_closed)
+    assert int(bin_id) == (right if right_closed else left), (c, num_bins)
+
+
+@pytest.mark.parametrize("num_bins,right_closed", [(15, False), (15, True), (100, True), (100, False), (10, True)])
+def test_ece_with_confidences_on_edges_matches_an_exact_reference(num_bins, right_closed):
+  """Binary problems whose confidences all sit on edges k / B >= 1/2 (or one value beside them): ECE, L2, MCE."""
+  rng = np.random.default_rng(num_bins)
+  candidates = _on_and_beside_edges(num_bins, np.float32)
+  candidates = candidates[candidates >= 0.5]
+  confidence = rng.choice(candidates, size=400)
+  probs = np.stack([confidence, 1 - confidence], -1)  # 1 - c is exact in float32 for c in [1/2, 1]
+  labels = (rng.uniform(size=400) > confidence).astype(np.int32)
+  for norm in ("l1", "l2", "max"):
+    ours = calibration.expected_calibration_error(probs, labels, num_bins, norm, right_closed=right_closed)
+    expected = _reference_ece(confidence, labels == 0, num_bins, norm, right_closed)
+    assert float(ours) == pytest.approx(expected, rel=1e-5, abs=1e-7), norm
+
+
+def test_interior_edges_are_correctly_rounded():
+  for num_bins in range(1, 300):
+    for dtype in (np.float32, np.float16, jnp.bfloat16, np.float64):
+      if dtype == np.float64:  # float() of a Fraction is correctly rounded by Python itself
+        reference = [float(fractions.Fraction(k, num_bins)) for k in range(1, num_bins)]
+      else:
+        reference = [_nearest(fractions.Fraction(k, num_bins), dtype) for k in range(1, num_bins)]
+      np.testing.assert_array_equal(calibration.interior_edges(num_bins, dtype), np.array(reference, dtype))
 
 def test_weighted_bin_sums_stream_over_batches():
   """Bin sums of two weighted batches add up to the weighted ECE of the whole set (float64 reference)."""
@@ -211,3 +275,67 @@ def test_in_step_sharded_ece_equals_the_offline_ece():
   offline = float(calibration.expected_calibration_error(probs, targets))
   assert offline > 0.01
   assert causal_lm.summarize(sums)["ece"] == pytest.approx(offline, rel=1e-5)
+
+
+def test_token_level_ece_of_a_padded_batch_needs_no_flattening():
+  """[B, T, V] probabilities with a [B, T] mask: equal to the ECE of the kept rows, for every binning, and
+  under jit; integer weights count as repeated examples for equal-width bins."""
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(3, 11, 9)) * 3
+  probs = scipy.special.softmax(logits, -1).astype(np.float32)
+  targets = rng.integers(0, 9, size=(3, 11))
+  mask = rng.uniform(size=(3, 11)) < 0.7
+  ece = jax.jit(calibration.expected_calibration_error, static_argnames=("num_bins", "norm", "binning",
+                                                                          "classwise", "right_closed"))
+  for binning in ("equal_width", "equal_mass"):
+    for classwise in (False, True):
+      for norm in ("l1", "max"):
+        kwargs = dict(num_bins=10, norm=norm, binning=binning, classwise=classwise)
+        expected = calibration.expected_calibration_error(probs[mask], targets[mask], **kwargs)
+        for weights in (mask, mask.astype(np.float32), mask.astype(np.int32)):
+          assert float(ece(probs, targets, weights=weights, **kwargs)) == pytest.approx(float(expected), rel=1e-5)
+  counts = rng.integers(0, 4, size=(3, 11))
+  repeated = calibration.expected_calibration_error(np.repeat(probs.reshape(33, 9), counts.ravel(), 0),
+                                                    np.repeat(targets.ravel(), counts.ravel()))
+  assert float(calibration.expected_calibration_error(probs, targets, weights=counts)) == pytest.approx(
+      float(repeated), rel=1e-5)
+  # Equal-mass bins by weight: the float64 rule floor(W_before * B / W) on the sorted weighted examples.
+  confidences = probs.max(-1).ravel()
+  weights = rng.uniform(0, 2, size=33).astype(np.float32)
+  order = np.argsort(confidences, kind="stable")
+  before = np.zeros(33)
+  before[order] = np.concatenate([[0.0], np.cumsum(weights[order].astype(np.float64))[:-1]])
+  expected_ids = np.floor(before * 4 / weights.astype(np.float64).sum()).astype(int)
+  np.testing.assert_array_equal(calibration.equal_mass_bin_ids(confidences, 4, weights), expected_ids)
+
+
+def test_inputs_are_checked_with_clear_messages():
+  probs, labels = _probs(8, n=20)
+  logits = np.log(probs) * 3
+  with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(pass softmax\(logits\)"):
+    calibration.expected_calibration_error(logits, labels)
+  with pytest.raises(ValueError, match="probs must sum to 1 over the last"):
+    calibration.expected_calibration_error(probs * 0.5, labels)
+  with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float32"):
+    calibration.expected_calibration_error(probs, labels.astype(np.float32))
+  with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\); got values in \[1, 4\]"):
+    calibration.expected_calibration_error(probs, np.where(labels == 0, 4, labels))
+  with pytest.raises(ValueError, match=r"probs must be \[..., C\] and labels \[...\]"):
+    calibration.expected_calibration_error(probs, labels[:-1])
+  with pytest.raises(ValueError, match=r"weights must have the examples' shape \(20,\)"):
+    calibration.expected_calibration_error(probs, labels, weights=np.ones(19))
+  with pytest.raises(ValueError, match=r"weights must be finite and >= 0"):
+    calibration.expected_calibration_error(probs, labels, weights=-np.ones(20))
+  with pytest.raises(ValueError, match=r"probs must be probabilities"):
+    calibration.negative_log_likelihood(np.full((2, 2), np.nan, np.float32), np.array([0, 1]))
+  with pytest.raises(ValueError, match="correct must have the confidences' shape"):
+    calibration.calibration_bin_sums(probs.max(-1), labels[:3] == 0)
+  with pytest.raises(ValueError, match=r"confidences must be probabilities in \[0, 1\]"):
+    calibration.calibration_bin_sums(logits.max(-1), labels == 0)
+  with pytest.raises(ValueError, match="confidences must be floating-point"):
+    calibration.calibration_bin_sums(labels, labels == 0)
+  # Under jit the values are tracers: shape and dtype checks still run, range checks are skipped.
+  sums = jax.jit(calibration.calibration_bin_sums)(probs.max(-1), labels == 0, np.ones(20, np.float32))
+  assert float(sums["bin_count"].sum()) == 20
+  with pytest.raises(ValueError, match="labels must be integer class indices"):
+    jax.jit(calibration.expected_calibration_error)(probs, labels.astype(np.float32))

@@ -1,5 +1,6 @@
 """Post-hoc calibrators: known-parameter recovery, scikit-learn references, invariants, save/load round trip."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
@@ -36,6 +37,41 @@ def test_temperature_scaling_recovers_a_known_temperature():
     assert _nll(scipy.special.softmax(logits / other, -1), labels) > best
   assert float(calibration.expected_calibration_error(probs, labels)) < float(
       calibration.expected_calibration_error(scipy.special.softmax(logits, -1), labels))
+
+
+def _float64_temperature(logits, labels, min_temperature=1e-3, max_temperature=1e3):
+  """The float64 NumPy host fit that preceded the device fit: safeguarded Newton on beta = 1/T to 1e-13."""
+  logits = np.asarray(logits, np.float64)
+  label_logits = logits[np.arange(len(labels)), labels]
+  low, high = 1.0 / max_temperature, 1.0 / min_temperature
+  beta = min(max(1.0, low), high)
+  for _ in range(200):
+    probs = scipy.special.softmax(beta * logits, axis=-1)
+    mean = np.sum(probs * logits, axis=-1)
+    gradient = np.mean(mean - label_logits)
+    curvature = np.mean(np.sum(probs * logits ** 2, axis=-1) - mean ** 2)
+    high, low = (beta, low) if gradient > 0 else (high, beta)
+    step = beta - gradient / curvature if curvature > 0 else np.inf
+    new_beta = step if low < step < high else 0.5 * (low + high)
+    if abs(new_beta - beta) <= 1e-13 * beta or high - low <= 1e-13 * high:
+      return 1.0 / new_beta
+    beta = new_beta
+  return 1.0 / beta
+
+
+@pytest.mark.parametrize("chunk_size", [None, 64, 7, 1])
+def test_device_temperature_fit_agrees_with_a_float64_fit(chunk_size):
+  """Chunks smaller than N (and not dividing it: 1001 rows), JAX float32 and bfloat16 inputs."""
+  logits, labels = _synthetic(8, n=1001, c=37, temperature=0.7)
+  expected = _float64_temperature(logits, labels)
+  fitted = calibrators.TemperatureScaling(chunk_size=chunk_size).fit(logits, labels)
+  assert float(fitted.params["temperature"]) == pytest.approx(expected, rel=2e-6)
+  on_device = calibrators.TemperatureScaling(chunk_size=chunk_size).fit(jnp.asarray(logits, jnp.float32), labels)
+  assert float(on_device.params["temperature"]) == pytest.approx(expected, rel=2e-6)
+  rounded = jnp.asarray(logits, jnp.bfloat16)
+  bf16 = calibrators.TemperatureScaling(chunk_size=chunk_size).fit(rounded, labels)
+  assert float(bf16.params["temperature"]) == pytest.approx(
+      _float64_temperature(np.asarray(rounded, np.float64), labels), rel=2e-6)
 
 
 def test_temperature_scaling_hits_the_bound_on_separable_data():
@@ -129,3 +165,38 @@ def test_clear_errors():
     calibrators.TemperatureScaling().fit(np.zeros((2, 3)), np.array([0, 3]))
   with pytest.raises(FileNotFoundError, match="Fit one and call save"):
     calibrators.load("/nonexistent", 5, "temperature")
+  logits, labels = _synthetic(9, n=50, c=3)
+  probs = scipy.special.softmax(logits, -1)
+  for name in sorted(calibrators.CALIBRATORS):
+    if name == "platt":  # binary only: these are three-class problems
+      continue
+    with pytest.raises(ValueError, match="logits look like probabilities"):
+      calibrators.CALIBRATORS[name]().fit(probs, labels)
+    with pytest.raises(ValueError, match=r"labels must be \[N\] integers in \[0, 3\) \(class indices\), got dtype f"):
+      calibrators.CALIBRATORS[name]().fit(logits, labels.astype(np.float64))
+    with pytest.raises(ValueError, match="got dtype bool"):
+      calibrators.CALIBRATORS[name]().fit(logits, labels == 0)
+    fitted = calibrators.CALIBRATORS[name]().fit(logits, labels)
+    with pytest.raises(ValueError, match="logits look like probabilities"):
+      fitted(probs)
+  calibrators.TemperatureScaling().fit(np.log(probs), labels)  # log-probabilities are logits
+  with pytest.raises(ValueError, match="logits look like probabilities"):
+    calibrators.TemperatureScaling().fit(jnp.asarray(probs, jnp.float32), labels)
+  with pytest.raises(ValueError, match="logits must be finite"):
+    calibrators.TemperatureScaling().fit(np.full((2, 3), np.nan), np.array([0, 1]))
+  with pytest.raises(ValueError, match=r"logits must be \[N, C\] \(class scores per example, C >= 2\)"):
+    calibrators.VectorScaling().fit(logits[:, 0], labels)
+  with pytest.raises(ValueError, match="logits must be floating-point class scores, got dtype int64"):
+    calibrators.VectorScaling().fit(np.ones((2, 3), np.int64), np.array([0, 1]))
+
+
+@pytest.mark.parametrize("right_closed", [True, False])
+def test_histogram_binning_puts_edge_probabilities_in_the_right_bin(right_closed):
+  """float64 probabilities exactly 0.3 or 0.7 (float64 linspace(0, 1, 11) has 0.30000000000000004 and
+  0.7000000000000001) lie on edges 3 and 7 of 10 bins."""
+  probs = np.array([[0.7, 0.3], [0.3, 0.7], [0.95, 0.05], [0.05, 0.95]])
+  labels = np.array([0, 1, 0, 1])
+  calibrator = calibrators.HistogramBinning(num_bins=10, right_closed=right_closed).fit(np.log(probs), labels)
+  values = calibrator.params["bin_values"][0]  # positive class: P(label == 1) per bin
+  filled = [2, 6, 0, 9] if right_closed else [3, 7, 0, 9]  # bins of 0.3, 0.7, 0.05 and 0.95
+  assert [b for b in range(10) if values[b] != (b + 0.5) / 10] == sorted(filled)

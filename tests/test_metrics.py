@@ -145,3 +145,51 @@ def test_rouge_l_matches_a_brute_force_reference():
     expected.append(0.0 if common == 0 else 2 * common / (len(h) + len(r)))  # F1 = 2L / (|h| + |r|)
   assert metrics.rouge_l(hypotheses, references) == pytest.approx(np.mean(expected), rel=1e-12)
   assert metrics.rouge_l(["police killed the gunman"], [["the gunman police killed", "x"]]) == pytest.approx(0.5)
+
+
+def test_13a_tokenizer_on_hand_tokenised_examples():
+  """mteval-v13a: punctuation split off except inside numbers; apostrophes and in-word dashes stay."""
+  assert metrics.tokenize_13a("Hello, world! It's 3.5-4 km (approx.) &amp; 1,000 <skipped>items.") == [
+      "Hello", ",", "world", "!", "It's", "3.5", "-", "4", "km", "(", "approx", ".", ")", "&", "1,000", "items", "."]
+  assert metrics.tokenize_13a('a-b "q"; e.g. x/y') == ["a-b", '"', "q", '"', ";", "e", ".", "g", ".", "x", "/", "y"]
+
+
+def test_sentence_bleu_smoothing_on_hand_computed_examples():
+  # "a b c d e" vs "a b x d e y": p1 = 4/5, p2 = 2/4 (a b, d e), p3 = 0/3, p4 = 0/2; c = 5, r = 6.
+  hypothesis, reference = "a b c d e", "a b x d e y"
+  brevity = np.exp(1 - 6 / 5)
+  expected = {
+      "none": 0.0,
+      "floor": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.1 / 3, 0.1 / 2]))),  # zero counts -> 0.1
+      "add-k": brevity * np.exp(np.mean(np.log([4 / 5, 3 / 5, 1 / 4, 1 / 3]))),  # +1 to orders 2..4
+      "exp": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 1 / (2 * 3), 1 / (4 * 2)]))),  # 1 / (2^i count)
+  }
+  for smooth, value in expected.items():
+    assert metrics.sentence_bleu(hypothesis, reference, smooth=smooth) == pytest.approx(value, rel=1e-12), smooth
+  assert metrics.sentence_bleu(hypothesis, [reference], smooth="floor", smooth_value=0.5) == pytest.approx(
+      brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.5 / 3, 0.5 / 2]))), rel=1e-12)
+  # "a b" vs "a b c": no 3-grams at all. Effective order: the mean over orders 1..2 (p = 1, 1), BP = exp(-1/2);
+  # without it BLEU is 0 (add-k still counts 1/1 for the orders 3 and 4).
+  assert metrics.sentence_bleu("a b", "a b c") == pytest.approx(np.exp(-0.5), rel=1e-12)
+  assert metrics.sentence_bleu("a b", "a b c", effective_order=False) == 0.0
+  assert metrics.sentence_bleu("a b", "a b c", smooth="add-k", effective_order=False) == pytest.approx(np.exp(-0.5))
+  # Tokenizers: 13a splits the punctuation, so "mat." matches "mat"; whitespace tokens do not.
+  assert metrics.sentence_bleu("the cat sat on the mat.", "the cat sat on the mat") == pytest.approx(
+      np.exp(np.mean(np.log([6 / 7, 5 / 6, 4 / 5, 3 / 4]))), rel=1e-12)  # c = 7 > r = 6, BP = 1
+  assert metrics.sentence_bleu("the cat sat on the mat.", "the cat sat on the mat", tokenize="whitespace") == \
+      pytest.approx(np.exp(np.mean(np.log([5 / 6, 4 / 5, 3 / 4, 2 / 3]))), rel=1e-12)
+  # The corpus score smooths the pooled counts the same way; the default (whitespace, none) is unchanged.
+  assert metrics.bleu([hypothesis], [reference], smooth="exp") == pytest.approx(expected["exp"], rel=1e-12)
+  assert metrics.bleu([hypothesis], [reference]) == 0.0
+  with pytest.raises(ValueError, match="smooth must be one of"):
+    metrics.sentence_bleu("a", "a", smooth="method1")
+  with pytest.raises(ValueError, match="tokenize must be one of"):
+    metrics.bleu(["a"], ["a"], tokenize="spacy")
+
+
+def test_rouge_l_tokenizers():
+  # 13a: [Hello , world .] vs [Hello world]: L = 2, P = 2/4, R = 1, F1 = 2/3; whitespace: no common token.
+  assert metrics.rouge_l(["Hello, world."], ["Hello world"], tokenize="13a") == pytest.approx(2 / 3)
+  assert metrics.rouge_l(["Hello, world."], ["Hello world"]) == 0.0
+  with pytest.raises(ValueError, match="tokenize must be one of"):
+    metrics.rouge_l(["a"], ["a"], tokenize="rouge")

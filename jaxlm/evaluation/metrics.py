@@ -3,7 +3,9 @@
 Array metrics are pure JAX functions (jit-able, fixed shapes); the streaming ones are sums
 (`confusion_matrix`, `token_nll_sums`) that add over batches and devices and turn into numbers at the end
 (`precision_recall_f1`, `perplexity_from_sums`). Generation metrics (exact match, BLEU, ROUGE-L) work on
-Python strings or token sequences on the host.
+Python strings or token sequences on the host. Strings are split into tokens by `tokenize`: "whitespace"
+(`str.split`) or "13a" (mteval-v13a, sacrebleu's default, see `tokenize_13a`); sequences of tokens (e.g.
+token ids) are used as they are.
 
 Conventions: predictions are `argmax` of the scores (ties to the lowest class index); a confusion matrix
 has true classes on rows and predicted classes on columns (as scikit-learn); ranking metrics treat
@@ -12,12 +14,23 @@ tied scores as one threshold (AUC counts a tied positive/negative pair as 1/2).
 
 import collections
 import math
+import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 AVERAGES = (None, "macro", "micro", "weighted")
+TOKENIZERS = ("whitespace", "13a")
+BLEU_SMOOTHING = ("none", "floor", "add-k", "exp")
+# sacrebleu's defaults for the smoothing value: the floor epsilon and the k of add-k (Chen & Cherry 2014).
+_SMOOTH_DEFAULTS = {"none": None, "floor": 0.1, "add-k": 1.0, "exp": None}
+_13A_RULES = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # symbols and punctuation except . , - and '
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period and comma unless preceded by a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period and comma unless followed by a digit
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
+]
 
 
 def _weighted_mean(values, weights):
@@ -170,9 +183,32 @@ def bits_per_token(logits: jax.Array, targets: jax.Array, weights: jax.Array | N
   return perplexity_from_sums(token_nll_sums(logits, targets, weights))["bits_per_token"]
 
 
-def _tokens(text) -> list:
-  """Whitespace tokens of a string; a sequence of tokens (e.g. token ids) is used as it is."""
-  return text.split() if isinstance(text, str) else list(text)
+def tokenize_13a(text: str) -> list[str]:
+  """Tokens of mteval-v13a (WMT's reference tokenizer), as sacrebleu's default `13a` tokenizer.
+
+  Drops "<skipped>" and hyphenated line breaks, unescapes &quot; &amp; &lt; &gt;, then splits off punctuation
+  and symbols; periods and commas stay inside numbers ("3.5", "1,000"), and a dash after a digit is split.
+  No lower-casing.
+  """
+  text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+  if "&" in text:
+    text = text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+  text = f" {text} "
+  for pattern, replacement in _13A_RULES:
+    text = pattern.sub(replacement, text)
+  return text.split()
+
+
+def _check_tokenize(tokenize: str) -> None:
+  if tokenize not in TOKENIZERS:
+    raise ValueError(f"tokenize must be one of {TOKENIZERS}, got {tokenize!r}.")
+
+
+def _tokens(text, tokenize: str = "whitespace") -> list:
+  """Tokens of a string by `tokenize` ("whitespace" or "13a"); a sequence of tokens (e.g. ids) is used as it is."""
+  if not isinstance(text, str):
+    return list(text)
+  return text.split() if tokenize == "whitespace" else tokenize_13a(text)
 
 
 def exact_match(predictions: Sequence[str], references: Sequence) -> float:
@@ -192,36 +228,92 @@ def _ngrams(tokens: list, n: int) -> collections.Counter:
   return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu(hypotheses: Sequence, references: Sequence, max_order: int = 4) -> float:
-  """Corpus BLEU (Papineni et al. 2002) in [0, 1]: BP * exp(mean_{n=1..max_order} log p_n), no smoothing.
+def _bleu_statistics(hypothesis: list, references: list[list], max_order: int) -> tuple[list, list, int, int]:
+  """(clipped n-gram matches [max_order], hypothesis n-gram counts [max_order], hypothesis length, closest
+  reference length) of one tokenised hypothesis; the closest length is the shorter one on a tie."""
+  matches, totals = [], []
+  for n in range(1, max_order + 1):
+    counts = _ngrams(hypothesis, n)
+    max_reference = collections.Counter()
+    for reference in references:
+      max_reference |= _ngrams(reference, n)
+    matches.append(sum(min(count, max_reference[gram]) for gram, count in counts.items()))
+    totals.append(sum(counts.values()))
+  closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1]
+  return matches, totals, len(hypothesis), closest
+
+
+def _bleu_from_statistics(matches, totals, hypothesis_length, reference_length, smooth, smooth_value,
+                          effective_order) -> float:
+  """BLEU in [0, 1] from pooled statistics, step for step sacrebleu's `BLEU.compute_bleu` (divided by 100)."""
+  if smooth not in BLEU_SMOOTHING:
+    raise ValueError(f"smooth must be one of {BLEU_SMOOTHING}, got {smooth!r}.")
+  if not any(matches):
+    return 0.0
+  value = _SMOOTH_DEFAULTS[smooth] if smooth_value is None else smooth_value
+  precisions = [0.0] * len(matches)
+  order, exp_divisor = len(matches), 1.0
+  for n, (match, total) in enumerate(zip(matches, totals)):
+    if smooth == "add-k" and n > 0:
+      match, total = match + value, total + value
+    if total == 0:
+      break
+    if effective_order:
+      order = n + 1
+    if match > 0:
+      precisions[n] = match / total
+    elif smooth == "exp":
+      exp_divisor *= 2
+      precisions[n] = 1.0 / (exp_divisor * total)
+    elif smooth == "floor":
+      precisions[n] = value / total
+  if min(precisions[:order]) == 0.0:  # sacrebleu's floored log(0) = -1e10 gives exactly 0
+    return 0.0
+  brevity = 1.0 if hypothesis_length >= reference_length else math.exp(1.0 - reference_length / hypothesis_length)
+  return brevity * math.exp(sum(math.log(p) for p in precisions[:order]) / order)
+
+
+def _reference_lists(entry, tokenize) -> list[list]:
+  """One reference (a string) or several (a list of strings or token sequences), tokenised."""
+  return [_tokens(entry, tokenize)] if isinstance(entry, str) else [_tokens(r, tokenize) for r in entry]
+
+
+def bleu(hypotheses: Sequence, references: Sequence, max_order: int = 4, smooth: str = "none",
+         smooth_value: float | None = None, tokenize: str = "whitespace", effective_order: bool = False) -> float:
+  """Corpus BLEU (Papineni et al. 2002) in [0, 1]: BP * exp(mean_{n=1..max_order} log p_n) (sacrebleu / 100).
 
   p_n = (sum over hypotheses of n-gram counts clipped by the maximum count in any of its references) /
-  (sum over hypotheses of their n-gram counts). BP = 1 if c > r else exp(1 - r / c), with c the total
+  (sum over hypotheses of their n-gram counts). BP = 1 if c >= r else exp(1 - r / c), with c the total
   hypothesis length and r the sum of the reference lengths closest to each hypothesis length (the shorter
-  on a tie). BLEU is 0 if some p_n is 0. Tokens: whitespace split of strings, or given token sequences.
-  Each entry of `references` is one reference string, or a list of references (strings or token sequences).
+  on a tie). Each entry of `references` is one reference string, or a list of references (strings or token
+  sequences). Tokens: see the module docstring (default whitespace, unlike sacrebleu's 13a).
+  smooth (sacrebleu's methods, applied to the pooled counts; Chen & Cherry 2014): "none" (default): BLEU is 0
+  if some p_n is 0; "floor" (method 1): a zero count becomes smooth_value (default 0.1); "add-k" (method 2):
+  smooth_value (default 1) is added to the matches and counts of every order n >= 2; "exp" (method 3, NIST
+  mteval): the i-th zero precision becomes 1 / (2^i * count). An order with no hypothesis n-grams at all ends
+  the product, and counts as p_n = 0 unless `effective_order` (then the mean runs over the orders before it).
   """
+  _check_tokenize(tokenize)
   if len(hypotheses) != len(references):
     raise ValueError(f"bleu: {len(hypotheses)} hypotheses but {len(references)} reference entries.")
   matches, totals = [0] * max_order, [0] * max_order
   hypothesis_length = reference_length = 0
   for hypothesis, entry in zip(hypotheses, references):
-    hypothesis = _tokens(hypothesis)
-    entry_references = [_tokens(entry)] if isinstance(entry, str) else [_tokens(r) for r in entry]
-    hypothesis_length += len(hypothesis)
-    reference_length += min((abs(len(r) - len(hypothesis)), len(r)) for r in entry_references)[1]
-    for n in range(1, max_order + 1):
-      counts = _ngrams(hypothesis, n)
-      max_reference = collections.Counter()
-      for reference in entry_references:
-        max_reference |= _ngrams(reference, n)
-      matches[n - 1] += sum(min(count, max_reference[gram]) for gram, count in counts.items())
-      totals[n - 1] += sum(counts.values())
-  if hypothesis_length == 0 or min(matches) == 0:
-    return 0.0
-  log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_order
-  brevity = 1.0 if hypothesis_length > reference_length else math.exp(1.0 - reference_length / hypothesis_length)
-  return brevity * math.exp(log_precision)
+    statistics = _bleu_statistics(_tokens(hypothesis, tokenize), _reference_lists(entry, tokenize), max_order)
+    matches = [a + b for a, b in zip(matches, statistics[0])]
+    totals = [a + b for a, b in zip(totals, statistics[1])]
+    hypothesis_length += statistics[2]
+    reference_length += statistics[3]
+  return _bleu_from_statistics(matches, totals, hypothesis_length, reference_length, smooth, smooth_value,
+                               effective_order)
+
+
+def sentence_bleu(hypothesis, references, max_order: int = 4, smooth: str = "exp", smooth_value: float | None = None,
+                  tokenize: str = "13a", effective_order: bool = True) -> float:
+  """BLEU in [0, 1] of one hypothesis against one reference (a string) or several (a list): `bleu` of a
+  one-sentence corpus, with sacrebleu's `sentence_bleu` defaults (exp smoothing, effective order, 13a tokens).
+  """
+  return bleu([hypothesis], [references], max_order, smooth, smooth_value, tokenize, effective_order)
 
 
 def _lcs_length(a: list, b: list) -> int:
@@ -234,21 +326,22 @@ def _lcs_length(a: list, b: list) -> int:
   return previous[-1]
 
 
-def rouge_l(hypotheses: Sequence, references: Sequence, beta: float = 1.0) -> float:
+def rouge_l(hypotheses: Sequence, references: Sequence, beta: float = 1.0, tokenize: str = "whitespace") -> float:
   """Mean over examples of sentence ROUGE-L F (Lin 2004), the best over an example's references.
 
   With L the longest-common-subsequence length, R = L / |reference|, P = L / |hypothesis|:
-  F = (1 + beta^2) P R / (R + beta^2 P), 0 when L = 0. Tokens as in `bleu` (no case folding).
+  F = (1 + beta^2) P R / (R + beta^2 P), 0 when L = 0. Tokens by `tokenize` (module docstring), no case
+  folding; Google's rouge-score package instead lower-cases and keeps only [a-z0-9] runs by default.
   """
+  _check_tokenize(tokenize)
   if len(hypotheses) != len(references) or not hypotheses:
     raise ValueError(f"rouge_l: needs as many references as hypotheses (>0); got {len(hypotheses)} and "
                      f"{len(references)}.")
   total = 0.0
   for hypothesis, entry in zip(hypotheses, references):
-    hypothesis = _tokens(hypothesis)
-    entry_references = [_tokens(entry)] if isinstance(entry, str) else [_tokens(r) for r in entry]
+    hypothesis = _tokens(hypothesis, tokenize)
     best = 0.0
-    for reference in entry_references:
+    for reference in _reference_lists(entry, tokenize):
       common = _lcs_length(hypothesis, reference)
       if common:
         recall, precision = common / len(reference), common / len(hypothesis)
