@@ -58,15 +58,21 @@ def _per_device_bytes(shape, dtype, mesh_spec, mesh: dict) -> int:
 
 
 def _tree_rows(abstract_tree, mesh: dict) -> list[ParamRow]:
-  """One row per array leaf of a boxed abstract tree (leaves carry logical axis names)."""
-  logical = nn.get_partition_spec(abstract_tree)
-  arrays = nn.meta.unbox(abstract_tree)
+  """One row per array leaf of a boxed abstract tree (leaves carry logical axis names; unboxed leaves, like
+  Adam's step count, are replicated). Each leaf is read with its own names, so a tree with unboxed leaves or
+  empty masked nodes (frozen parameters) cannot shift names onto the wrong array."""
   rows = []
-  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(arrays), jax.tree.leaves(
-      logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
-    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), sharding.LOGICAL_AXIS_RULES)
-    rows.append(ParamRow(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), str(leaf.dtype),
-                         tuple(spec), tuple(mesh_spec), _per_device_bytes(leaf.shape, leaf.dtype, mesh_spec, mesh)))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    boxed = isinstance(leaf, nn.Partitioned)
+    value = leaf.value if boxed else leaf
+    if not hasattr(value, "shape"):  # an empty masked node: a frozen parameter's (absent) optimizer state
+      continue
+    logical = tuple(leaf.names) if boxed else (None,) * len(value.shape)
+    mesh_spec = tuple(nn.logical_to_mesh_axes(logical, sharding.LOGICAL_AXIS_RULES))
+    rows.append(ParamRow(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(value.shape),
+                         str(value.dtype), logical, mesh_spec,
+                         _per_device_bytes(value.shape, value.dtype, mesh_spec, mesh)))
   return rows
 
 

@@ -2,6 +2,7 @@
 
 import ast
 import collections
+import hashlib
 
 import pytest
 import tensorflow_datasets as tfds
@@ -36,8 +37,20 @@ def test_stratified_split_is_by_file_and_keeps_the_last_file_in_train():
   counts = {"pkg/a.py": 10, "pkg/b.py": 10, "pkg/c.py": 60, "pkg/d.py": 20}
   splits = pystdlib_packages.stratified_splits(counts)
   assert splits == pystdlib_packages.stratified_splits(dict(reversed(counts.items())))  # order-free
-  assert set(splits) == set(counts) and "train" in splits.values()
   assert pystdlib_packages.stratified_splits({"pkg/only.py": 5}) == {"pkg/only.py": "train"}
+  # The documented rule, recomputed: files in SHA-256 order laid end to end by function count; a file's
+  # midpoint in the first 20% -> test, the next 10% -> validation, else train.
+  order = sorted(counts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+  before, expected = 0, {}
+  for path in order:
+    midpoint = (before + counts[path] / 2) / sum(counts.values())
+    before += counts[path]
+    expected[path] = "test" if midpoint < 0.2 else "validation" if midpoint < 0.3 else "train"
+  assert splits == expected and splits[order[-1]] == "train"
+  # Many equal files: the split shares land on 20% / 10% / 70% of the functions.
+  many = {f"pkg/m{i}.py": 3 for i in range(200)}
+  shares = collections.Counter(pystdlib_packages.stratified_splits(many).values())
+  assert (shares["test"], shares["validation"], shares["train"]) == (40, 20, 140)
 
 
 def test_docstring_pairs_and_test_split_is_pystdlib_lm_validation(data_dir):
@@ -46,8 +59,12 @@ def test_docstring_pairs_and_test_split_is_pystdlib_lm_validation(data_dir):
   for row in records["test"][:50]:
     prompt, target = row["prompt"].decode(), row["target"].decode()
     assert target and "\n" not in target and target == target.strip()
-    assert target not in prompt.split("\n", 1)[0]  # the docstring is gone from the prompt
-    ast.parse(prompt)  # the prompt is still a valid function
+    (function,) = [node for node in ast.parse(prompt).body]  # the prompt is still one valid function
+    body = function.body[0]
+    # Its docstring is gone: the first statement is not a string constant, and the target is nowhere in it.
+    assert not (isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) and isinstance(body.value.value,
+                                                                                                  str))
+    assert target not in prompt
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -171,3 +171,39 @@ def test_sharded_bfloat16_decoding_matches_one_device_and_shards_the_cache():
   assert output.tokens[:, :4].tolist() == expected.tokens[:, :4].tolist()
   assert cache.key.dtype == jnp.bfloat16
   assert cache.key.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor")  # [L, B, K, S, H]
+
+
+def _uncached_log_probs(model, params, prefix: list[int]) -> np.ndarray:
+  """log-softmax of the raw next-token logits after `prefix`, from a full forward pass (no cache)."""
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, np.asarray([prefix], np.int32))[0, -1], np.float64)
+  return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+
+
+def test_sampled_log_probs_are_the_models_raw_log_probs_and_respect_top_k(llama):
+  """Temperature and top-k change which token is drawn, never the reported log-probability: that is the model's
+  log-softmax of the raw logits (checked without the cache), and the token is among the raw top k."""
+  model, params = llama
+  output = run(model, params, PROMPTS[:2], strategy="sample", temperature=0.7, top_k=5, rng=jax.random.key(3))
+  for row, prompt in enumerate(PROMPTS[:2]):
+    prefix = list(prompt)
+    for step in range(NEW_TOKENS):
+      token = int(output.tokens[row, step])
+      reference = _uncached_log_probs(model, params, prefix)
+      assert token in np.argsort(reference)[-5:]
+      assert output.log_probs[row, step] == pytest.approx(reference[token], abs=2e-5)
+      prefix.append(token)
+
+
+def test_two_steps_of_beam_search_equal_a_brute_force_search_over_the_kept_beams():
+  """Two steps of beam search (no EOS) keep the W best first tokens, then return the best of their W x V
+  continuations: checked against all of them, scored by brute force with the uncached model."""
+  model, params = make_model(vocab_size=32, **LLAMA_LIKE)
+  prompt, beams = [2, 5, 9, 4], 8
+  output = run(model, params, [prompt], strategy="beam", beam_size=beams, max_new_tokens=2)
+  first = _uncached_log_probs(model, params, prompt)
+  kept = np.argsort(first)[-beams:]
+  totals = {(a, b): first[a] + second[b] for a in kept
+            for second in [_uncached_log_probs(model, params, prompt + [int(a)])] for b in range(32)}
+  best = max(totals, key=totals.get)
+  assert output.tokens[0].tolist() == [int(best[0]), int(best[1])]
+  assert output.scores[0] == pytest.approx(totals[best], abs=1e-4)

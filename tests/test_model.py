@@ -96,24 +96,44 @@ def test_rotary_scores_depend_only_on_relative_position():
                              jnp.linalg.norm(q), rtol=1e-5)
 
 
-def test_attention_matches_numpy_reference():
-  """Grouped-query attention with a causal segment mask against a float64 NumPy computation."""
-  rng = np.random.default_rng(1)
-  B, T, N, K, H = 2, 6, 4, 2, 8
-  q, k, v = (rng.normal(size=(B, T, n, H)) for n in (N, K, K))
-  segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
-  mask = layers.attention_mask(jnp.asarray(segments), jnp.asarray(segments), causal=True)
-  out = jax.nn.dot_product_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), mask=mask)
+def _numpy_rotary(x, positions, theta):
+  """Llama's rotate-half rotary embedding in float64; x [B, T, n, H], positions [B, T]."""
+  half = x.shape[-1] // 2
+  angles = positions[..., None] * theta ** (-np.arange(half) / half)  # [B, T, H/2]
+  sin, cos = np.sin(angles)[:, :, None], np.cos(angles)[:, :, None]
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-  expected = np.zeros((B, T, N, H))
+
+@pytest.mark.parametrize("position", ["rotary", "learned"])
+def test_attention_module_matches_numpy_reference(position):
+  """jaxlm's Attention (projections, rotary, grouped-query heads, packed causal mask, output projection)
+  against a float64 NumPy computation from its own parameters."""
+  config = tiny(embed_dim=32, num_heads=4, num_kv_heads=2, position=position, rope_theta=100.0)
+  B, T, D, N, K, H = 2, 6, 32, 4, 2, 8
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(B, T, D))
+  segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
+  positions = np.array([[0, 1, 2, 0, 1, 2], [3, 4, 5, 6, 7, 8]])
+  mask = layers.attention_mask(jnp.asarray(segments), jnp.asarray(segments), causal=True)
+  module = layers.Attention(config)
+  args = (jnp.asarray(x, jnp.float32), jnp.asarray(positions), mask)
+  params = nn.meta.unbox(module.init(jax.random.key(0), *args)["params"])
+  out = module.apply({"params": params}, *args)
+
+  w = {name: np.asarray(params[name]["kernel"], np.float64) for name in ("query", "key", "value", "out")}
+  q, k, v = (np.einsum("btd,dnh->btnh", x, w[name]) for name in ("query", "key", "value"))
+  if position == "rotary":
+    q, k = _numpy_rotary(q, positions, 100.0), _numpy_rotary(k, positions, 100.0)
+  heads = np.zeros((B, T, N, H))
+  allowed = (segments[:, :, None] == segments[:, None, :]) & np.tril(np.ones((T, T), bool))
   for b in range(B):
     for n in range(N):
-      kv = n // (N // K)
-      scores = q[b, :, n] @ k[b, :, kv].T / np.sqrt(H)
-      allowed = (segments[b][:, None] == segments[b][None, :]) & np.tril(np.ones((T, T), bool))
-      scores = np.where(allowed, scores, -np.inf)
+      kv = n // (N // K)  # query heads 0, 1 share kv head 0; 2, 3 share kv head 1
+      scores = np.where(allowed[b], q[b, :, n] @ k[b, :, kv].T / np.sqrt(H), -np.inf)
       weights = np.exp(scores - scores.max(-1, keepdims=True))
-      expected[b, :, n] = (weights / weights.sum(-1, keepdims=True)) @ v[b, :, kv]
+      heads[b, :, n] = (weights / weights.sum(-1, keepdims=True)) @ v[b, :, kv]
+  expected = np.einsum("btnh,nhd->btd", heads, w["out"])
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 

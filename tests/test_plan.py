@@ -46,3 +46,27 @@ def test_plan_cli_prints_every_parameter_and_the_verdict(tmp_path):
   assert "layers/mlp/gate/kernel" in out.stdout and "('layers', 'embed', 'mlp')" in out.stdout
   assert "(None, 'fsdp', 'tensor')" in out.stdout
   assert "total per device" in out.stdout and "device memory" in out.stdout
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, tensor=4),
+                                  dict(data=1, fsdp=8, tensor=1)], ids=["2x2x2", "tensor4", "fsdp8"])
+def test_plan_bytes_of_every_parameter_are_its_real_shard(mesh):
+  """Each parameter's planned bytes per device equal the shard the real sharding gives it (tensor and FSDP
+  splits included), and frozen parameters hold no Adam moments."""
+  config = experiment_config("finetune_packages", "tiny,lora")
+  config.classification.num_classes = 19
+  config.mesh.update(mesh)
+  experiment = Experiment.from_config(config)
+  memory = experiment.plan()
+  abstract = {row.path: row for row in memory.params}
+  real = jax.tree_util.tree_leaves_with_path(experiment.abstract_params())
+  assert len(real) == len(abstract)
+  for path, leaf in real:
+    row = abstract[jax.tree_util.keystr(path, simple=True, separator="/")]
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    assert row.bytes_per_device == np.prod(shard) * leaf.dtype.itemsize, row.path
+  if mesh["tensor"] == 4:
+    assert abstract["backbone/layers/attention/query/kernel"].mesh_axes[2] == "tensor"
+  # LoRA: only adapters and the head train, so Adam keeps two moments of those alone.
+  trained = sum(row.bytes_per_device for row in memory.params if "lora_" in row.path or row.path.startswith("head/"))
+  assert memory.optimizer_bytes <= 2 * trained + 64
