@@ -306,10 +306,10 @@ class Experiment:
   def predict(self, params, split: str | None = None, num_batches: int | None = -1) -> Predictions:
     """Per-example logits, labels and weights of `params` on `split` (default: the whole eval split), on the host:
     what calibrators (`evaluation.calibrators`) and conformal sets (`evaluation.conformal`) consume."""
-    outputs = []
+    outputs, predict_step = [], self._predict_step  # built outside the mesh context (eval_shape of the init)
     with sharding.mesh_context(self.mesh):
       for batch in self.eval_batches(split, num_batches):
-        output = jax.device_get(self._predict_step(params, steps.to_global(batch, self.mesh)))
+        output = jax.device_get(predict_step(params, steps.to_global(batch, self.mesh)))
         real = output["weights"].reshape(output["weights"].shape[0], -1).any(axis=1)
         outputs.append({key: value[real] for key, value in output.items()})
     return Predictions(**{key: np.concatenate([o[key] for o in outputs]) for key in ("logits", "labels", "weights")})

@@ -1,0 +1,149 @@
+"""The training loop's own behaviour, each against an independent computation: the step's gradient and logged
+norms, remat, whole-split evaluation with padding, init_from forms, and distillation end to end."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import experiment_config, lm_batch, make_trainer, tiny_model_config, train_config
+from jaxlm import Experiment, sharding
+from jaxlm.models import Decoder
+from jaxlm.tasks.causal_lm import CausalLm
+from jaxlm.training import checkpoint, optim
+
+
+def test_the_step_is_adamw_on_the_gradient_of_the_mean_loss_and_logs_its_norms():
+  """One step against optax applied to `jax.grad` of the mean next-token loss (Adam's scale invariance would hide
+  a wrong divisor from loss-only comparisons, so the logged gradient norm is checked too, with clipping active)."""
+  model = Decoder(tiny_model_config())
+  train = train_config(steps=10, warmup_steps=0, learning_rate=1e-2, grad_clip=0.5)
+  state, train_step, mesh = make_trainer(model, train=train)
+  params = jax.device_get(state.params)
+  batch = lm_batch(4)
+
+  def mean_loss(p):
+    loss_sum, sums = CausalLm().loss_and_metrics(model, p, batch, train=True, rng=jax.random.key(0))
+    return loss_sum / sums["weight"]
+
+  grads = jax.grad(mean_loss)(params)
+  assert float(optax.global_norm(grads)) > 0.5  # so the clip is part of what is checked
+  optimizer, schedule = optim.create_optimizer(train)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  with sharding.mesh_context(mesh):
+    new_state, metrics = train_step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
+  assert float(metrics["learning_rate"]) == pytest.approx(1e-2) == float(schedule(0))
+  assert float(metrics["update_norm"]) == pytest.approx(float(optax.global_norm(updates)), rel=1e-4)
+  # Adam's first step is lr * g / (|g| + eps): where g is near zero, float noise of the reduction order moves a
+  # parameter by up to ~lr; 0.5% of lr bounds it.
+  jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5),
+               jax.device_get(new_state.params), expected)
+
+
+def test_remat_gives_the_same_step():
+  batch = lm_batch(5)
+  results = []
+  for remat in ("none", "full", "save_dots"):
+    state, train_step, mesh = make_trainer(Decoder(tiny_model_config(remat=remat)))
+    with sharding.mesh_context(mesh):
+      state, metrics = train_step(state, batch)
+    results.append((float(metrics["grad_norm"]), jax.device_get(state.params)))
+  for grad_norm, params in results[1:]:
+    assert grad_norm == pytest.approx(results[0][0], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, results[0][1])
+
+
+@pytest.fixture(scope="module")
+def classifier_experiment(data_dir, tokenizer, tiny_workdir):
+  """The tiny packages classifier on the pretrained tiny run (nothing trained: evaluation only)."""
+  config = experiment_config("finetune_packages", "tiny")
+  config.data.data_dir = data_dir
+  config.init_from = tiny_workdir
+  return config
+
+
+def test_whole_split_evaluation_counts_every_example_once_whatever_the_batching(classifier_experiment):
+  """eval.num_batches=-1 over a split whose size no batch divides, with one and with two data streams: the
+  padding rows and padding batches count for nothing, so every batching gives the same metrics."""
+  results = []
+  for batch_size, streams in ((8, 1), (16, 2), (24, 8)):
+    config = classifier_experiment.copy_and_resolve_references()
+    config.eval.batch_size, config.data.num_streams = batch_size, streams
+    experiment = Experiment.from_config(config)
+    params = experiment.init_params()
+    size = len(experiment.source("validation"))
+    assert size % batch_size  # a last partial batch
+    predictions = experiment.predict(params, "validation", num_batches=-1)
+    assert len(predictions.labels) == size and (predictions.weights == 1).all()
+    results.append((experiment.evaluate(params, "validation", num_batches=-1), predictions))
+  (first, first_predictions), *others = results
+  accuracy = (first_predictions.logits.argmax(-1) == first_predictions.labels).mean()
+  assert first["accuracy"] == pytest.approx(accuracy)
+  for metrics, predictions in others:
+    assert metrics["accuracy"] == first["accuracy"]
+    assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    assert sorted(predictions.labels.tolist()) == sorted(first_predictions.labels.tolist())
+
+
+def test_init_from_a_checkpoint_directory_and_past_an_unfinished_save(tiny_workdir, tmp_path, classifier_experiment):
+  """init_from=WORKDIR/checkpoints/<step> restores that step; an interrupted save (Orbax's temporary directory) is
+  never taken for the latest checkpoint."""
+  run = tmp_path / "run"
+  shutil.copytree(tiny_workdir, run)
+  os.makedirs(run / "checkpoints" / "6.orbax-checkpoint-tmp-1234" / "state")
+  assert checkpoint.find_checkpoint(str(run)).step == 4
+  config = classifier_experiment.copy_and_resolve_references()
+  config.init_from = str(run / "checkpoints" / "2")
+  restored = Experiment.from_config(config).init_params()
+  at_2 = Experiment.from_workdir(str(run)).load_params(2)
+  at_4 = Experiment.from_workdir(str(run)).load_params(4)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["backbone"]), jax.device_get(at_2))
+  differs = jax.tree.leaves(jax.tree.map(lambda a, b: bool((np.asarray(a) != np.asarray(b)).any()), at_2, at_4))
+  assert any(differs)
+  with pytest.raises(checkpoint.CheckpointError, match=r"No finished checkpoint 3 .* steps \[2, 4\]"):
+    Experiment.from_workdir(str(run)).load_params(3)
+
+
+@pytest.mark.e2e
+def test_distillation_restores_the_teacher_from_its_workdir_and_trains(classifier_experiment, tmp_path):
+  teacher_config = classifier_experiment.copy_and_resolve_references()
+  teacher_config.train.update(dict(steps=2, eval_every=2, checkpoint_every=2))
+  teacher_config.data.test_split = ""
+  Experiment.from_config(teacher_config, str(tmp_path / "teacher")).train()
+
+  student_config = classifier_experiment.copy_and_resolve_references()
+  student_config.train.update(dict(steps=2, eval_every=2, checkpoint_every=2))
+  student_config.data.test_split = ""
+  student_config.distill.teacher = str(tmp_path / "teacher")
+  student = Experiment.from_config(student_config, str(tmp_path / "student"))
+  task = student.training_task()
+  teacher_params = Experiment.from_workdir(str(tmp_path / "teacher")).load_params()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(task.teacher_params), jax.device_get(teacher_params))
+  assert task.new_params == student.task.new_params and task.generates_text is False
+  metrics = student.train()
+  assert metrics["distill_kl"] > 0 and np.isfinite(metrics["task_loss"])
+  assert metrics["loss"] == pytest.approx(0.5 * metrics["task_loss"] + 0.5 * metrics["distill_kl"], rel=1e-5)
+
+
+def test_class_weights_weigh_the_loss_and_out_of_range_labels_are_refused(classifier_experiment):
+  """Each example's loss times its label's weight, normalised by the summed weights (NumPy reference)."""
+  from jaxlm.tasks.classification import Classification
+  task = Classification(num_classes=3, seq_len=16, class_weights=(1.0, 3.0, 0.5))
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  batch = {"label": jnp.asarray([0, 1, 2, 1, 0]), "segment_ids": jnp.ones((5, 16), jnp.int32).at[4].set(0)}
+  loss_sum, sums = task.loss_sums(logits, batch, train=True)
+  log_probs = np.asarray(jax.nn.log_softmax(logits), np.float64)
+  weights = np.asarray([1.0, 3.0, 0.5, 3.0, 0.0])  # the padding row weighs nothing
+  expected = -sum(w * log_probs[i, label] for i, (w, label) in enumerate(zip(weights, [0, 1, 2, 1, 0])))
+  assert float(loss_sum) == pytest.approx(expected, rel=1e-5) and float(sums["weight"]) == weights.sum()
+  config = classifier_experiment.copy_and_resolve_references()
+  config.classification.class_weights = (1.0, 2.0)
+  with pytest.raises(Exception, match="classification.class_weights: has 2 weights for 19 classes"):
+    Experiment.from_config(config)
