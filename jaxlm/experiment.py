@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -163,8 +162,7 @@ class Experiment:
     """Copies the tokenizer into the workdir (process 0), so the workdir holds everything needed to use it."""
     target = os.path.join(self.workdir, TOKENIZER_FILE)
     if jax.process_index() == 0 and self.tokenizer.path != target:
-      shutil.copyfile(self.tokenizer.path, target + ".tmp")
-      os.replace(target + ".tmp", target)
+      self.tokenizer.save(target)
 
   def source(self, split: str):
     """Random-access records of `split` of `data.name`."""
