@@ -195,7 +195,8 @@ def test_convert_cli_workdir_generates_plans_and_initialises(tmp_path):
   subprocess.run([*convert, f"--hf_dir={hf_dir}", f"--workdir={workdir}"], check=True, cwd=REPO, env=env,
                  capture_output=True, timeout=300)
 
-  text = run_cli(f"--workdir={workdir}", "--mode=generate", "--prompt=def add", "--config.decode.max_new_tokens=6")
+  text = run_cli(f"--workdir={workdir}", "--mode=generate", "--prompt=def add",
+                 f"--config=experiments/workdir.py:{workdir}", "--config.decode.max_new_tokens=6")
   _, params, tokenizer, model_config = hf.load_pretrained(hf_dir)
   ids = [tokenizer.bos_id, *tokenizer.encode("def add")]
   with torch.no_grad():
