@@ -14,7 +14,8 @@ one answer to "which tokenizer, which model, which mesh". Everything is built la
 workdir never touches its dataset, planning never touches a device.
 
 A workdir is self-contained: `config.json` (the resolved config), `tokenizer.model` (a copy of the run's
-tokenizer), `checkpoints/`, `metrics.jsonl`, `eval/`. Copied elsewhere it loses nothing.
+tokenizer: a SentencePiece model, or a Hugging Face tokenizer.json with its special tokens inside), `checkpoints/`,
+`metrics.jsonl`, `eval/`. Copied elsewhere it loses nothing.
 """
 
 import dataclasses

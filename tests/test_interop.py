@@ -118,7 +118,8 @@ def test_import_then_export_reproduces_the_checkpoint(hf_model, tmp_path):
   directory, reference = hf_model
   model, params, tokenizer, model_config = hf.load_pretrained(directory)
   hf.save_pretrained(str(tmp_path), model_config, params, tokenizer)
-  original, exported = load_file(os.path.join(directory, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+  original = load_file(os.path.join(directory, "model.safetensors"))
+  exported = load_file(tmp_path / "model.safetensors")
   assert sorted(original) == sorted(exported)
   for name in original:
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)

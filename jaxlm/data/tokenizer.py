@@ -34,7 +34,8 @@ class Tokenizer:
     if not os.path.exists(model_path):
       raise FileNotFoundError(
           f"Tokenizer model {model_path!r} does not exist. Point data.tokenizer at a SentencePiece "
-          "`.model` file or a Hugging Face tokenizer.json, or leave it empty to train one on the dataset's train split.")
+          "`.model` file or a Hugging Face tokenizer.json, or leave it empty to train one on the dataset's train "
+          "split.")
     self.path = model_path
     with open(model_path, "rb") as f:
       content = f.read()

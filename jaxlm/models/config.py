@@ -111,7 +111,8 @@ class ModelConfig:
     if self.rope_scaling_type == "llama3":
       check(self.position == "rotary", "model.rope_scaling_type", "'llama3' scales rotary positions; it needs "
             f"model.position='rotary', got {self.position!r}.")
-      check(self.rope_scaling_factor >= 1, "model.rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}.")
+      check(self.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+            f"must be >= 1, got {self.rope_scaling_factor}.")
       check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "model.rope_high_freq_factor",
             f"need 0 < model.rope_low_freq_factor ({self.rope_low_freq_factor}) < model.rope_high_freq_factor "
             f"({self.rope_high_freq_factor}).")
