@@ -14,14 +14,14 @@ one answer to "which tokenizer, which model, which mesh". Everything is built la
 workdir never touches its dataset, planning never touches a device.
 
 A workdir is self-contained: `config.json` (the resolved config), `tokenizer.model` (a copy of the run's
-tokenizer), `checkpoints/`, `metrics.jsonl`, `eval/`. Copied elsewhere it loses nothing.
+tokenizer: a SentencePiece model, or a Hugging Face tokenizer.json with its special tokens inside), `checkpoints/`,
+`metrics.jsonl`, `eval/`. Copied elsewhere it loses nothing.
 """
 
 import dataclasses
 import functools
 import itertools
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -163,8 +163,7 @@ class Experiment:
     """Copies the tokenizer into the workdir (process 0), so the workdir holds everything needed to use it."""
     target = os.path.join(self.workdir, TOKENIZER_FILE)
     if jax.process_index() == 0 and self.tokenizer.path != target:
-      shutil.copyfile(self.tokenizer.path, target + ".tmp")
-      os.replace(target + ".tmp", target)
+      self.tokenizer.save(target)
 
   def source(self, split: str):
     """Random-access records of `split` of `data.name`."""

@@ -82,17 +82,18 @@ def test_rotary_scores_depend_only_on_relative_position():
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  frequency = layers.rotary_inverse_frequency(ModelConfig(embed_dim=32, num_heads=4, rope_theta=10000.0))
 
   def score(query_position, key_position):
-    rq = layers.apply_rotary(q, jnp.array([[query_position]]), 10000.0)
-    rk = layers.apply_rotary(k, jnp.array([[key_position]]), 10000.0)
+    rq = layers.apply_rotary(q, jnp.array([[query_position]]), frequency)
+    rk = layers.apply_rotary(k, jnp.array([[key_position]]), frequency)
     return float(jnp.sum(rq * rk))
 
   assert score(5, 2) == pytest.approx(score(13, 10), rel=1e-5)
   assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
   # Position 0 is the identity; rotation preserves norms.
-  np.testing.assert_allclose(layers.apply_rotary(q, jnp.array([[0]]), 10000.0), q, rtol=1e-6)
-  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rotary(q, jnp.array([[7]]), 10000.0)),
+  np.testing.assert_allclose(layers.apply_rotary(q, jnp.array([[0]]), frequency), q, rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rotary(q, jnp.array([[7]]), frequency)),
                              jnp.linalg.norm(q), rtol=1e-5)
 
 

@@ -1,4 +1,10 @@
-"""SentencePiece tokenizers: train on a corpus, load, encode and decode.
+"""Tokenizers: SentencePiece models (trained here) and Hugging Face `tokenizer.json` files, behind one interface.
+
+`Tokenizer(path)` picks the backend by the file's content: a JSON object is a Hugging Face `tokenizer.json` (BPE,
+WordPiece or Unigram, through the `tokenizers` package), anything else a SentencePiece model. A `tokenizer.json`
+does not say which tokens are bos, eos and pad; they come from a top-level `"jaxlm_special_tokens"` entry that
+`Tokenizer.save` writes into jaxlm's copy (e.g. a workdir's), else from the `tokenizer_config.json` beside it
+(the Hugging Face layout). A tokenizer without a pad token (GPT-2) pads with its eos token.
 
 Tokenizers trained here are lossless: identity normalisation, no dummy
 prefix, whitespace kept, and byte fallback for any character not in the
@@ -6,7 +12,9 @@ vocabulary, so `decode(encode(text)) == text` for every string (source code
 depends on exact whitespace). Newlines are a token of their own.
 """
 
+import json
 import os
+import shutil
 import tempfile
 from typing import Iterable, Iterator
 
@@ -16,42 +24,110 @@ from absl import logging
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+SPECIAL_TOKENS_KEY = "jaxlm_special_tokens"  # in jaxlm's copy of a tokenizer.json: {"bos": str, "eos": ..., "pad": ...}
+
+
 class Tokenizer:
-  """A loaded SentencePiece model with the ids jaxlm relies on."""
+  """A loaded SentencePiece model or Hugging Face tokenizer.json with the ids jaxlm relies on."""
 
   def __init__(self, model_path: str):
     if not os.path.exists(model_path):
       raise FileNotFoundError(
           f"Tokenizer model {model_path!r} does not exist. Point data.tokenizer at a SentencePiece "
-          "`.model` file, or leave it empty to train one on the dataset's train split.")
+          "`.model` file or a Hugging Face tokenizer.json, or leave it empty to train one on the dataset's train "
+          "split.")
     self.path = model_path
-    self._processor = spm.SentencePieceProcessor(model_file=model_path)
-    if self._processor.pad_id() < 0 or self._processor.eos_id() < 0 or self._processor.bos_id() < 0:
-      raise ValueError(f"Tokenizer {model_path!r} must define pad, bos and eos pieces (pad_id/bos_id/eos_id >= 0).")
+    with open(model_path, "rb") as f:
+      content = f.read()
+    self._json = json.loads(content) if content.lstrip().startswith(b"{") else None
+    if self._json is None:
+      self._processor = spm.SentencePieceProcessor(model_file=model_path)
+      if self._processor.pad_id() < 0 or self._processor.eos_id() < 0 or self._processor.bos_id() < 0:
+        raise ValueError(f"Tokenizer {model_path!r} must define pad, bos and eos pieces (pad_id/bos_id/eos_id >= 0).")
+      self._ids = dict(pad=self._processor.pad_id(), bos=self._processor.bos_id(), eos=self._processor.eos_id())
+    else:
+      import tokenizers  # only Hugging Face tokenizers need it
+      self._special_tokens = self._json.pop(SPECIAL_TOKENS_KEY, None) or hf_special_tokens(os.path.dirname(model_path))
+      self._hf = tokenizers.Tokenizer.from_str(json.dumps(self._json))
+      self._ids = {}
+      for role, token in self._special_tokens.items():
+        self._ids[role] = self._hf.token_to_id(token)
+        if self._ids[role] is None:
+          raise ValueError(f"Tokenizer {model_path!r}: its {role} token {token!r} is not in its vocabulary.")
+
+  @property
+  def kind(self) -> str:
+    """"sentencepiece" or "tokenizers" (a Hugging Face tokenizer.json)."""
+    return "sentencepiece" if self._json is None else "tokenizers"
 
   @property
   def vocab_size(self) -> int:
-    return self._processor.vocab_size()
+    return self._processor.vocab_size() if self._json is None else self._hf.get_vocab_size(with_added_tokens=True)
 
   @property
   def pad_id(self) -> int:
-    return self._processor.pad_id()
+    return self._ids["pad"]
 
   @property
   def bos_id(self) -> int:
-    return self._processor.bos_id()
+    return self._ids["bos"]
 
   @property
   def eos_id(self) -> int:
-    return self._processor.eos_id()
+    return self._ids["eos"]
 
   def encode(self, text: str) -> list[int]:
-    return self._processor.encode(text)
+    """Token ids of `text`, without bos/eos (the tasks add those where they belong)."""
+    if self._json is None:
+      return self._processor.encode(text)
+    return self._hf.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; pad, bos and eos ids are dropped."""
     special = {self.pad_id, self.bos_id, self.eos_id}
-    return self._processor.decode([int(i) for i in ids if int(i) not in special])
+    ids = [int(i) for i in ids if int(i) not in special]
+    return self._processor.decode(ids) if self._json is None else self._hf.decode(ids, skip_special_tokens=False)
+
+  def save(self, path: str) -> None:
+    """Writes a self-contained copy to `path` atomically (a tokenizer.json gets its special tokens inside)."""
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
+      temporary = f.name
+      if self._json is not None:
+        json.dump({**self._json, SPECIAL_TOKENS_KEY: self._special_tokens}, f, ensure_ascii=False)
+    if self._json is None:
+      shutil.copyfile(self.path, temporary)
+    os.replace(temporary, path)
+
+  def hf_files(self) -> dict[str, dict]:
+    """{file name: JSON} of this tokenizer in the Hugging Face layout (tokenizer.json, tokenizer_config.json);
+    only for tokenizer.json tokenizers."""
+    if self._json is None:
+      raise ValueError(f"Tokenizer {self.path!r} is a SentencePiece model, not a tokenizer.json.")
+    roles = {f"{role}_token": token for role, token in self._special_tokens.items()}
+    return {"tokenizer.json": self._json,
+            "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **roles}}
+
+
+def hf_special_tokens(directory: str) -> dict[str, str]:
+  """{"bos", "eos", "pad"} tokens of the Hugging Face tokenizer in `directory`, from its tokenizer_config.json
+  (else special_tokens_map.json). No pad token: the eos token pads (GPT-2 has none)."""
+  found = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        values = json.load(f)
+      for role in ("bos", "eos", "pad"):
+        token = values.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token:
+          found[role] = token
+  for role in ("bos", "eos"):
+    if role not in found:
+      raise ValueError(f"The tokenizer in {directory} names no {role}_token (tokenizer_config.json or "
+                       f"special_tokens_map.json); jaxlm needs one: add `\"{role}_token\": \"...\"` there.")
+  found.setdefault("pad", found["eos"])
+  return found
 
 
 def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:

@@ -18,6 +18,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ROPE_SCALING_TYPES = ("none", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Model-size presets: overrides of ModelConfig's defaults (`jaxlm.configs.model_config_dict(preset)`).
@@ -56,6 +57,14 @@ class ModelConfig:
   max_len: int = 1024  # longest sequence (size of the learned position table)
   position: str = "rotary"  # "learned" (GPT-2) or "rotary" (Llama)
   rope_theta: float = 10000.0  # rotary base frequency
+  # Rotary frequency scaling for long contexts: "none", or "llama3" (Llama 3.1+: frequencies with wavelengths
+  # beyond original_max_len / low_freq_factor divided by factor, those below original_max_len / high_freq_factor
+  # kept, and a smooth blend between; Hugging Face `rope_type: llama3`).
+  rope_scaling_type: str = "none"
+  rope_scaling_factor: float = 8.0  # llama3: how much longer than rope_original_max_len the context becomes
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are fully scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  rope_original_max_len: int = 8192  # llama3: the context length the model was pretrained at
   norm: str = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
   norm_eps: float = 1e-6  # epsilon of the norms
   mlp: str = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)
@@ -97,6 +106,18 @@ class ModelConfig:
           f"{self.num_kv_heads} key/value heads do not divide num_heads={self.num_heads}.")
     if self.position == "rotary":
       check(self.head_dim % 2 == 0, "model.head_dim", f"rotary positions need an even head_dim, got {self.head_dim}.")
+    check(self.rope_scaling_type in ROPE_SCALING_TYPES, "model.rope_scaling_type",
+          f"{self.rope_scaling_type!r} is not one of {ROPE_SCALING_TYPES}.")
+    if self.rope_scaling_type == "llama3":
+      check(self.position == "rotary", "model.rope_scaling_type", "'llama3' scales rotary positions; it needs "
+            f"model.position='rotary', got {self.position!r}.")
+      check(self.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+            f"must be >= 1, got {self.rope_scaling_factor}.")
+      check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "model.rope_high_freq_factor",
+            f"need 0 < model.rope_low_freq_factor ({self.rope_low_freq_factor}) < model.rope_high_freq_factor "
+            f"({self.rope_high_freq_factor}).")
+      check(self.rope_original_max_len > 0, "model.rope_original_max_len",
+            f"must be positive, got {self.rope_original_max_len}.")
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":

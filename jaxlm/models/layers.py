@@ -12,6 +12,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.models import lora
 from jaxlm.models.config import ModelConfig
@@ -45,14 +46,30 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
   return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init((EMBED,)), **common)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary_inverse_frequency(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] (float32) of the rotary rotation: theta^(-2i/H), with `config.rope_scaling_type`
+  applied. "llama3" is Hugging Face's `_compute_llama3_parameters`: low frequencies (wavelength above
+  original_max_len / low_freq_factor) divided by the factor, high ones (below original_max_len / high_freq_factor)
+  kept, a linear blend in 1/wavelength between."""
+  half = config.head_dim // 2
+  inverse_frequency = 1.0 / config.rope_theta ** (np.arange(half, dtype=np.float32) / half)
+  if config.rope_scaling_type == "llama3":
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * np.pi / inverse_frequency
+    smooth = (config.rope_original_max_len / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inverse_frequency / factor + smooth * inverse_frequency
+    inverse_frequency = np.where(wavelength > config.rope_original_max_len / low, inverse_frequency / factor,
+                                 np.where(wavelength < config.rope_original_max_len / high, inverse_frequency, blended))
+  return inverse_frequency.astype(np.float32)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inverse_frequency: np.ndarray) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), "rotate half" layout as in Llama.
 
-  x: [B, T, N, H]; positions: [B, T] integer positions. Computed in float32.
+  x: [B, T, N, H]; positions: [B, T] integer positions; inverse_frequency: [H/2] (`rotary_inverse_frequency`).
+  Computed in float32.
   """
-  half = x.shape[-1] // 2
-  inverse_frequency = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
-  angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # [B, T, H/2]
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inverse_frequency)  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -173,8 +190,9 @@ class Attention(nn.Module):
     key = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="key")(x)
     value = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="value")(x)
     if config.position == "rotary":
-      query = apply_rotary(query, positions, config.rope_theta)
-      key = apply_rotary(key, positions, config.rope_theta)
+      inverse_frequency = rotary_inverse_frequency(config)
+      query = apply_rotary(query, positions, inverse_frequency)
+      key = apply_rotary(key, positions, inverse_frequency)
     query = nn.with_logical_constraint(query, (BATCH, LENGTH, HEADS, HEAD_DIM))
     key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))

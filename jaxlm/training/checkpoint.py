@@ -210,6 +210,19 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
   return params, new
 
 
+def save_params(workdir: str, params, step: int = 0) -> str:
+  """Writes `params` alone as checkpoint `step` of `workdir` (`WORKDIR/checkpoints/<step>/state` holding
+  `{"params": ...}`, each process its shards): what `find_checkpoint` and `restore_params` read, e.g. an imported
+  Hugging Face model. There is no optimizer state or data position in it, so training does not resume from it:
+  start a new run with `init_from` instead. Returns the state directory."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(directory, options=options, item_names=("state",)) as manager:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
+    manager.wait_until_finished()
+  return os.path.join(directory, str(step), "state")
+
+
 def _nest(flat: dict) -> dict:
   """{"a/b/c": leaf} -> {"a": {"b": {"c": leaf}}}."""
   tree = {}

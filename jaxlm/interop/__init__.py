@@ -1,0 +1,1 @@
+"""Interoperability with other frameworks' checkpoints: `from jaxlm.interop import hf` (Hugging Face)."""
