@@ -19,5 +19,9 @@ def check(ok: bool, key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The loss, the gradients or the parameters became NaN or Inf."""
+
+
 class WorkdirError(RuntimeError):
   """A workdir a run cannot use: not a directory, or in use by another run."""

@@ -36,13 +36,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxlm import sharding
-from jaxlm.errors import ConfigError, check
+from jaxlm.errors import ConfigError, NonFiniteLossError, check
 from jaxlm.inference import generate
 from jaxlm.models import params as params_lib
 from jaxlm.training import checkpoint, optim, steps
 from jaxlm.training import state as state_lib
 from jaxlm.training import workdir as workdir_lib
-from jaxlm.training.writer import MetricWriter, NonFiniteLossError
+from jaxlm.training.writer import MetricWriter
 
 
 class _Interrupts:

@@ -7,9 +7,7 @@ import os
 import jax
 import tensorboardX
 
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss, the gradients or the parameters became NaN or Inf."""
+from jaxlm.errors import NonFiniteLossError
 
 
 def _kept(line: str, step: int) -> bool:
