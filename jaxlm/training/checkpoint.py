@@ -126,7 +126,7 @@ class Checkpointer:
         state = self.restore(step, abstract_state, data_iterator)
       except Exception as error:  # noqa: BLE001 (Orbax, TensorStore and JSON raise many types for damaged files)
         logging.warning("The checkpoint at step %d in %s does not restore: %s: %s", step, self.directory,
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                        type(error).__name__, str(error)[:200])
         failed.append((step, error))
         continue
       for bad_step, _ in failed:
