@@ -45,8 +45,9 @@ EXPECTED_ERRORS = (ConfigError, CheckpointError, WorkdirError, NonFiniteLossErro
 
 
 def _quiet_library_logs(record) -> bool:
-  """Keeps Orbax's per-save INFO chatter out of the console (its warnings still show)."""
-  return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+  """Keeps Orbax's per-save INFO chatter out of the console, and its ERROR logs of a failed background save
+  (pages of traceback) whose exception jaxlm reports in one message; its warnings still show."""
+  return record.levelno == python_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):

@@ -174,7 +174,7 @@ class Checkpointer:
       free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
       previous = self.manager.latest_step()
       raise CheckpointError(
-          f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {cause}. {free:.1f} MiB free "
+          f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. {free:.1f} MiB free "
           f"there. Free some space (or use another --workdir) and rerun the same command: it resumes from the last "
           f"complete checkpoint{f' (step {previous})' if previous is not None else ''}.") from error
 

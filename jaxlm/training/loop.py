@@ -277,9 +277,15 @@ def _train_and_evaluate(experiment) -> dict:
         with open(os.path.join(workdir, "eval", "report.json"), "w") as f:
           json.dump(report, f, indent=2)
   finally:
-    progress.close()
-    checkpointer.close()  # waits for pending saves
-    writer.close()
+    failing = sys.exc_info()[1] is not None
+    for close in (progress.close, checkpointer.close, writer.close):  # checkpointer.close waits for pending saves
+      try:
+        close()
+      except Exception as error:  # noqa: BLE001
+        if not failing:
+          raise
+        # The error in flight is the one to report (a full disk also fails the writer's last flush).
+        logging.warning("Also failed while stopping: %s: %s", type(error).__name__, error)
 
   # Every process runs the (sharded) decode.
   if task.generates_text and config.sample.prompt and config.sample.max_new_tokens:
