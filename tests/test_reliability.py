@@ -161,7 +161,7 @@ def test_a_failed_run_leaves_a_finished_workdir_unchanged_and_says_why_in_a_few_
   before = file_digests(workdir)
   # Train mode, with a relative --workdir (found, and named absolute in the message).
   changed = run_cli(f"--config={REPO}/experiments/workdir.py:run", "--workdir=run", "--config.model.num_layers=1",
-                    "--config.train.learning_rate=0.1", check=False, cwd=str(tmp_path), env={"PYTHONPATH": REPO})
+                    "--config.train.learning_rate=0.1", check=False, cwd=str(tmp_path))
   message = message_lines(changed.stderr)
   assert changed.returncode == 1 and len(message) <= 8, message
   assert f"{workdir} holds checkpoints of a run with another config" in message[0]
@@ -178,7 +178,7 @@ def test_a_failed_run_leaves_a_finished_workdir_unchanged_and_says_why_in_a_few_
 def test_every_mode_accepts_relative_and_home_workdirs(tiny_workdir, tmp_path):
   home = tmp_path / "home"
   shutil.copytree(tiny_workdir, home / "run")
-  env = {"HOME": str(home), "PYTHONPATH": REPO}
+  env = {"HOME": str(home)}
   generated = run_cli("--mode=generate", "--workdir=~/run", "--prompt=def ",
                       f"--config={REPO}/experiments/workdir.py:~/run", "--config.decode.max_new_tokens=4", env=env,
                       cwd=str(tmp_path))
