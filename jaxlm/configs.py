@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.best_mode = "min"  # "min" or "max": which way best_metric is better
   config.train.early_stopping_patience = 0  # stop after this many evaluations without a better best_metric; 0 = off
   config.train.trainable = "all"  # what trains: "all" (full), "head" (task's new layer only), "lora" (adapters + head)
+  config.train.skip_nonfinite_updates = False  # NaN/Inf update: False = stop (last checkpoint kept), True = skip it
   config.train.frozen = ""  # regex of parameter paths also kept frozen, e.g. "token_embed|attention"; '' = none
 
   config.classification = ml_collections.ConfigDict()

@@ -17,3 +17,11 @@ def check(ok: bool, key: str, message: str) -> None:
   """Raises `ConfigError("key: message")` unless `ok`: how each config section validates its keys."""
   if not ok:
     raise ConfigError(f"{key}: {message}")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss, the gradients or the parameters became NaN or Inf."""
+
+
+class WorkdirError(RuntimeError):
+  """A workdir a run cannot use: not a directory, or in use by another run."""

@@ -144,8 +144,10 @@ class Experiment:
     """The run's tokenizer: the one resolver (see `tokenizer_path`)."""
     tokenizer = Tokenizer(self.tokenizer_path())
     if tokenizer.vocab_size > self.model_config.vocab_size:
+      fix = ("use the model.* settings of the init_from run (its config.json): its model and tokenizer go together"
+             if self.config.init_from and not self.config.data.tokenizer else "raise model.vocab_size")
       raise ConfigError(f"model.vocab_size: {self.model_config.vocab_size} rows cannot embed the tokenizer's "
-                        f"{tokenizer.vocab_size} pieces ({tokenizer.path}); raise model.vocab_size.")
+                        f"{tokenizer.vocab_size} pieces ({tokenizer.path}); {fix}.")
     return tokenizer
 
   def tokenizer_path(self) -> str:

@@ -13,12 +13,21 @@ Everything is set up by `jaxlm.Experiment`; this file only parses flags. Multi-h
 command in every process;
 TPU pods, SLURM and Open MPI are detected, otherwise pass `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (flags, not config: they differ per process).
+
+An expected error (a bad config value or key, a missing file, a checkpoint that does not fit, a locked
+workdir, a non-finite update) prints one message with its fix and exits with status 1; `--verbose` (or
+JAXLM_VERBOSE=1) shows the traceback too.
 """
 
 import logging as python_logging
+import os
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxlm.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py[:arg]); modes other than train default to "
@@ -30,12 +39,15 @@ _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error (also JAXLM_VERBOSE=1).")
 flags.mark_flags_as_required(["workdir"])
+EXPECTED_ERRORS = (ConfigError, CheckpointError, WorkdirError, NonFiniteLossError, FileNotFoundError)
 
 
 def _quiet_library_logs(record) -> bool:
-  """Keeps Orbax's per-save INFO chatter out of the console (its warnings still show)."""
-  return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+  """Keeps Orbax's per-save INFO chatter out of the console, and its ERROR logs of a failed background save
+  (pages of traceback) whose exception jaxlm reports in one message; its warnings still show."""
+  return record.levelno == python_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
@@ -70,9 +82,31 @@ def main(argv):
       print(result.text, flush=True)
 
 
+def _expected_message(error: BaseException) -> str | None:
+  """The message of an error the user fixes from its message alone (no traceback needed), else None."""
+  if isinstance(error, EXPECTED_ERRORS):
+    return str(error)
+  frames = traceback.extract_tb(error.__traceback__)
+  if isinstance(error, (KeyError, AttributeError)) and frames and "/ml_collections/" in frames[-1].filename:
+    message = error  # a misspelt --config.* key, refused by the locked config (a KeyError inside AttributeErrors)
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    overrides = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
+    return f"unknown config key {message} (overrides: {' '.join(overrides)})"
+  return None
+
+
 def run():
   """Entry point of the `jaxlm` console script."""
-  app.run(main)
+  try:
+    app.run(main)
+  except KeyboardInterrupt:
+    sys.exit("jaxlm: aborted by a second Ctrl-C; rerun the same command to resume from the last checkpoint.")
+  except Exception as error:  # noqa: BLE001 (re-raised unless expected)
+    message = _expected_message(error)
+    if message is None or "--verbose" in sys.argv or os.environ.get("JAXLM_VERBOSE") == "1":
+      raise
+    sys.exit(f"jaxlm: {type(error).__name__}: {message}\n(--verbose or JAXLM_VERBOSE=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devi
 
 def run_cli(*args: str, devices: int = 2, check: bool = True, cwd: str = REPO, env: dict | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
-  """`python -m jaxlm.main ARGS` in a subprocess with `devices` CPU devices (cwd: the repository)."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  """`python -m jaxlm.main ARGS` in a subprocess with `devices` CPU devices (cwd: the repository), importing this
+  checkout's jaxlm from any `cwd` (not an installed copy)."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **(env or {})}
   process = subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=cwd, env=env, capture_output=True,
                            text=True, timeout=timeout)
   if check:

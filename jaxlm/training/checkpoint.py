@@ -6,21 +6,27 @@ asynchronous and atomic: Orbax writes into a temporary directory and renames
 it when complete, so a run killed mid-save leaves the previous checkpoint as
 the latest one and never a half-written one. Kept: the `keep` most recent
 checkpoints plus the best one by `best_metric` (lowest or highest, `best_mode`).
+A failed save (a full disk) is a CheckpointError naming the directory and its free
+space; a finished checkpoint damaged later (a truncated or deleted file) is moved
+aside to `<step>.corrupt` when an older one restores (`restore_latest`).
 
 Reading parameters alone (evaluation, generation, `init_from`, a distillation teacher) is
 `find_checkpoint` (which step of which run) then `restore_params` (only `state/params`, straight into the
 target shardings, with every mismatch listed in one error).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from jaxlm.errors import CheckpointError
@@ -74,6 +80,7 @@ class Checkpointer:
     # best_fn makes Orbax write each checkpoint's metrics to disk, so the best one is still known after a restart.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda metrics: metrics[best_metric],
                                            best_mode=best_mode, enable_async_checkpointing=True, create=True)
+    self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -89,9 +96,15 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; `metrics` (with `best_metric`) ranks it for best-keeping."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))),
-        metrics=metrics, force=True)
+    with self._save_errors():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))),
+          metrics=metrics, force=True)
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointError if an asynchronous save has failed; cheap, so the loop calls it every step."""
+    with self._save_errors():
+      self.manager.check_for_errors()
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
     """The state at `step` in the shardings of `abstract_state`; `data_iterator` is moved in place."""
@@ -100,12 +113,70 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
     return restored["state"]
 
+  def restore_latest(self, abstract_state, data_iterator: grain.DatasetIterator):
+    """(step, state) of the newest checkpoint that restores; (None, None) when there is none.
+
+    A checkpoint that fails to restore while an older one restores was damaged after it was written: it is moved
+    aside to `<step>.corrupt` with a warning. When none restores, the model or the config no longer fits them:
+    CheckpointError, and nothing is moved.
+    """
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except Exception as error:  # noqa: BLE001 (Orbax, TensorStore and JSON raise many types for damaged files)
+        logging.warning("The checkpoint at step %d in %s does not restore: %s: %s", step, self.directory,
+                        type(error).__name__, str(error)[:200])
+        failed.append((step, error))
+        continue
+      for bad_step, _ in failed:
+        self._move_aside(bad_step)
+      if failed:
+        self.manager.reload()
+      return step, state
+    if failed:
+      step, error = failed[0]
+      raise CheckpointError(f"No checkpoint in {self.directory} restores (newest: step {step}, "
+                            f"{type(error).__name__}: {error}). If the model or config changed, resume with the run's "
+                            "config.json; otherwise move the damaged checkpoints away.") from error
+    return None, None
+
+  def _move_aside(self, step: int) -> None:
+    path = os.path.join(self.directory, str(step))
+    target, copy = f"{path}.corrupt", 1
+    if jax.process_index() == 0:
+      while os.path.exists(target):
+        copy += 1
+        target = f"{path}.corrupt{copy}"
+      os.rename(path, target)
+      logging.warning("Moved the damaged checkpoint %s aside to %s; resuming from an older one.", path, target)
+    multihost_utils.sync_global_devices(f"jaxlm_move_aside_{step}")
+
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for pending saves and closes; a failed save is reported by `check_for_errors`/`wait` (once)."""
+    with self._save_errors():
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Turns a failed save into one CheckpointError naming the directory, its free space and the root cause."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (the failure comes from Orbax's background thread, any type)
+      cause = error
+      while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+      free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
+      previous = self.manager.latest_step()
+      raise CheckpointError(
+          f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. {free:.1f} MiB free "
+          f"there. Free some space (or use another --workdir) and rerun the same command: it resumes from the last "
+          f"complete checkpoint{f' (step {previous})' if previous is not None else ''}.") from error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,17 +2,21 @@
 
 `train_and_evaluate(experiment)` (what `jaxlm.Experiment.train()` runs; everything is set up by the
 experiment: config, task, model, tokenizer, mesh, data):
-  1. prepares the data and writes WORKDIR/config.json and WORKDIR/tokenizer.model (a copy);
+  1. locks the workdir (one run at a time) and prepares the data;
   2. builds the optimizer with its trainable mask (`optim.optimizer_for`);
-  3. restores, in this order: the latest checkpoint in WORKDIR/checkpoints (state and data position), else the
+  3. restores, in this order: the latest checkpoint in WORKDIR/checkpoints (state and data position; its config
+     must match config.json but for `workdir.RESUMABLE_KEYS`; a damaged one is moved aside), else the
      parameters of `Experiment.init_params` (the `init_from` run's, new ones like a classification head
      initialised from `config.seed`; or all from `config.seed`); a `distill.teacher` is restored as a frozen
      teacher (`Experiment.training_task`);
-  4. compiles the train and eval steps once, before the loop, and logs their memory;
+  4. compiles the train and eval steps once, before the loop, and logs their memory; only then, set up, writes
+     WORKDIR/config.json and WORKDIR/tokenizer.model (a copy) and cuts metrics.jsonl back to the restored step;
   5. trains, logging every `train.log_every` steps, evaluating on `data.eval_split` every `train.eval_every`
      and checkpointing every `train.checkpoint_every` (kept: the latest ones and the best by
      `train.best_metric`); stops early after `train.early_stopping_patience` evaluations without a better
-     best metric (the count restarts when a run resumes); on SIGTERM it saves a checkpoint and returns;
+     best metric (the count restarts when a run resumes); on SIGTERM or Ctrl-C it saves a checkpoint and
+     returns. An update that is not finite is never applied nor saved: the run stops at the next log or
+     checkpoint step (default) or counts it in `skipped_updates` (`train.skip_nonfinite_updates`);
   6. evaluates, saves a final checkpoint; with `data.test_split`, evaluates the best checkpoint on it and writes
      WORKDIR/eval/report.json (with the task's `test_report` extras); prints a greedy sample when the task
      generates text.
@@ -29,32 +33,54 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jaxlm import sharding
-from jaxlm.errors import ConfigError, check
+from jaxlm.errors import ConfigError, NonFiniteLossError, check
 from jaxlm.inference import generate
 from jaxlm.models import params as params_lib
 from jaxlm.training import checkpoint, optim, steps
 from jaxlm.training import state as state_lib
+from jaxlm.training import workdir as workdir_lib
 from jaxlm.training.writer import MetricWriter
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop checks it between steps, saves and returns."""
+class _Interrupts:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save a checkpoint and return; a second Ctrl-C
+  aborts at once (KeyboardInterrupt).
+
+  The flag is per process, and the save is collective: on several processes they agree every
+  `AGREE_EVERY_STEPS` steps (an all-gather of the flags, one tiny host sync) and all stop at the same step.
+  """
+
+  AGREE_EVERY_STEPS = 5
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.received = None  # name of the first signal received by this process
+    self._previous = {}
 
   def __enter__(self):
     def handler(signum, frame):
-      del signum, frame
-      self.requested = True
-    self._previous = signal.signal(signal.SIGTERM, handler)
+      del frame
+      if signum == signal.SIGINT and self.received:
+        raise KeyboardInterrupt
+      self.received = signal.Signals(signum).name
+      logging.warning("%s: saving a checkpoint, then stopping (Ctrl-C again aborts at once).", self.received)
+    self._previous = {signum: signal.signal(signum, handler) for signum in self.SIGNALS}
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+  def stop_at(self, step: int) -> bool:
+    """Whether every process stops at `step` (call it once per step, on every process)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % self.AGREE_EVERY_STEPS:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.received is not None))))
 
 
 def check_config(config) -> None:
@@ -87,7 +113,15 @@ def _metric_names(task, model, abstract_params, global_batch) -> list[str]:
 
 
 def train_and_evaluate(experiment) -> dict:
-  """Trains and evaluates `experiment` (a `jaxlm.Experiment`) in its workdir; returns the last eval metrics."""
+  """Trains and evaluates `experiment` (a `jaxlm.Experiment`) in its workdir; returns the last eval metrics.
+
+  The workdir is locked for the run: a second run on it is refused (`workdir.lock`)."""
+  workdir_lib.make_workdir(experiment.workdir)
+  with workdir_lib.lock(experiment.workdir):
+    return _train_and_evaluate(experiment)
+
+
+def _train_and_evaluate(experiment) -> dict:
   config, workdir = experiment.config, experiment.workdir
   train, data = config.train, config.data
   mesh = experiment.mesh
@@ -97,20 +131,17 @@ def train_and_evaluate(experiment) -> dict:
   train_iterator = iter(experiment.train_batches())
   eval_batches = experiment.eval_batches()
   eval_baselines = task.baselines(eval_batches)
-  os.makedirs(workdir, exist_ok=True)
-  writer = MetricWriter(workdir)
-  writer.write_config(workdir, config)
-  experiment.save_tokenizer()
   optimizer, schedule, trainable = optim.optimizer_for(train, task.new_params)
 
   # Restore order: the workdir's latest checkpoint, else `Experiment.init_params` (`init_from` or a fresh init).
   abstract_state, state_sharding = state_lib.state_shardings(model, optimizer, mesh)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints,
                                          best_metric=train.best_metric, best_mode=train.best_mode)
-  latest = checkpointer.latest_step()
+  if checkpointer.latest_step() is not None:
+    workdir_lib.check_resumable(workdir, config)
+  latest, state = checkpointer.restore_latest(abstract_state, train_iterator)
   if latest is not None:
     logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
-    state = checkpointer.restore(latest, abstract_state, train_iterator)
   else:
     if not config.init_from:
       logging.info("No checkpoint in %s: initialising from seed %d", workdir, config.seed)
@@ -138,6 +169,11 @@ def train_and_evaluate(experiment) -> dict:
   if train.best_metric not in metric_names:
     raise ConfigError(f"train.best_metric: {train.best_metric!r} is not an eval metric of task {config.task!r}; "
                       f"choose one of {metric_names}.")
+  # Set up: only now is the workdir's config written, and its metric history cut back to the restored step.
+  workdir_lib.write_config(workdir, config)
+  experiment.save_tokenizer()
+  step = int(state.step)
+  writer = MetricWriter(workdir, step)
 
   def evaluate_and_log(step: int, params) -> dict:
     metrics = {**task.summarize(steps.evaluate(eval_step, params, eval_batches, mesh)), **eval_baselines}
@@ -145,7 +181,6 @@ def train_and_evaluate(experiment) -> dict:
     logging.info("step %d eval: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 
-  step = int(state.step)
   eval_metrics = {}
   best_value, evals_without_improvement = None, 0
   better = (lambda a, b: a < b) if train.best_mode == "min" else (lambda a, b: a > b)
@@ -153,24 +188,46 @@ def train_and_evaluate(experiment) -> dict:
   tokens_per_step = train.batch_size * data.seq_len
   progress = tqdm.tqdm(total=train.steps, initial=step, desc="train", unit="step",
                        disable=jax.process_index() != 0 or not sys.stderr.isatty())
+  nonfinite = None  # on the device: updates not applied since the last check (no host sync per step)
+  skipped = 0  # updates skipped (train.skip_nonfinite_updates) in the current logging interval
+
+  def check_updates(step: int) -> None:
+    """At log steps and before every save (one host sync): stops on a non-finite update unless they are skipped."""
+    nonlocal nonfinite, skipped
+    count = 0 if nonfinite is None else int(jax.device_get(nonfinite))
+    nonfinite = None
+    if count and not train.skip_nonfinite_updates:
+      raise NonFiniteLossError(
+          f"{count} update(s) up to step {step} were not finite (NaN/Inf gradients or parameters). None was applied "
+          f"or saved: the last checkpoint (step {checkpointer.latest_step()}) holds the last finite state. Lower "
+          "train.learning_rate, keep train.grad_clip > 0, use float32 (model.dtype), or set "
+          "train.skip_nonfinite_updates=True to skip such updates and go on; rerun to resume.")
+    if count:
+      logging.warning("Skipped %d non-finite update(s) up to step %d (train.skip_nonfinite_updates).", count, step)
+    skipped += count
+
   try:
-    with _PreemptionFlag() as preemption:
+    with _Interrupts() as interrupts:
       interval_start, interval_steps = time.perf_counter(), 0
       while step < train.steps:
+        checkpointer.check_for_errors()  # a failed asynchronous save stops the run at the next step
         state, metrics = train_step(state, steps.to_global(next(train_iterator), mesh))
+        nonfinite = metrics["nonfinite"] if nonfinite is None else nonfinite + metrics["nonfinite"]
         step += 1
         interval_steps += 1
         progress.update(1)
         if step % train.log_every == 0 or step == train.steps:
+          check_updates(step)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - interval_start
           row = {**task.summarize(metrics), **{k: metrics[k] for k in
                  ("grad_norm", "update_norm", "param_norm", "learning_rate")},
-                 "tokens_per_sec": interval_steps * tokens_per_step / elapsed}
-          writer.write(step, "train", row)
+                 "skipped_updates": skipped, "tokens_per_sec": interval_steps * tokens_per_step / elapsed}
+          # A skipped update's loss may be NaN: the step's own check above is what guards training.
+          writer.write(step, "train", row, require_finite_loss=False)
           progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
           logging.info("step %d train: loss %.4f, %.0f tokens/s", step, row["loss"], row["tokens_per_sec"])
-          interval_start, interval_steps = time.perf_counter(), 0
+          interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
         evaluated_now = (train.eval_every and step % train.eval_every == 0) or step == train.steps
         stop_early = False
         if evaluated_now:
@@ -180,12 +237,16 @@ def train_and_evaluate(experiment) -> dict:
           else:
             evals_without_improvement += 1
             stop_early = 0 < train.early_stopping_patience <= evals_without_improvement
-        if step % train.checkpoint_every == 0 or step == train.steps or preemption.requested or stop_early:
+        interrupted = interrupts.stop_at(step)
+        if step % train.checkpoint_every == 0 or step == train.steps or interrupted or stop_early:
+          check_updates(step)  # a state with a non-finite update left out is saved only when skipping is asked for
           # Only checkpoints evaluated at their own step compete for "best".
           checkpointer.save(step, state, train_iterator,
                             metrics={train.best_metric: eval_metrics[best_key]} if evaluated_now else None)
-        if preemption.requested:
-          logging.warning("SIGTERM: saved the checkpoint at step %d; rerun the same command to resume.", step)
+        if interrupted:
+          checkpointer.wait()
+          logging.warning("%s: saved the checkpoint at step %d; rerun the same command to resume.",
+                          interrupts.received or "A signal to another process", step)
           return eval_metrics
         if stop_early:
           logging.info("Early stopping at step %d: %s has not improved on %.4f for %d evaluations.", step,
@@ -216,9 +277,15 @@ def train_and_evaluate(experiment) -> dict:
         with open(os.path.join(workdir, "eval", "report.json"), "w") as f:
           json.dump(report, f, indent=2)
   finally:
-    progress.close()
-    checkpointer.close()  # waits for pending saves
-    writer.close()
+    failing = sys.exc_info()[1] is not None
+    for close in (progress.close, checkpointer.close, writer.close):  # checkpointer.close waits for pending saves
+      try:
+        close()
+      except Exception as error:  # noqa: BLE001
+        if not failing:
+          raise
+        # The error in flight is the one to report (a full disk also fails the writer's last flush).
+        logging.warning("Also failed while stopping: %s: %s", type(error).__name__, error)
 
   # Every process runs the (sharded) decode.
   if task.generates_text and config.sample.prompt and config.sample.max_new_tokens:

@@ -26,6 +26,11 @@ def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedu
   Gradient accumulation sums per-token losses and gradients over micro-batches
   and divides once by the total token count, so it gives the same update as
   the whole batch at once. Dropout keys come from `fold_in(dropout_rng, step)`.
+
+  A non-finite update (NaN/Inf in the gradients or the new parameters) is not applied: parameters and optimizer
+  state stay as they were (the step count still advances) and `metrics["nonfinite"]` is 1. The loop decides,
+  without a host sync per step, whether that stops the run or is counted (`train.skip_nonfinite_updates`); a
+  saved state is so always finite.
   """
   rng = jax.random.fold_in(dropout_rng, state.step)
 
@@ -52,14 +57,20 @@ def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedu
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+  # Finite gradients keep Adam's moments finite; finite new parameters keep the model so.
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   metrics = {
       **sums,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": grad_norm,
       "update_norm": optax.global_norm(updates),
-      "param_norm": optax.global_norm(params),
+      "param_norm": param_norm,
       "learning_rate": schedule(state.step),
+      "nonfinite": (~finite).astype(jnp.int32),
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                       opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
 
 
 def eval_step(params, batch: dict, *, model, task) -> dict:

@@ -1,4 +1,4 @@
-"""Metric output of process 0: `metrics.jsonl`, TensorBoard event files and `config.json`."""
+"""Metric output of process 0: `metrics.jsonl` and TensorBoard event files, one history per workdir."""
 
 import json
 import math
@@ -7,42 +7,58 @@ import os
 import jax
 import tensorboardX
 
+from jaxlm.errors import NonFiniteLossError
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf."""
+
+def _kept(line: str, step: int) -> bool:
+  """Whether a metrics.jsonl line belongs to the history up to `step` (a line torn by a kill mid-write does not)."""
+  try:
+    return line.endswith("\n") and int(json.loads(line)["step"]) <= step
+  except (ValueError, KeyError, TypeError):
+    return False
 
 
 class MetricWriter:
   """Appends one JSON object per logged step and split to WORKDIR/metrics.jsonl, and TensorBoard scalars.
 
-  Only process 0 writes; the others hold a disabled writer.
+  A run resuming from step S first drops the rows after S (and a torn last line), atomically, and TensorBoard
+  purges its events after S, so both tell one history with steps increasing per split; a row for a step the
+  split already has (re-evaluating a finished run) is not written again. Only process 0 writes; the others hold
+  a disabled writer.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if _kept(line, step)]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._last_step = {}
+    for row in map(json.loads, kept):
+      self._last_step[row["split"]] = max(self._last_step.get(row["split"], 0), row["step"])
+    self._jsonl = open(path, "a", buffering=1)
+    self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=step + 1)
 
-  def write(self, step: int, split: str, metrics: dict) -> None:
-    """Writes `{"step", "split", **metrics}`; raises NonFiniteLossError on a NaN/Inf loss (on every process)."""
+  def write(self, step: int, split: str, metrics: dict, require_finite_loss: bool = True) -> None:
+    """Writes `{"step", "split", **metrics}`; raises NonFiniteLossError on a NaN/Inf loss (on every process)
+    unless not `require_finite_loss`."""
     values = {key: float(value) for key, value in metrics.items()}
-    if "loss" in values and not math.isfinite(values["loss"]):
+    if require_finite_loss and "loss" in values and not math.isfinite(values["loss"]):
       raise NonFiniteLossError(
           f"{split} loss is {values['loss']} at step {step}. Lower train.learning_rate, keep train.grad_clip > 0, "
-          "or use float32 (model.dtype); the run restarts from the last good checkpoint.")
-    if not self.enabled:
+          "or use float32 (model.dtype); rerunning the same command resumes from the last checkpoint.")
+    if not self.enabled or step <= self._last_step.get(split, 0):
       return
+    self._last_step[split] = step
     self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
     for key, value in values.items():
       self._tensorboard.add_scalar(f"{split}/{key}", value, step)
-
-  def write_config(self, workdir: str, config) -> None:
-    if self.enabled:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   def close(self) -> None:
     if self.enabled:
