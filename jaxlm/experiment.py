@@ -33,6 +33,7 @@ from jaxlm import configs, plan, sharding, tasks
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, check
+from jaxlm.evaluation import calibrators, prompting
 from jaxlm.inference import decode
 from jaxlm.inference import generate as generate_lib
 from jaxlm.models import params as params_lib
@@ -42,7 +43,8 @@ from jaxlm.training import checkpoint, loop, optim, steps
 
 TOKENIZER_FILE = "tokenizer.model"  # the workdir's copy of its tokenizer
 EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
-SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill")
+SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill", "calibration",
+            "prompt")
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -62,6 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   decode.check_config(config.decode)
   task_class.check_config(config)
   distillation.check_config(config.distill)
+  calibrators.check_config(config.calibration)
+  prompting.check_config(config.prompt)
 
   data, train = config.data, config.train
   check(data.seq_len <= model_config.max_len, "data.seq_len",
@@ -306,10 +310,10 @@ class Experiment:
   def predict(self, params, split: str | None = None, num_batches: int | None = -1) -> Predictions:
     """Per-example logits, labels and weights of `params` on `split` (default: the whole eval split), on the host:
     what calibrators (`evaluation.calibrators`) and conformal sets (`evaluation.conformal`) consume."""
-    outputs = []
+    outputs, predict_step = [], self._predict_step  # built outside the mesh context (abstract params need none)
     with sharding.mesh_context(self.mesh):
       for batch in self.eval_batches(split, num_batches):
-        output = jax.device_get(self._predict_step(params, steps.to_global(batch, self.mesh)))
+        output = jax.device_get(predict_step(params, steps.to_global(batch, self.mesh)))
         real = output["weights"].reshape(output["weights"].shape[0], -1).any(axis=1)
         outputs.append({key: value[real] for key, value in output.items()})
     return Predictions(**{key: np.concatenate([o[key] for o in outputs]) for key in ("logits", "labels", "weights")})
