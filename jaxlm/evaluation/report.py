@@ -38,10 +38,10 @@ def _classification_metrics(num_bins: int) -> dict:
 
 
 def classification_intervals(probs, labels, num_bins: int = 15, num_resamples: int = 1000, confidence: float = 0.95,
-                             seed: int = 0) -> dict:
+                             seed: int = 0, names: tuple = CLASSIFICATION_METRICS) -> dict:
   """{metric: {"value", "low", "high"}} for probabilities [N, C] and labels [N] (see the module docstring); for
   probabilities [N, R, C] of R runs (e.g. prompt templates) on the same examples, of each metric's mean over the
-  runs (the same example resample for every run)."""
+  runs (the same example resample for every run). `names`: the metrics reported."""
   probs, labels = np.asarray(probs, np.float32), np.asarray(labels, np.int32)
   if probs.ndim == 3:  # [N, R, C]: R runs on the same examples, each metric the mean over the runs
     calibration.brier_score(probs, np.repeat(labels[:, None], probs.shape[1], axis=1))  # checks, once
@@ -50,8 +50,7 @@ def classification_intervals(probs, labels, num_bins: int = 15, num_resamples: i
   else:
     calibration.brier_score(probs, labels)  # checks shapes, dtypes and ranges once, with a clear message
     functions = _classification_metrics(num_bins)
-  return {name: stats.bootstrap_ci(metric, (probs, labels), num_resamples, confidence, seed)
-          for name, metric in functions.items()}
+  return {name: stats.bootstrap_ci(functions[name], (probs, labels), num_resamples, confidence, seed) for name in names}
 
 
 def classification_comparisons(probs, baseline_probs, labels, num_bins: int = 15, num_resamples: int = 1000,
