@@ -112,6 +112,28 @@ def base_config() -> ml_collections.ConfigDict:
   config.decode.seed = 0  # PRNG seed of sampling
   config.decode.dtype = ""  # weights and activations while decoding ('bfloat16', ...); '' = as trained
 
+  config.calibration = ml_collections.ConfigDict()  # --mode=calibrate of a classifier (and the reports of --mode=eval)
+  config.calibration.calibrators = ()  # evaluation.calibrators names; () = all that apply (platt: 2 classes only)
+  config.calibration.fit_split = "validation"  # split the calibrators are fitted on (tested on data.test_split)
+  config.calibration.num_bins = 15  # equal-width bins of ECE, MCE and the reliability diagrams
+  config.calibration.num_resamples = 1000  # bootstrap resamples of every confidence interval and paired test
+  config.calibration.confidence = 0.95  # level of the confidence intervals
+
+  config.prompt = ml_collections.ConfigDict()  # --mode=calibrate of a language model: prompted classification
+  config.prompt.templates = ("{text}\n# package:",)  # prompt templates, each with one {text}; label word follows
+  config.prompt.label_words = ()  # one per class, appended to the prompt; () = " " + each class name of the data
+  config.prompt.score = "sum"  # a multi-token label word scores the "sum" or "mean" of its token log-probs
+  config.prompt.shots = (0,)  # settings: demonstrations per prompt, drawn from data.train_split
+  config.prompt.orders = 1  # demonstration draws (seeds 0..orders-1) per template of a few-shot setting
+  config.prompt.corrections = ("none", "contextual", "domain", "batch", "pmi")  # see evaluation/prompting.py
+  config.prompt.content_free = ("N/A", "", "[MASK]")  # contextual calibration's content-free inputs
+  config.prompt.domain_texts = 20  # domain-context calibration's random in-domain texts
+  config.prompt.batch_size = 32  # batch calibration: test inputs per update of the running label prior
+  config.prompt.split = "test"  # split classified
+  config.prompt.num_examples = 200  # examples of it (a fixed shuffled sample); -1 = the whole split
+  config.prompt.max_text_tokens = 48  # each input and demonstration cut to its first this many tokens
+  config.prompt.prompts_per_batch = 4  # prompts per forward pass (each as one row per label word)
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel ways; -1 = all devices left
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) ways

@@ -33,6 +33,7 @@ from jaxlm import configs, plan, sharding, tasks
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, check
+from jaxlm.evaluation import calibrators, prompting
 from jaxlm.inference import decode
 from jaxlm.inference import generate as generate_lib
 from jaxlm.models import params as params_lib
@@ -42,7 +43,8 @@ from jaxlm.training import checkpoint, loop, optim, steps
 
 TOKENIZER_FILE = "tokenizer.model"  # the workdir's copy of its tokenizer
 EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
-SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill")
+SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill", "calibration",
+            "prompt")
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -62,6 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   decode.check_config(config.decode)
   task_class.check_config(config)
   distillation.check_config(config.distill)
+  calibrators.check_config(config.calibration)
+  prompting.check_config(config.prompt)
 
   data, train = config.data, config.train
   check(data.seq_len <= model_config.max_len, "data.seq_len",

@@ -4,7 +4,10 @@ Overrides: `--config.train.steps=50`, `--config.model.num_layers=2`, ...
 (the config is locked: a misspelt key or a wrong type is an error).
 
 Modes: `train` (the default); `plan` prints every parameter's sharding and the memory each device
-will need, without compiling the train step; `generate --prompt="def "` continues each `--prompt`
+will need, without compiling the train step; `eval` writes WORKDIR/eval/<split>/report.{json,md} of the
+`--step` checkpoint (best by default) on `--split`, through `--calibrator=NAME` if given; `calibrate` fits and
+reports every calibrator of a classifier, or runs a language model's prompted classification
+(`jaxlm.calibrate`, reports in WORKDIR/calibration/); `generate --prompt="def "` continues each `--prompt`
 (repeatable) from the workdir's latest checkpoint with the `decode` settings: only the generated texts
 go to stdout, one per prompt, logs go to stderr. Every mode but `train` reads WORKDIR/config.json when
 `--config` is omitted; to change some of its keys, load it as a config file:
@@ -33,8 +36,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py[:arg]); modes other than train default to "
     "WORKDIR/config.json.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "generate"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "eval", "calibrate", "generate"], "What to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "--mode=generate: a prompt to continue (repeat for a batch).")
+_SPLIT = flags.DEFINE_string("split", "", "--mode=eval: split to evaluate ('' = data.test_split, else data.eval_split).")
+_STEP = flags.DEFINE_string("step", "", "--mode=eval/calibrate: checkpoint: best, latest or a step number ('' = best "
+                            "for classifiers and eval, latest for a language model's prompted calibration).")
+_CALIBRATOR = flags.DEFINE_string("calibrator", "", "--mode=eval: apply this calibrator saved by --mode=calibrate.")
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = this machine's).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
@@ -76,6 +83,13 @@ def main(argv):
   elif mode == "plan":
     from jaxlm import plan
     print(plan.format_plan(experiment.plan(_PLAN_DEVICES.value or None)), flush=True)
+  elif mode in ("eval", "calibrate"):
+    from jaxlm import calibrate
+    step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value or None
+    if mode == "eval":
+      calibrate.evaluate_checkpoint(experiment, _SPLIT.value or None, step or "best", _CALIBRATOR.value)
+    else:
+      calibrate.calibrate(experiment, step)
   elif mode == "generate":
     params = experiment.load_params()
     for result in experiment.generate(params, _PROMPT.value):

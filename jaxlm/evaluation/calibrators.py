@@ -30,6 +30,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
+from jaxlm.errors import check
 from jaxlm.evaluation import calibration
 
 # Default temperature-fitting chunk: rows holding about this many logits (8M float32 = 32 MiB per buffer).
@@ -423,3 +424,21 @@ class HistogramBinning(Calibrator):
 
 CALIBRATORS = {cls.name: cls for cls in (TemperatureScaling, VectorScaling, MatrixScaling, DirichletCalibration,
                                          PlattScaling, IsotonicCalibration, HistogramBinning)}
+
+
+def check_config(calibration_config) -> None:
+  """Validates the `calibration` config section (ConfigError naming the key)."""
+  unknown = sorted(set(calibration_config.calibrators) - set(CALIBRATORS))
+  check(not unknown, "calibration.calibrators", f"unknown {unknown}; use some of {sorted(CALIBRATORS)} or () for all.")
+  check(calibration_config.num_bins > 0, "calibration.num_bins", f"must be positive, got {calibration_config.num_bins}.")
+  check(calibration_config.num_resamples > 0, "calibration.num_resamples", "must be positive.")
+  check(0 < calibration_config.confidence < 1, "calibration.confidence", "must be in (0, 1), e.g. 0.95.")
+
+
+def applicable(names, num_classes: int) -> list[str]:
+  """The calibrator names to fit: `names`, or () = every calibrator for `num_classes` classes (Platt: 2 only)."""
+  if names:
+    if "platt" in names and num_classes != 2:
+      raise ValueError(f"calibration.calibrators: 'platt' is binary and this classifier has {num_classes} classes.")
+    return list(names)
+  return [name for name in CALIBRATORS if name != "platt" or num_classes == 2]

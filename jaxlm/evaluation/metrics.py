@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AVERAGES = (None, "macro", "micro", "weighted")
 TOKENIZERS = ("whitespace", "13a")
@@ -100,6 +101,14 @@ def precision_recall_f1(confusion: jax.Array, average: str | None = None, zero_d
     result = {name: jnp.where(total > 0, jnp.sum(value * support) / jnp.where(total > 0, total, 1.0), zero_division)
               for name, value in result.items()}
   return result
+
+
+def macro_f1(confusion) -> float:
+  """Mean per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default)."""
+  confusion = np.asarray(confusion, np.float64)
+  present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+  f1 = np.asarray(precision_recall_f1(confusion)["f1"])
+  return float(f1[present].mean()) if present.any() else 0.0
 
 
 def _counts_below(scores: jax.Array, mask: jax.Array, values: jax.Array, side: str) -> jax.Array:

@@ -21,6 +21,7 @@ import numpy as np
 from jaxlm.data import pipeline, sources
 from jaxlm.errors import ConfigError, check
 from jaxlm.evaluation import calibration, metrics
+from jaxlm.evaluation.metrics import macro_f1
 from jaxlm.models.heads import POOLINGS, SequenceClassifier
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
@@ -44,14 +45,6 @@ def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma:
                                               ADAPTIVE_GAMMA_HIGH_P))
     loss = (1 - p_label) ** gamma * loss
   return loss
-
-
-def macro_f1(confusion) -> float:
-  """Mean per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default)."""
-  confusion = np.asarray(confusion, np.float64)
-  present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
-  f1 = np.asarray(metrics.precision_recall_f1(confusion)["f1"])
-  return float(f1[present].mean()) if present.any() else 0.0
 
 
 def dataset_num_classes(data_config) -> int:
