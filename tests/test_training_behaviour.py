@@ -147,3 +147,28 @@ def test_class_weights_weigh_the_loss_and_out_of_range_labels_are_refused(classi
   config.classification.class_weights = (1.0, 2.0)
   with pytest.raises(Exception, match="classification.class_weights: has 2 weights for 19 classes"):
     Experiment.from_config(config)
+
+
+def test_early_stopping_and_the_best_checkpoint_survive_a_resume(data_dir, tokenizer, tmp_path):
+  """Ranking by the *highest* loss makes every evaluation after the first a non-improvement, so patience 2 stops
+  at step 3. A run stopped at step 2 and resumed must stop at step 3 too (its count is not reset), and the best
+  checkpoint is still step 1."""
+  from jaxlm.training import writer
+
+  def run(workdir, steps):
+    config = experiment_config("quickstart", "tiny")
+    config.data.data_dir = data_dir
+    config.train.update(dict(steps=steps, eval_every=1, checkpoint_every=1, keep_checkpoints=1, best_mode="max",
+                             early_stopping_patience=2, learning_rate=1e-2))
+    config.sample.max_new_tokens = 0
+    experiment = Experiment.from_config(config, str(workdir))
+    experiment.train()
+    return [row["step"] for row in writer.read_rows(str(workdir), "eval")], experiment
+
+  straight, _ = run(tmp_path / "straight", 8)
+  assert straight == [1, 2, 3]
+  first, _ = run(tmp_path / "resumed", 2)
+  resumed, experiment = run(tmp_path / "resumed", 8)
+  assert (first, resumed) == ([1, 2], [1, 2, 3])
+  best = checkpoint.find_checkpoint(experiment.workdir, "best", "loss", "max")
+  assert best.step == 1

@@ -14,8 +14,8 @@ experiment: config, task, model, tokenizer, mesh, data):
   5. trains, logging every `train.log_every` steps, evaluating on `data.eval_split` every `train.eval_every`
      and checkpointing every `train.checkpoint_every` (kept: the latest ones and the best by
      `train.best_metric`); stops early after `train.early_stopping_patience` evaluations without a better
-     best metric (the count restarts when a run resumes); on SIGTERM or Ctrl-C it saves a checkpoint and
-     returns. An update that is not finite is never applied nor saved: the run stops at the next log or
+     best metric (a resumed run replays the count from its metrics.jsonl); on SIGTERM or Ctrl-C it saves a
+     checkpoint and returns. An update that is not finite is never applied nor saved: the run stops at the next log or
      checkpoint step (default) or counts it in `skipped_updates` (`train.skip_nonfinite_updates`);
   6. evaluates, saves a final checkpoint; with `data.test_split`, evaluates the best checkpoint on it and writes
      WORKDIR/eval/report.json (with the task's `test_report` extras); prints a greedy sample when the task
@@ -42,7 +42,7 @@ from jaxlm.models import params as params_lib
 from jaxlm.training import checkpoint, optim, steps
 from jaxlm.training import state as state_lib
 from jaxlm.training import workdir as workdir_lib
-from jaxlm.training.writer import MetricWriter
+from jaxlm.training.writer import MetricWriter, read_rows
 
 
 class _Interrupts:
@@ -110,6 +110,14 @@ def _metric_names(task, model, abstract_params, global_batch) -> list[str]:
   """The names `task.summarize` reports for eval sums, found without running anything."""
   sums = jax.eval_shape(functools.partial(steps.eval_step, model=model, task=task), abstract_params, global_batch)
   return sorted(task.summarize(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), sums)))
+
+
+def best_so_far(values, better, best=None, since: int = 0) -> tuple:
+  """(best value, evaluations since it last improved) after `values` in order, from (`best`, `since`): the state
+  of early stopping, which a resumed run replays from the eval rows of its metrics history."""
+  for value in values:
+    best, since = (value, 0) if best is None or better(value, best) else (best, since + 1)
+  return best, since
 
 
 def train_and_evaluate(experiment) -> dict:
@@ -182,9 +190,11 @@ def _train_and_evaluate(experiment) -> dict:
     return metrics
 
   eval_metrics = {}
-  best_value, evals_without_improvement = None, 0
   better = (lambda a, b: a < b) if train.best_mode == "min" else (lambda a, b: a > b)
   best_key = train.best_metric
+  # Early stopping resumes where it was: replayed from the evaluations this history already holds.
+  best_value, evals_without_improvement = best_so_far(
+      [row[best_key] for row in read_rows(workdir, "eval") if row["step"] <= step and best_key in row], better)
   tokens_per_step = train.batch_size * data.seq_len
   progress = tqdm.tqdm(total=train.steps, initial=step, desc="train", unit="step",
                        disable=jax.process_index() != 0 or not sys.stderr.isatty())
@@ -232,11 +242,9 @@ def _train_and_evaluate(experiment) -> dict:
         stop_early = False
         if evaluated_now:
           eval_metrics = evaluate_and_log(step, state.params)
-          if best_value is None or better(eval_metrics[best_key], best_value):
-            best_value, evals_without_improvement = eval_metrics[best_key], 0
-          else:
-            evals_without_improvement += 1
-            stop_early = 0 < train.early_stopping_patience <= evals_without_improvement
+          best_value, evals_without_improvement = best_so_far([eval_metrics[best_key]], better, best_value,
+                                                              evals_without_improvement)
+          stop_early = 0 < train.early_stopping_patience <= evals_without_improvement
         interrupted = interrupts.stop_at(step)
         if step % train.checkpoint_every == 0 or step == train.steps or interrupted or stop_early:
           check_updates(step)  # a state with a non-finite update left out is saved only when skipping is asked for

@@ -18,6 +18,15 @@ def _kept(line: str, step: int) -> bool:
     return False
 
 
+def read_rows(workdir: str, split: str) -> list[dict]:
+  """The rows of `split` in WORKDIR/metrics.jsonl, in the order written (none if the file does not exist)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [row for row in map(json.loads, f) if row["split"] == split]
+
+
 class MetricWriter:
   """Appends one JSON object per logged step and split to WORKDIR/metrics.jsonl, and TensorBoard scalars.
 
