@@ -16,6 +16,7 @@ grain `DatasetIterator`s, whose position is saved in checkpoints
 (`jaxlm.training.checkpoint`).
 """
 
+import hashlib
 import os
 import re
 
@@ -56,26 +57,30 @@ def record_text(record: dict, field: str, index: int, dataset: str) -> str:
   return value
 
 
-def cached_tokenizer_path(data_config) -> str:
-  """Where `tokenizer_for` caches the tokenizer it trains when `data.tokenizer` is empty."""
+def cached_tokenizer_path(data_config, reserved: tuple[str, ...] = ()) -> str:
+  """Where `tokenizer_for` caches the tokenizer it trains when `data.tokenizer` is empty (with `reserved`
+  pieces: a hash of them is part of the name)."""
   data_dir = os.path.expanduser(data_config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_config.name}-{data_config.text_field}-v{data_config.vocab_size}")
+  if reserved:
+    slug += "-r" + hashlib.sha256("\0".join(reserved).encode()).hexdigest()[:10]
   return os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
 
 
-def tokenizer_for(data_config, train_source) -> Tokenizer:
-  """Loads `data.tokenizer`, or trains one on the train split and caches it in the data directory.
+def tokenizer_for(data_config, train_source, reserved: tuple[str, ...] = ()) -> Tokenizer:
+  """Loads `data.tokenizer`, or trains one on the train split (with the task's `reserved` pieces) and caches it
+  in the data directory.
 
-  The cache path names the dataset, text field and vocabulary size, so a
+  The cache path names the dataset, text field, vocabulary size and reserved pieces, so a
   changed setting never picks up a stale model.
   """
   if data_config.tokenizer:
     return Tokenizer(data_config.tokenizer)
-  path = cached_tokenizer_path(data_config)
+  path = cached_tokenizer_path(data_config, reserved)
   if os.path.exists(path):
     return Tokenizer(path)
   texts = (record_text(train_source[i], data_config.text_field, i, data_config.name) for i in range(len(train_source)))
-  return train_tokenizer(texts, path, data_config.vocab_size)
+  return train_tokenizer(texts, path, data_config.vocab_size, reserved=reserved)
 
 
 def _pad_rows(batch: dict, batch_size: int) -> dict:
