@@ -26,8 +26,8 @@ Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_f
 
 from jaxlm import configs
 
-ENCODER = dict(family="encoder", position="learned", norm="layernorm", norm_position="post", embed_norm=True,
-               mlp="gelu_exact", use_bias=True, norm_eps=1e-12, pooler=True)  # as in experiments/pretrain_mlm.py
+ENCODER = dict(family="encoder", position="rotary", norm="layernorm", mlp="gelu", use_bias=True,
+               pooler=True)  # as in experiments/pretrain_mlm.py
 
 VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "encoder", "tiny")
 

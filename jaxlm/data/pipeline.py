@@ -166,7 +166,7 @@ def truncate(ids: list[int], length: int, side: str) -> list[int]:
   return ids[:length] if side == "right" else ids[len(ids) - length:]
 
 
-def _padded_row(ids: list[int], seq_len: int) -> dict:
+def padded_row(ids: list[int], seq_len: int) -> dict:
   """`tokens`, `segment_ids`, `positions` [T] of one example right-padded to `seq_len`."""
   tokens = np.zeros(seq_len, np.int32)
   tokens[:len(ids)] = ids
@@ -177,7 +177,7 @@ def _padded_row(ids: list[int], seq_len: int) -> dict:
 def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len: int, truncation: str) -> dict:
   """`[bos] + text + [eos]`, the text cut to fit (`truncation`: which side is cut), with its `label`."""
   ids = truncate(tokenizer.encode(text), seq_len - 2, truncation)
-  return {**_padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
+  return {**padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
 
 
 def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
@@ -191,10 +191,25 @@ def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, tr
   separator_ids = tokenizer.encode(separator) if separator else []
   prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids) - len(target_ids), truncation)
   context = [tokenizer.bos_id, *prompt_ids, *separator_ids]
-  row = _padded_row(context + target_ids, seq_len)
+  row = padded_row(context + target_ids, seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
   row["loss_mask"][len(context):len(context) + len(target_ids)] = 1
   return row
+
+
+def encoder_decoder_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
+                            separator: str) -> dict:
+  """Encoder `[bos] + prompt + separator` (`encoder_*` keys; the prompt cut to fit, `truncation` its side),
+  decoder `[bos] + target + [eos]` (the target cut to fit; `loss_mask` 1 on target and eos), each `seq_len` long.
+  The encoder row is what generation feeds the encoder (bos + the prompt text with its separator)."""
+  separator_ids = tokenizer.encode(separator) if separator else []
+  prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids), truncation)
+  encoder = padded_row([tokenizer.bos_id, *prompt_ids, *separator_ids], seq_len)
+  target_ids = truncate(tokenizer.encode(target), seq_len - 2, "right") + [tokenizer.eos_id]
+  row = padded_row([tokenizer.bos_id, *target_ids], seq_len)
+  row["loss_mask"] = np.zeros(seq_len, np.int32)
+  row["loss_mask"][1:1 + len(target_ids)] = 1
+  return {**row, **{f"encoder_{key}": value for key, value in encoder.items()}}
 
 
 def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None, repeat: bool,

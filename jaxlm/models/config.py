@@ -155,6 +155,11 @@ class ModelConfig:
     return 0 if self.family == "decoder" else self.num_layers
 
   @property
+  def cross_attention_layers(self) -> int:
+    """Blocks with a cross-attention sub-block (the decoder of an encoder-decoder)."""
+    return self.decoder_layers if self.family == "encoder_decoder" else 0
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 

@@ -296,10 +296,8 @@ class EncoderDecoder(nn.Module):
 
   def step(self, tokens, cache: EncoderDecoderCache, encoded=None):
     """Decoder tokens [B, T] written from slot `cache.decoder.index` -> (logits [B, T, V], advanced cache)."""
-    x = self._embed(tokens, None, True) if self.config.position != "learned" else None
-    if x is None:  # learned positions: the cache knows them
-      positions, _ = cache.decoder.positions_and_mask(tokens.shape[1])
-      x = self._embed(tokens, positions, True)
+    positions, _ = cache.decoder.positions_and_mask(tokens.shape[1])
+    x = self._embed(tokens, positions, True)
     segment_ids = jnp.ones_like(tokens)
     x, decoder_cache, (cross_key, cross_value) = self.decoder(
         x, None, segment_ids, True, encoded, cache.encoder_segment_ids, cache=cache.decoder,
