@@ -26,7 +26,7 @@ Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_f
 
 from jaxlm import configs
 
-ENCODER = dict(family="encoder", position="rotary", norm="layernorm", mlp="gelu", use_bias=True,
+ENCODER = dict(family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True,
                pooler=True)  # as in experiments/pretrain_mlm.py
 
 VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "encoder", "tiny")

@@ -14,7 +14,8 @@ The encoder it trains is fine-tuned by `experiments/finetune_packages.py:encoder
 from jaxlm import configs
 
 # The encoder of the default and tiny variants (finetune_packages.py:encoder builds the same).
-ENCODER = dict(family="encoder", position="rotary", norm="layernorm", mlp="gelu", use_bias=True, pooler=True)
+ENCODER = dict(family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True,
+               pooler=True)
 
 
 def get_config(arg: str | None = None):
@@ -40,13 +41,13 @@ def get_config(arg: str | None = None):
     config.model = configs.model_config_dict("tiny", **ENCODER)
     config.data.vocab_size = 512
     config.data.seq_len = 64
-    config.train.steps = 400
+    config.train.steps = 500
     config.train.batch_size = 32
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 10
     config.train.log_every = 50
     config.train.eval_every = 10  # the first evaluation early: the test compares the last with it
-    config.train.checkpoint_every = 400
+    config.train.checkpoint_every = 500
     config.eval.batch_size = 16
     config.eval.num_batches = 2
   elif arg == "bert_base":
