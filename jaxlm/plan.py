@@ -79,10 +79,11 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
   input (D) plus one layer's worth during its recomputation. The logits (B T V / tp) are kept in float32
   three times (logits, log-probabilities and their gradient). Every family is counted the same way from its
-  layer counts: the blocks of the encoder and of the decoder (`encoder_layers + decoder_layers`, all on
-  T tokens: an encoder-decoder's decoder rows are taken as long as its encoder rows, an upper bound), plus per
-  cross-attention block its norm input, query, output and softmax (2 D + 2 N H / tp + N T / tp). On CPU, XLA's compiled temporaries come out
-  1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the estimate does not count.
+  layer counts: the blocks of the encoder and of the decoder (`encoder_layers + decoder_layers`, all on T
+  tokens: an encoder-decoder's decoder rows are taken as long as its encoder rows, an upper bound), plus per
+  cross-attention block its norm input, query, output and softmax (2 D + 2 N H / tp + N T / tp). On CPU,
+  XLA's compiled temporaries come out 1.2-2x this estimate (tests/test_plan.py), from fused float32 copies
+  the estimate does not count.
   """
   m = model_config
   tp = mesh["tensor"]

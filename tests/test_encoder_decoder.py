@@ -134,7 +134,8 @@ def _train(mesh, devices):
   losses = []
   with sharding.mesh_context(mesh):
     for batch in _batches():
-      state, metrics = train_step(state, {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()})
+      batch = {key: jax.device_put(value, sharding.batch_sharding(mesh)) for key, value in batch.items()}
+      state, metrics = train_step(state, batch)
       losses.append(float(metrics["loss_sum"] / metrics["weight"]))
   return np.array(losses)
 

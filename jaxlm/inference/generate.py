@@ -87,8 +87,8 @@ def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
     rows = -(-rows // shards) * shards
   tokens, start = left_pad(prompt_ids, tokenizer.pad_id, rows)
   rng = jax.random.key(0) if rng is None else rng
-  run = functools.partial(decode, step_model(model, tokenizer.bos_id), params, settings=settings, eos_id=tokenizer.eos_id,
-                          pad_id=tokenizer.pad_id)
+  run = functools.partial(decode, step_model(model, tokenizer.bos_id), params, settings=settings,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   if mesh is None:
     output = jax.device_get(run(tokens, start, rng))
   else:

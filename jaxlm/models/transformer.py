@@ -88,12 +88,14 @@ class Decoder(nn.Module):
 
 
 def token_embedding(config: ModelConfig, name: str | None = "token_embed") -> nn.Embed:
-  return nn.Embed(config.vocab_size, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (VOCAB, EMBED)),
+  init = layers.weight_init(config.init_std, (VOCAB, EMBED))
+  return nn.Embed(config.vocab_size, config.embed_dim, embedding_init=init,
                   dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name)
 
 
 def position_embedding(config: ModelConfig, name: str | None = "position_embed") -> nn.Embed:
-  return nn.Embed(config.max_len, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (POSITION, EMBED)),
+  init = layers.weight_init(config.init_std, (POSITION, EMBED))
+  return nn.Embed(config.max_len, config.embed_dim, embedding_init=init,
                   dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name)
 
 

@@ -97,7 +97,8 @@ class MaskedLm(base.BaseTask):
   def summarize(self, sums):
     weight = max(float(sums["weight"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "masked_accuracy": float(sums["correct"]) / weight}
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
+            "masked_accuracy": float(sums["correct"]) / weight}
 
   def predictions(self, logits, batch):
     """Per token: logits [B, T, V], the original token [B, T], 1 where it was chosen for prediction [B, T]."""

@@ -29,8 +29,8 @@ def sentinel_pieces(count: int) -> tuple[str, ...]:
 
 def corrupted_lengths(tokens_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
   """Of a chunk of `tokens_length` tokens: (inputs length with eos, targets length with eos, noise spans)."""
-  num_noise = min(max(int(round(tokens_length * noise_density)), 1), tokens_length - 1)
-  num_spans = max(int(round(num_noise / mean_span_length)), 1)
+  num_noise = min(max(round(tokens_length * noise_density), 1), tokens_length - 1)
+  num_spans = max(round(num_noise / mean_span_length), 1)
   return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1, num_spans
 
 
@@ -47,7 +47,7 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_span_length:
   """Boolean [length]: True on noise. Noise and non-noise alternate in spans (non-noise first), the span
   lengths drawn as random segmentations of the token counts (T5's algorithm)."""
   _, _, num_spans = corrupted_lengths(length, noise_density, mean_span_length)
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+  num_noise = min(max(round(length * noise_density), 1), length - 1)
 
   def segment_lengths(num_items, num_segments):
     first = np.concatenate([[False], rng.permutation(np.arange(num_items - 1) < num_segments - 1)])
@@ -86,7 +86,8 @@ class SpanCorruption(base.BaseTask):
   def check_config(cls, config) -> None:
     options = config.corruption
     check(config.model.family == "encoder_decoder", "model.family",
-          f"span_corruption trains an encoder-decoder; set model.family='encoder_decoder' (got {config.model.family!r}).")
+          f"span_corruption trains an encoder-decoder; set model.family='encoder_decoder' "
+          f"(got {config.model.family!r}).")
     check(0.0 < options.rate < 0.5, "corruption.rate", f"must be in (0, 0.5), got {options.rate}.")
     check(options.mean_span_length >= 1, "corruption.mean_span_length", "must be >= 1.")
     length = chunk_length(config.data.seq_len, options.rate, options.mean_span_length)
