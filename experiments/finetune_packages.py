@@ -10,6 +10,8 @@ splits of the built-in `pystdlib_packages`, each a switch on the same loop:
   lora       rank-8 LoRA adapters on the attention query/value and MLP kernels, plus the head; base weights frozen;
   distill    full fine-tuning plus KL to a teacher: set --config.distill.teacher=WORKDIR_OF_A_FULL_RUN;
   scratch    the same model and steps from a random init (no init_from): what pretraining is worth;
+  encoder    the MLM-pretrained encoder of `experiments/pretrain_mlm.py` (init_from=runs/mlm) with a linear head
+             on its first token ("BERT + a fully connected layer"; classification.pooling='pooler' reads the pooler);
   tiny       seconds on CPU, for tests (from a `quickstart.py:tiny` workdir); combine as "tiny,lora".
 Validation accuracy is evaluated every `train.eval_every` steps; the best checkpoint by it is evaluated on the
 test split into WORKDIR/eval/report.json (accuracy, macro-F1, the majority-class baseline, parameter counts).
@@ -24,7 +26,10 @@ Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_f
 
 from jaxlm import configs
 
-VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "tiny")
+ENCODER = dict(family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True,
+               pooler=True)  # as in experiments/pretrain_mlm.py
+
+VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "encoder", "tiny")
 
 
 def get_config(arg: str | None = None):
@@ -54,6 +59,10 @@ def get_config(arg: str | None = None):
   config.eval.num_batches = -1  # the whole validation split
   config.sample.prompt = ""
 
+  if "encoder" in variants:
+    config.init_from = "runs/mlm"  # a pretrain_mlm.py workdir
+    config.model = configs.model_config_dict("small", **ENCODER)
+    config.classification.pooling = "first"
   if "head_only" in variants:
     config.train.trainable = "head"
     config.train.learning_rate = 5e-3
@@ -73,7 +82,8 @@ def get_config(arg: str | None = None):
   if "tiny" in variants:
     config.init_from = ""  # tests point it at a quickstart.py:tiny workdir
     config.model = configs.model_config_dict("tiny", lora_rank=config.model.lora_rank,
-                                             lora_targets=config.model.lora_targets)
+                                             lora_targets=config.model.lora_targets,
+                                             **(ENCODER if "encoder" in variants else {}))
     config.data.vocab_size = 512
     config.data.seq_len = 64
     config.train.steps = 6

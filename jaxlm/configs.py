@@ -31,7 +31,7 @@ def model_config_dict(preset: str = "small", **overrides) -> ml_collections.Conf
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every training experiment (each key has a one-line comment)."""
   config = ml_collections.ConfigDict()
-  config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm, classification or seq2seq (prompt-masked SFT)
+  config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm, masked_lm, span_corruption, classification, seq2seq
   config.seed = 0  # seeds parameter init, data shuffling and dropout
   config.init_from = ""  # WORKDIR or WORKDIR/checkpoints/<step> of a pretrained run: backbone + tokenizer
 
@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.classification.focal_gamma = 0.0  # focal loss (1 - p)^gamma * CE; 0 = plain cross-entropy
   config.classification.focal_adaptive = False  # adaptive gamma of Mukhoti et al. 2020 (5 if p < 0.2 else 3)
   config.classification.class_weights = ()  # loss weight per class, e.g. "(1.0, 3.0)"; () = all classes weigh 1
+
+  config.corruption = ml_collections.ConfigDict()
+  config.corruption.rate = 0.15  # masked_lm: fraction of tokens predicted (80% [MASK], 10% random, 10% kept);
+  # span_corruption: noise density (fraction of tokens in dropped spans)
+  config.corruption.mean_span_length = 3.0  # span_corruption: mean length of a dropped span (T5: 3)
+  config.corruption.num_sentinels = 100  # span_corruption: sentinel pieces reserved in the tokenizer (T5: 100)
 
   config.distill = ml_collections.ConfigDict()
   config.distill.teacher = ""  # WORKDIR or checkpoint of a teacher for the same task; '' = no distillation

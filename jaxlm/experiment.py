@@ -44,7 +44,7 @@ from jaxlm.training import checkpoint, loop, optim, steps
 TOKENIZER_FILE = "tokenizer.model"  # the workdir's copy of its tokenizer
 EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
 SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill", "calibration",
-            "prompt")
+            "prompt", "corruption")
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -163,7 +163,8 @@ class Experiment:
       return os.path.abspath(os.path.expanduser(self.config.data.tokenizer))
     if self.config.init_from:
       return _run_tokenizer_path(checkpoint.split_checkpoint_path(self.config.init_from)[0])
-    return pipeline.tokenizer_for(self.config.data, self.source(self.config.data.train_split)).path
+    return pipeline.tokenizer_for(self.config.data, self.source(self.config.data.train_split),
+                                  self.task.reserved_pieces).path
 
   def save_tokenizer(self) -> None:
     """Copies the tokenizer into the workdir (process 0), so the workdir holds everything needed to use it."""
@@ -348,7 +349,8 @@ def _run_tokenizer_path(workdir: str) -> str:
   if os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
     return os.path.join(workdir, TOKENIZER_FILE)
   run_config = configs.from_workdir(workdir)
-  path = run_config.data.tokenizer or pipeline.cached_tokenizer_path(run_config.data)
+  reserved = tasks.task_class(run_config.task).from_config(run_config).reserved_pieces
+  path = run_config.data.tokenizer or pipeline.cached_tokenizer_path(run_config.data, reserved)
   if not os.path.exists(path):
     raise FileNotFoundError(f"The tokenizer of the run in {workdir} ({path}) is gone; set data.tokenizer to a copy "
                             "of it (the model's embeddings only fit the tokenizer it was trained with).")

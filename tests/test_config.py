@@ -14,7 +14,9 @@ from jaxlm.errors import ConfigError
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
 VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"],
-            "finetune_packages.py": [None, "head_only", "lora", "distill", "scratch", "tiny", "tiny,lora"],
+            "finetune_packages.py": [None, "head_only", "lora", "distill", "scratch", "encoder", "tiny", "tiny,lora",
+                                     "tiny,encoder"],
+            "pretrain_mlm.py": [None, "tiny", "bert_base"], "pretrain_t5.py": [None, "tiny", "t5_base"],
             "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"],
             "calibrate_packages.py": [None, "tiny", "tiny,lora"], "prompted_packages.py": [None, "tiny"],
             "workdir.py": []}  # its argument is a workdir: test_workdir_config_file_reads_config_json

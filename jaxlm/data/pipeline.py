@@ -16,6 +16,7 @@ grain `DatasetIterator`s, whose position is saved in checkpoints
 (`jaxlm.training.checkpoint`).
 """
 
+import hashlib
 import os
 import re
 
@@ -56,26 +57,30 @@ def record_text(record: dict, field: str, index: int, dataset: str) -> str:
   return value
 
 
-def cached_tokenizer_path(data_config) -> str:
-  """Where `tokenizer_for` caches the tokenizer it trains when `data.tokenizer` is empty."""
+def cached_tokenizer_path(data_config, reserved: tuple[str, ...] = ()) -> str:
+  """Where `tokenizer_for` caches the tokenizer it trains when `data.tokenizer` is empty (with `reserved`
+  pieces: a hash of them is part of the name)."""
   data_dir = os.path.expanduser(data_config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_config.name}-{data_config.text_field}-v{data_config.vocab_size}")
+  if reserved:
+    slug += "-r" + hashlib.sha256("\0".join(reserved).encode()).hexdigest()[:10]
   return os.path.join(data_dir, "jaxlm_tokenizers", f"{slug}.model")
 
 
-def tokenizer_for(data_config, train_source) -> Tokenizer:
-  """Loads `data.tokenizer`, or trains one on the train split and caches it in the data directory.
+def tokenizer_for(data_config, train_source, reserved: tuple[str, ...] = ()) -> Tokenizer:
+  """Loads `data.tokenizer`, or trains one on the train split (with the task's `reserved` pieces) and caches it
+  in the data directory.
 
-  The cache path names the dataset, text field and vocabulary size, so a
+  The cache path names the dataset, text field, vocabulary size and reserved pieces, so a
   changed setting never picks up a stale model.
   """
   if data_config.tokenizer:
     return Tokenizer(data_config.tokenizer)
-  path = cached_tokenizer_path(data_config)
+  path = cached_tokenizer_path(data_config, reserved)
   if os.path.exists(path):
     return Tokenizer(path)
   texts = (record_text(train_source[i], data_config.text_field, i, data_config.name) for i in range(len(train_source)))
-  return train_tokenizer(texts, path, data_config.vocab_size)
+  return train_tokenizer(texts, path, data_config.vocab_size, reserved=reserved)
 
 
 def _pad_rows(batch: dict, batch_size: int) -> dict:
@@ -161,7 +166,7 @@ def truncate(ids: list[int], length: int, side: str) -> list[int]:
   return ids[:length] if side == "right" else ids[len(ids) - length:]
 
 
-def _padded_row(ids: list[int], seq_len: int) -> dict:
+def padded_row(ids: list[int], seq_len: int) -> dict:
   """`tokens`, `segment_ids`, `positions` [T] of one example right-padded to `seq_len`."""
   tokens = np.zeros(seq_len, np.int32)
   tokens[:len(ids)] = ids
@@ -172,7 +177,7 @@ def _padded_row(ids: list[int], seq_len: int) -> dict:
 def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len: int, truncation: str) -> dict:
   """`[bos] + text + [eos]`, the text cut to fit (`truncation`: which side is cut), with its `label`."""
   ids = truncate(tokenizer.encode(text), seq_len - 2, truncation)
-  return {**_padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
+  return {**padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
 
 
 def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
@@ -186,10 +191,25 @@ def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, tr
   separator_ids = tokenizer.encode(separator) if separator else []
   prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids) - len(target_ids), truncation)
   context = [tokenizer.bos_id, *prompt_ids, *separator_ids]
-  row = _padded_row(context + target_ids, seq_len)
+  row = padded_row(context + target_ids, seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
   row["loss_mask"][len(context):len(context) + len(target_ids)] = 1
   return row
+
+
+def encoder_decoder_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
+                            separator: str) -> dict:
+  """Encoder `[bos] + prompt + separator` (`encoder_*` keys; the prompt cut to fit, `truncation` its side),
+  decoder `[bos] + target + [eos]` (the target cut to fit; `loss_mask` 1 on target and eos), each `seq_len` long.
+  The encoder row is what generation feeds the encoder (bos + the prompt text with its separator)."""
+  separator_ids = tokenizer.encode(separator) if separator else []
+  prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids), truncation)
+  encoder = padded_row([tokenizer.bos_id, *prompt_ids, *separator_ids], seq_len)
+  target_ids = truncate(tokenizer.encode(target), seq_len - 2, "right") + [tokenizer.eos_id]
+  row = padded_row([tokenizer.bos_id, *target_ids], seq_len)
+  row["loss_mask"] = np.zeros(seq_len, np.int32)
+  row["loss_mask"][1:1 + len(target_ids)] = 1
+  return {**row, **{f"encoder_{key}": value for key, value in encoder.items()}}
 
 
 def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None, repeat: bool,

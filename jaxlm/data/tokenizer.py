@@ -9,7 +9,8 @@ does not say which tokens are bos, eos and pad; they come from a top-level `"jax
 Tokenizers trained here are lossless: identity normalisation, no dummy
 prefix, whitespace kept, and byte fallback for any character not in the
 vocabulary, so `decode(encode(text)) == text` for every string (source code
-depends on exact whitespace). Newlines are a token of their own.
+depends on exact whitespace). Newlines are a token of their own. Objectives that need pieces of their own
+(`[MASK]`, T5's sentinels) reserve them as control symbols: they have ids, but no text ever encodes to them.
 """
 
 import json
@@ -75,6 +76,19 @@ class Tokenizer:
   @property
   def eos_id(self) -> int:
     return self._ids["eos"]
+
+  def piece_id(self, piece: str) -> int:
+    """The id of a reserved piece (e.g. "[MASK]"); a clear error when this tokenizer lacks it."""
+    piece_id = self._processor.piece_to_id(piece)
+    if piece_id == self._processor.unk_id() and piece != self._processor.id_to_piece(piece_id):
+      raise ValueError(f"Tokenizer {self.path!r} has no piece {piece!r}; the objective needs a tokenizer trained "
+                       "with it reserved (leave data.tokenizer empty to train one).")
+    return piece_id
+
+  def ordinary_ids(self) -> list[int]:
+    """Ids of every piece that text can encode to: all but pad, unk, bos, eos and reserved (control) pieces."""
+    processor = self._processor
+    return [i for i in range(self.vocab_size) if not (processor.is_control(i) or processor.is_unknown(i))]
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without bos/eos (the tasks add those where they belong)."""
@@ -142,9 +156,10 @@ def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
           return
 
 
-def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
-                    max_chars: int = 20_000_000) -> Tokenizer:
-  """Trains a lossless BPE SentencePiece model on `texts` and writes it atomically to `model_path`."""
+def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, max_chars: int = 20_000_000,
+                    reserved: tuple[str, ...] = ()) -> Tokenizer:
+  """Trains a lossless BPE SentencePiece model on `texts` and writes it atomically to `model_path`; `reserved`
+  pieces get ids right after the four special ones (in order) and never come out of `encode`."""
   directory = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as scratch:
@@ -162,6 +177,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
         byte_fallback=True,
         character_coverage=0.9999,
         user_defined_symbols=["\n"],
+        control_symbols=list(reserved),
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,

@@ -4,8 +4,9 @@ The strategies see a model only through a small step interface (`StepModel`):
 `prefill` runs the left-padded prompts in one call and returns the cache and the
 logits of the next token, `step` feeds one token per row and advances the cache;
 the cache itself only needs `take(rows)` (beam search reorders rows). A
-decoder-only model is `CachedDecoder`; an encoder-decoder plugs in with a
-`prefill` that runs the encoder once and caches its keys and values.
+decoder-only model is `CachedDecoder`; an encoder-decoder is `CachedEncoderDecoder`, whose
+`prefill` runs the encoder once on the prompts and caches every decoder layer's cross-attention keys and
+values. `step_model(model, start_id)` picks the interface of a module (STEP_MODELS).
 
 `jaxlm.inference.generate` runs prefill + a strategy as one jitted program
 and turns text into prompts and back. Greedy and sampling share one `lax.while_loop` that stops when every row has
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jaxlm.errors import check
 from jaxlm.models.config import DTYPES
 from jaxlm.models.layers import KVCache
-from jaxlm.models.transformer import Decoder
+from jaxlm.models.transformer import Decoder, EncoderDecoder
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -101,6 +102,39 @@ class CachedDecoder:
   def step(self, params, tokens, cache):
     logits, cache = self.model.apply({"params": params}, tokens[:, None], cache=cache)
     return logits[:, 0].astype(jnp.float32), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedEncoderDecoder:
+  """The step interface of an `EncoderDecoder`: the left-padded prompts go to the encoder (once), the
+  decoder starts from `start_id` and continues over an `EncoderDecoderCache`."""
+
+  model: EncoderDecoder
+  start_id: int  # the decoder's first token (bos, as in training)
+
+  def prefill(self, params, tokens, start, length):
+    slots = jnp.arange(tokens.shape[1])[None, :]
+    segment_ids = (slots >= start[:, None]).astype(jnp.int32)  # left padding is segment 0
+    positions = jnp.maximum(slots - start[:, None], 0)
+    first = jnp.full((tokens.shape[0], 1), self.start_id, jnp.int32)
+    logits, cache = self.model.apply({"params": params}, tokens, positions, segment_ids, first,
+                                     length - tokens.shape[1] + 1, method=EncoderDecoder.prefill)
+    return logits[:, -1].astype(jnp.float32), cache
+
+  def step(self, params, tokens, cache):
+    logits, cache = self.model.apply({"params": params}, tokens[:, None], cache, method=EncoderDecoder.step)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+STEP_MODELS = {Decoder: lambda model, start_id: CachedDecoder(model), EncoderDecoder: CachedEncoderDecoder}
+
+
+def step_model(model, start_id: int) -> StepModel:
+  """The step interface of `model` (a module of `STEP_MODELS`); `start_id` starts an encoder-decoder's output."""
+  if type(model) not in STEP_MODELS:
+    raise ValueError(f"{type(model).__name__} does not generate text; generation needs one of "
+                     f"{[cls.__name__ for cls in STEP_MODELS]}.")
+  return STEP_MODELS[type(model)](model, start_id)
 
 
 def sampling_logits(logits: jax.Array, settings: DecodeSettings) -> jax.Array:

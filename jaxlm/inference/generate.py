@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxlm import sharding
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference import beam_search
-from jaxlm.inference.decode import CachedDecoder, DecodeOutput, DecodeSettings, StepModel, sample_loop
+from jaxlm.inference.decode import DecodeOutput, DecodeSettings, StepModel, sample_loop, step_model
 
 PROMPT_ALIGN = 8  # padded prompt lengths are multiples of this, so that similar prompts share a compilation
 
@@ -87,8 +87,8 @@ def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
     rows = -(-rows // shards) * shards
   tokens, start = left_pad(prompt_ids, tokenizer.pad_id, rows)
   rng = jax.random.key(0) if rng is None else rng
-  run = functools.partial(decode, CachedDecoder(model), params, settings=settings, eos_id=tokenizer.eos_id,
-                          pad_id=tokenizer.pad_id)
+  run = functools.partial(decode, step_model(model, tokenizer.bos_id), params, settings=settings,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   if mesh is None:
     output = jax.device_get(run(tokens, start, rng))
   else:

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError, check
 
-POSITIONS = ("learned", "rotary")
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+POSITIONS = ("learned", "rotary", "relative")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("gelu", "gelu_exact", "relu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 ROPE_SCALING_TYPES = ("none", "llama3")
@@ -36,6 +38,14 @@ PRESETS = {
     # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
     "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                      mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5),
+    # bert-base-uncased (109,482,240 parameters without the MLM head): post-norm, embedding LayerNorm, pooler.
+    "bert_base": dict(family="encoder", vocab_size=30522, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                      max_len=512, position="learned", norm="layernorm", norm_position="post", embed_norm=True,
+                      mlp="gelu_exact", use_bias=True, norm_eps=1e-12, type_vocab_size=2, pooler=True),
+    # t5-base (222,903,552 parameters, embeddings tied): relative position bias, unscaled attention, ReLU MLP.
+    "t5_base": dict(family="encoder_decoder", vocab_size=32128, embed_dim=768, num_layers=12, num_heads=12,
+                    mlp_dim=3072, max_len=512, position="relative", norm="rmsnorm", mlp="relu", norm_eps=1e-6,
+                    scale_attention=False, tied_logits_scale=True, init_std=0.05),
 }
 
 
@@ -47,15 +57,17 @@ class ModelConfig:
   `embed_dim // num_heads`), so the fields always hold the sizes the model uses.
   """
 
+  family: str = "decoder"  # "decoder" (GPT-2, Llama), "encoder" (BERT) or "encoder_decoder" (T5); the task builds it
   vocab_size: int = 4096  # rows of the embedding table; >= the tokenizer's vocabulary
   embed_dim: int = 256  # D, the model width
-  num_layers: int = 4  # L, transformer blocks (stacked with nn.scan)
+  num_layers: int = 4  # L, transformer blocks (stacked with nn.scan); encoder_decoder: the encoder's
+  num_decoder_layers: int = 0  # encoder_decoder: blocks of the decoder; 0 = num_layers
   num_heads: int = 4  # N, query heads
   num_kv_heads: int = 0  # K, key/value heads; 0 = num_heads (multi-head); < N = grouped-query
   head_dim: int = 0  # H; 0 = embed_dim // num_heads
   mlp_dim: int = 1024  # F, hidden width of the MLP
   max_len: int = 1024  # longest sequence (size of the learned position table)
-  position: str = "rotary"  # "learned" (GPT-2) or "rotary" (Llama)
+  position: str = "rotary"  # "learned" (GPT-2, BERT), "rotary" (Llama) or "relative" (T5 bias; not the decoder family)
   rope_theta: float = 10000.0  # rotary base frequency
   # Rotary frequency scaling for long contexts: "none", or "llama3" (Llama 3.1+: frequencies with wavelengths
   # beyond original_max_len / low_freq_factor divided by factor, those below original_max_len / high_freq_factor
@@ -65,9 +77,17 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are fully scaled
   rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
   rope_original_max_len: int = 8192  # llama3: the context length the model was pretrained at
+  relative_buckets: int = 32  # position="relative": buckets of T5's relative position bias (shared across layers)
+  relative_max_distance: int = 128  # position="relative": distances from here on share the last bucket
   norm: str = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+  norm_position: str = "pre"  # "pre": x + f(norm(x)), then a final norm; "post" (BERT): norm(x + f(x)), no final norm
   norm_eps: float = 1e-6  # epsilon of the norms
-  mlp: str = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)
+  embed_norm: bool = False  # a norm on the summed embeddings (BERT)
+  type_vocab_size: int = 0  # encoder: token-type (sentence A/B) embeddings, BERT: 2; 0 = none
+  pooler: bool = False  # encoder: dense + tanh on the first token (BERT's pooler; classification.pooling="pooler")
+  mlp: str = "swiglu"  # "gelu" (tanh approximation, GPT-2), "gelu_exact" (BERT), "relu" (T5) or "swiglu" (Llama)
+  scale_attention: bool = True  # softmax(q k / sqrt(H)); False: T5's unscaled attention (the scale is in the init)
+  tied_logits_scale: bool = False  # tied output head reads x * D**-0.5 (T5)
   use_bias: bool = False  # biases in dense layers and LayerNorm (GPT-2: True)
   tie_embeddings: bool = True  # output projection = transposed input embedding
   dropout_rate: float = 0.0  # dropout on embeddings and residual branches
@@ -84,7 +104,19 @@ class ModelConfig:
     for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
       check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}.")
     check(self.position in POSITIONS, "model.position", f"{self.position!r} is not one of {POSITIONS}.")
+    check(self.family in FAMILIES, "model.family", f"{self.family!r} is not one of {FAMILIES}.")
     check(self.norm in NORMS, "model.norm", f"{self.norm!r} is not one of {NORMS}.")
+    check(self.norm_position in NORM_POSITIONS, "model.norm_position",
+          f"{self.norm_position!r} is not one of {NORM_POSITIONS}.")
+    check(self.num_decoder_layers >= 0, "model.num_decoder_layers", "must be >= 0 (0 means num_layers).")
+    check(self.type_vocab_size >= 0, "model.type_vocab_size", "must be >= 0 (0 = no token types).")
+    check(self.position != "relative" or self.family != "decoder", "model.position",
+          "'relative' (T5's bias) is for the encoder and encoder_decoder families; use 'rotary' or 'learned'.")
+    check(self.position != "relative" or 2 <= self.relative_buckets, "model.relative_buckets", "must be >= 2.")
+    for key in ("norm_position", "embed_norm", "type_vocab_size", "pooler"):
+      default = {field.name: field.default for field in dataclasses.fields(self)}[key]
+      check(self.family != "decoder" or getattr(self, key) == default, f"model.{key}",
+            f"is an encoder option; the decoder family keeps its default {default!r}.")
     check(self.mlp in MLPS, "model.mlp", f"{self.mlp!r} is not one of {MLPS}.")
     check(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
     check(self.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
@@ -128,6 +160,25 @@ class ModelConfig:
     if unknown:
       raise ConfigError(f"model.{unknown[0]}: unknown model option; known options are {sorted(known)}.")
     return cls(**values)
+
+  @property
+  def decoder_layers(self) -> int:
+    """Blocks of the decoder stack (0 for an encoder)."""
+    if self.family == "encoder":
+      return 0
+    if self.family == "decoder":
+      return self.num_layers
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def encoder_layers(self) -> int:
+    """Blocks of the encoder stack (0 for a decoder)."""
+    return 0 if self.family == "decoder" else self.num_layers
+
+  @property
+  def cross_attention_layers(self) -> int:
+    """Blocks with a cross-attention sub-block (the decoder of an encoder-decoder)."""
+    return self.decoder_layers if self.family == "encoder_decoder" else 0
 
   @property
   def compute_dtype(self):

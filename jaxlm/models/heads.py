@@ -13,14 +13,15 @@ from jaxlm.models import layers
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import EMBED
 
-POOLINGS = ("last", "first", "mean")
+POOLINGS = ("last", "first", "mean", "pooler")
 
 
 def pool(hidden, mask, method: str):
   """hidden [B, T, D], mask [B, T] (nonzero = token) -> [B, D].
 
   "last": the last token of the mask (a causal decoder's summary of the whole row);
-  "first": the first token (an encoder's [CLS]); "mean": the masked mean.
+  "first": the first token (an encoder's [CLS]); "mean": the masked mean. ("pooler", the encoder's own
+  pooled vector, is the backbone's: see `SequenceClassifier`.)
   """
   mask = mask != 0
   length = mask.shape[1]
@@ -60,6 +61,7 @@ class SequenceClassifier(nn.Module):
   """
 
   backbone: nn.Module  # called as backbone(tokens, positions, segment_ids, deterministic=, return_hidden=True)
+  # (pooling "pooler": return_pooled=True, an Encoder with model.pooler)
   config: ModelConfig  # the backbone's
   num_classes: int  # C
   pooling: str = "last"  # one of POOLINGS
@@ -67,7 +69,9 @@ class SequenceClassifier(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
     """tokens, positions, segment_ids: [B, T] int -> logits [B, C] (float32)."""
-    hidden = self.backbone(tokens, positions, segment_ids, deterministic=deterministic, return_hidden=True)
-    mask = jnp.ones_like(tokens) if segment_ids is None else segment_ids
-    return ClassificationHead(self.config, self.num_classes, name="head")(pool(hidden, mask, self.pooling),
-                                                                         deterministic)
+    if self.pooling == "pooler":
+      pooled = self.backbone(tokens, positions, segment_ids, deterministic=deterministic, return_pooled=True)
+    else:
+      hidden = self.backbone(tokens, positions, segment_ids, deterministic=deterministic, return_hidden=True)
+      pooled = pool(hidden, jnp.ones_like(tokens) if segment_ids is None else segment_ids, self.pooling)
+    return ClassificationHead(self.config, self.num_classes, name="head")(pooled, deterministic)

@@ -8,6 +8,8 @@ Shape legend: B batch, T query length, S key length (cache slots), D model width
 L layers, N query heads, K key/value heads, H head dim, F MLP width.
 """
 
+import functools
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -169,49 +171,101 @@ class Einsum(nn.Module):
     return y
 
 
-class Attention(nn.Module):
-  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`."""
+def relative_buckets(relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucket of each relative position (key position - query position), as in Raffel et al. 2020.
+
+  Half the buckets (of each direction, when bidirectional) hold exact distances 0, 1, ...; the rest grow
+  logarithmically up to `max_distance`, beyond which distances share the last bucket. A causal stack
+  buckets only the past (keys after the query get bucket 0; the mask hides them anyway).
+  """
+  buckets = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = (relative > 0).astype(relative.dtype) * num_buckets
+    distance = jnp.abs(relative)
+  else:
+    distance = -jnp.minimum(relative, 0)
+  exact = num_buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / jnp.log(max_distance / exact)
+  large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(relative.dtype), num_buckets - 1)
+  return buckets + jnp.where(distance < exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's learned bias of each head for each relative-position bucket: [B, N, T, S], computed once per stack
+  and added to the attention logits of every layer (shared across layers)."""
 
   config: ModelConfig
+  bidirectional: bool  # encoder: both directions; causal decoder: the past only
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
+  def __call__(self, query_positions, key_positions):
+    """query_positions [B, T], key_positions [B, S] -> bias [B, N, T, S] (compute dtype)."""
+    config = self.config
+    table = self.param("embedding", weight_init(config.init_std, (None, HEADS)),
+                       (config.relative_buckets, config.num_heads), config.weight_dtype)
+    relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
+    buckets = relative_buckets(relative, self.bidirectional, config.relative_buckets, config.relative_max_distance)
+    return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2).astype(config.compute_dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`: self-attention, or
+  cross-attention (`cross=True`) whose keys and values come from an encoder's output."""
+
+  config: ModelConfig
+  cross: bool = False  # keys/values from `source` (no rotary); a cache holds the encoder's keys/values per layer
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, bias=None, source=None):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S]; bias: None or [B, N, T, S] added to the logits
+    (T5's relative positions) -> [B, T, D].
 
     Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
     [L, B, K, S, H] slots, this layer's number and the first slot to write), the T new
     keys and values are written in place from slot `index` of this layer, the queries
     attend over its S slots, and the result is `(out, (keys, values, layer + 1, index))`.
+
+    Cross-attention: `source` [B, S, D] is the encoder output. With `cache = (keys, values, layer)`,
+    keys and values of `source` are written into this layer's slots (prefill), or, with `source` None,
+    read from them (each decoding step); the result is `(out, (keys, values, layer + 1))`.
     """
     config = self.config
     D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
     std = config.init_std
     query = Einsum(config, "BTD,DNH->BTNH", (D, N, H), (EMBED, HEADS, HEAD_DIM), std, 2, name="query")(x)
-    key = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="key")(x)
-    value = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="value")(x)
-    if config.position == "rotary":
+    keys_from = source if self.cross else x
+    key = value = None
+    if keys_from is not None:
+      key = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="key")(keys_from)
+      value = Einsum(config, "BTD,DKH->BTKH", (D, K, H), (EMBED, KV_HEADS, HEAD_DIM), std, 2, name="value")(keys_from)
+    if config.position == "rotary" and not self.cross:
       inverse_frequency = rotary_inverse_frequency(config)
       query = apply_rotary(query, positions, inverse_frequency)
       key = apply_rotary(key, positions, inverse_frequency)
     query = nn.with_logical_constraint(query, (BATCH, LENGTH, HEADS, HEAD_DIM))
-    key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
-    value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    if key is not None:
+      key = nn.with_logical_constraint(key, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+      value = nn.with_logical_constraint(value, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     if cache is not None:
-      keys, values, layer, index = cache
-      at = (layer, 0, 0, index, 0)
-      new_keys, new_values = (update.transpose(0, 2, 1, 3)[None].astype(keys.dtype) for update in (key, value))
-      keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, new_keys, at), KVCache.AXES)
-      values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, new_values, at), KVCache.AXES)
+      keys, values, layer, *index = cache
+      at = (layer, 0, 0, index[0] if index else 0, 0)
+      if key is not None:
+        new_keys, new_values = (update.transpose(0, 2, 1, 3)[None].astype(keys.dtype) for update in (key, value))
+        keys = nn.with_logical_constraint(jax.lax.dynamic_update_slice(keys, new_keys, at), KVCache.AXES)
+        values = nn.with_logical_constraint(jax.lax.dynamic_update_slice(values, new_values, at), KVCache.AXES)
       # [B, S, K, H] views of this layer's slots (the transposes cancel against the ones inside the attention).
       key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).transpose(0, 2, 1, 3)
       value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).transpose(0, 2, 1, 3)
 
     implementation = None if config.attention == "auto" else config.attention
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+    scale = None if config.scale_attention else 1.0  # None: 1 / sqrt(H)
+    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                       implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
     out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
                  name="out")(out)
-    return out if cache is None else (out, (keys, values, layer + 1, index))
+    return out if cache is None else (out, (keys, values, layer + 1, *index))
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -219,8 +273,15 @@ def residual_std(config: ModelConfig) -> float:
   return config.init_std / (2 * config.num_layers) ** 0.5
 
 
+def activation(config: ModelConfig):
+  """The nonlinearity of a non-gated MLP (and of BERT's MLM transform)."""
+  if config.mlp == "relu":
+    return nn.relu
+  return functools.partial(nn.gelu, approximate=config.mlp != "gelu_exact")
+
+
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or SwiGLU (Llama): [B, T, D] -> [B, T, D]."""
+  """GELU MLP (GPT-2, BERT), ReLU MLP (T5) or SwiGLU (Llama): [B, T, D] -> [B, T, D]."""
 
   config: ModelConfig
 
@@ -235,44 +296,69 @@ class Mlp(nn.Module):
     if config.mlp == "swiglu":
       hidden = nn.silu(up("gate")) * up("up")
     else:
-      hidden = nn.gelu(up("up"), approximate=True)
+      hidden = activation(config)(up("up"))
     hidden = nn.with_logical_constraint(hidden, (BATCH, LENGTH, MLP))  # [B, T, F]
     return Einsum(config, "BTF,FD->BTD", (F, D), (MLP, EMBED), residual_std(config), name="down")(hidden)
 
 
 class TransformerBlock(nn.Module):
-  """Pre-norm block: x + Attention(Norm(x)), then x + Mlp(Norm(x)).
+  """Pre-norm block: x + Attention(Norm(x)), then x + Mlp(Norm(x)); post-norm (`model.norm_position`, BERT):
+  Norm(x + Attention(x)), then Norm(x + Mlp(x)). A decoder block of an encoder-decoder (`cross_attention`)
+  has a cross-attention sub-block to the encoder output between the two.
 
   The mask decides what kind of block it is (causal for decoders, full for
   encoders). The carry is `(x, cache)` so that blocks stack with `nn.scan`:
   `cache` is None (training, scoring) or the decoding cache of every layer,
-  updated in place (see `Attention`); returns `((x, cache), None)`.
+  updated in place (see `Attention`); returns `((x, cache), None)`. With cross-attention the carry is
+  `(x, cache, cross_cache)` (see `Attention` for the cross-attention cache).
   """
 
   config: ModelConfig
   deterministic: bool = True  # False turns dropout on (training)
+  cross_attention: bool = False  # the decoder of an encoder-decoder
 
   @nn.compact
-  def __call__(self, carry, positions, mask):
+  def __call__(self, carry, positions, mask, bias=None, cross=None):
+    """bias: None or T5's relative position bias [B, N, T, T]; cross: with cross_attention,
+    `(encoded [B, S, D] or None when the cache holds its keys/values, cross_mask [B, 1, T, S])`."""
     config = self.config
-    x, cache = carry
+    x, cache = carry[:2]
+    post = config.norm_position == "post"
     dropout = nn.Dropout(config.dropout_rate, deterministic=self.deterministic)
     attention = Attention(config, name="attention")
-    h = norm(config, "attention_norm")(x)
+    h = x if post else norm(config, "attention_norm")(x)
     if cache is None:
-      h = attention(h, positions, mask)
+      h = attention(h, positions, mask, bias=bias)
     else:
-      h, cache = attention(h, positions, mask, cache)
+      h, cache = attention(h, positions, mask, cache, bias=bias)
     x = x + dropout(h)
-    h = Mlp(config, name="mlp")(norm(config, "mlp_norm")(x))
+    if post:
+      x = norm(config, "attention_norm")(x)
+    if self.cross_attention:
+      (encoded, cross_mask), cross_cache = cross, carry[2]
+      cross_attention = Attention(config, cross=True, name="cross_attention")
+      h = x if post else norm(config, "cross_attention_norm")(x)
+      if cross_cache is None:
+        h = cross_attention(h, positions, cross_mask, source=encoded)
+      else:
+        h, cross_cache = cross_attention(h, positions, cross_mask, cross_cache, source=encoded)
+      x = x + dropout(h)
+      if post:
+        x = norm(config, "cross_attention_norm")(x)
+    h = Mlp(config, name="mlp")(x if post else norm(config, "mlp_norm")(x))
     x = x + dropout(h)
-    return (nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache), None
+    if post:
+      x = norm(config, "mlp_norm")(x)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    return ((x, cache, cross_cache) if self.cross_attention else (x, cache)), None
 
 
-def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
+def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers",
+                   cross_attention: bool = False) -> nn.Module:
   """`num_layers` blocks as one `nn.scan` (compile time independent of depth), optionally rematerialised.
 
-  Parameters get a leading `layers` axis of size L. Called as `stack((x, cache), positions, mask)`; the
+  Parameters get a leading `layers` axis of size L. Called as `stack((x, cache), positions, mask)` (and
+  optionally `bias`, `cross`: see `TransformerBlock`, whose arguments are the same for every layer); the
   decoding cache (or None) travels in the carry, so each layer updates its own slots in place.
   """
   block = TransformerBlock
@@ -282,8 +368,8 @@ def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=nn.broadcast,
       length=config.num_layers,
       metadata_params={nn.PARTITION_NAME: LAYERS},
   )
-  return stack(config, deterministic, name=name)
+  return stack(config, deterministic, cross_attention, name=name)

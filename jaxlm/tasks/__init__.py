@@ -5,7 +5,8 @@ them around a restored teacher.
 """
 
 from jaxlm.errors import ConfigError
-from jaxlm.tasks import causal_lm, classification, seq2seq  # noqa: F401  (registers the tasks)
+from jaxlm.tasks import (  # noqa: F401  (registers the tasks)
+    causal_lm, classification, masked_lm, seq2seq, span_corruption)
 from jaxlm.tasks.base import REGISTRY, BaseTask, Task, register
 
 

@@ -38,6 +38,8 @@ class Task(Protocol):
   new_params: ClassVar[str | None]
   # Hook: True when the model continues text (the loop then prints a greedy `sample.prompt` at the end).
   generates_text: ClassVar[bool]
+  # Hook: pieces the tokenizer must reserve for the objective (e.g. "[MASK]", T5's sentinels); () = none.
+  reserved_pieces: tuple[str, ...]
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -95,6 +97,7 @@ class BaseTask:
 
   new_params: ClassVar[str | None] = None
   generates_text: ClassVar[bool] = False
+  reserved_pieces: tuple[str, ...] = ()
 
   @classmethod
   def check_config(cls, config) -> None:

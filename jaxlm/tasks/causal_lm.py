@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import pipeline
+from jaxlm.errors import check
 from jaxlm.evaluation import calibration
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
@@ -90,6 +91,11 @@ class CausalLm(base.BaseTask):
   shuffle_window: int = 0  # packed training rows shuffled together
 
   generates_text = True
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    check(config.model.family == "decoder", "model.family",
+          f"{cls.name} trains a decoder; set model.family='decoder' (got {config.model.family!r}).")
 
   @classmethod
   def from_config(cls, config):

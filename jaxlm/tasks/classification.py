@@ -23,7 +23,7 @@ from jaxlm.errors import ConfigError, check
 from jaxlm.evaluation import calibration, metrics
 from jaxlm.evaluation.metrics import macro_f1
 from jaxlm.models.heads import POOLINGS, SequenceClassifier
-from jaxlm.models.transformer import Decoder
+from jaxlm.models.transformer import backbone
 from jaxlm.tasks import base
 
 ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P, ADAPTIVE_GAMMA_HIGH_P = 0.2, 5.0, 3.0
@@ -88,6 +88,10 @@ class Classification(base.BaseTask):
     check(options.num_classes == 0 or options.num_classes > 1, "classification.num_classes",
           f"must be at least 2 (0 = from the dataset's label feature), got {options.num_classes}.")
     check(options.pooling in POOLINGS, "classification.pooling", f"{options.pooling!r} is not one of {POOLINGS}.")
+    check(config.model.family in ("decoder", "encoder"), "model.family",
+          f"classification reads a decoder or an encoder, not {config.model.family!r}.")
+    check(options.pooling != "pooler" or (config.model.family == "encoder" and config.model.pooler),
+          "classification.pooling", "'pooler' needs an encoder with model.pooler=True; or pool 'first'.")
     check(0.0 <= options.label_smoothing < 1.0, "classification.label_smoothing", "must be in [0, 1).")
     check(options.focal_gamma >= 0, "classification.focal_gamma", "must be >= 0.")
     weights = tuple(options.class_weights)
@@ -105,7 +109,7 @@ class Classification(base.BaseTask):
                focal_adaptive=options.focal_adaptive, class_weights=tuple(options.class_weights))
 
   def build_model(self, model_config):
-    return SequenceClassifier(Decoder(model_config), model_config, self.num_classes, self.pooling)
+    return SequenceClassifier(backbone(model_config), model_config, self.num_classes, self.pooling)
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
     def encode(index, record):

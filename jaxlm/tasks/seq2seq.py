@@ -1,8 +1,11 @@
-"""Prompt-masked supervised fine-tuning of a decoder: the loss is taken on the target tokens only.
+"""Sequence to sequence: prompt-masked fine-tuning of a decoder, or prompt-to-encoder / target-to-decoder
+fine-tuning of an encoder-decoder (`model.family`).
 
-Rows are `[bos] prompt separator target [eos]` (`pipeline.sft_example`); the
+Decoder: rows are `[bos] prompt separator target [eos]` (`pipeline.sft_example`); the
 model reads the whole row, but only predictions of target tokens (and the
-final eos) count: logits[t] is scored when `loss_mask[t + 1]` is 1. Generation
+final eos) count: logits[t] is scored when `loss_mask[t + 1]` is 1.
+Encoder-decoder: the encoder reads `[bos] prompt separator`, the decoder `[bos] target [eos]`
+(`pipeline.encoder_decoder_example`), every target token and eos predicted. Generation
 quality is measured by greedy decoding from the prompt and comparing with the
 reference: exact match and ROUGE-L F1 (`jaxlm.evaluation.metrics`), in the loop's test report.
 """
@@ -13,8 +16,10 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxlm.data import pipeline
+from jaxlm.errors import check
 from jaxlm.evaluation import metrics
-from jaxlm.tasks import base, causal_lm
+from jaxlm.models.transformer import backbone
+from jaxlm.tasks import base, causal_lm, span_corruption
 
 
 def target_weights(loss_mask) -> jnp.ndarray:
@@ -30,18 +35,34 @@ class Seq2Seq(causal_lm.CausalLm):
   target_field: str = "target"  # record field with the target (text_field holds the prompt)
   separator: str = "\n"  # text between prompt and target (never truncated)
   truncation: str = "right"  # which end of a too-long prompt is cut: "right" (keep its start) or "left"
+  encoder_decoder: bool = False  # model.family == "encoder_decoder"
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    check(config.model.family in ("decoder", "encoder_decoder"), "model.family",
+          f"seq2seq trains a decoder or an encoder_decoder, not {config.model.family!r}.")
 
   @classmethod
   def from_config(cls, config):
     data = config.data
     return cls(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
-               target_field=data.target_field, separator=data.separator, truncation=data.truncation)
+               target_field=data.target_field, separator=data.separator, truncation=data.truncation,
+               encoder_decoder=config.model.family == "encoder_decoder")
+
+  def build_model(self, model_config):
+    return backbone(model_config)
 
   def encode(self, tokenizer, record, index):
-    return pipeline.sft_example(
+    example = pipeline.encoder_decoder_example if self.encoder_decoder else pipeline.sft_example
+    return example(
         tokenizer, pipeline.record_text(record, self.text_field, index, self.dataset_name),
         pipeline.record_text(record, self.target_field, index, self.dataset_name), self.seq_len, self.truncation,
         self.separator)
+
+  def logits(self, model, params, batch, *, train, rng=None):
+    if self.encoder_decoder:
+      return span_corruption.encoder_decoder_logits(model, params, batch, train=train, rng=rng)
+    return super().logits(model, params, batch, train=train, rng=rng)
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
     return pipeline.padded_batches(source, lambda index, record: self.encode(tokenizer, record, index),
@@ -49,7 +70,10 @@ class Seq2Seq(causal_lm.CausalLm):
                                    stream_index=stream_index, stream_count=stream_count)
 
   def batch_shapes(self, rows):
-    return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions", "loss_mask")}
+    keys = ("tokens", "segment_ids", "positions", "loss_mask")
+    if self.encoder_decoder:
+      keys += ("encoder_tokens", "encoder_segment_ids", "encoder_positions")
+    return {key: (rows, self.seq_len) for key in keys}
 
   def weights(self, batch):
     return target_weights(batch["loss_mask"])
@@ -60,6 +84,8 @@ class Seq2Seq(causal_lm.CausalLm):
   def prompt_text(self, tokenizer, record, index) -> str:
     """The text a generation continues (after bos): the row's prompt, truncated as in training, and the separator."""
     row = self.encode(tokenizer, record, index)
+    if self.encoder_decoder:
+      return tokenizer.decode(row["encoder_tokens"][row["encoder_segment_ids"] != 0])
     return tokenizer.decode(row["tokens"][:int(row["loss_mask"].argmax())])
 
   def test_report(self, *, source, tokenizer, generate, max_examples, max_new_tokens) -> dict:
