@@ -83,9 +83,9 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   dtype: remat "none" keeps the block's inputs and norms (4 D), q/k/v and the attention output
   ((2N + 2K) H / tp), the MLP's hidden activations (swiglu 4 F / tp, gelu 2 F / tp) and, for XLA attention,
   the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
-  input (D) plus one layer's worth during its recomputation. The logits (B T V / tp) are kept in float32
-  three times (logits, log-probabilities and their gradient). On CPU, XLA's compiled temporaries come out
-  1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the estimate does not count.
+  input (D) plus one layer's worth during its recomputation. The logits (B T V / tp; B C V / tp with
+  `model.loss_chunk_size` C) are kept in float32 three times (logits, log-probabilities, gradient). On CPU,
+  XLA's compiled temporaries come out 1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the estimate does not count.
   """
   m = model_config
   tp = mesh["tensor"]
@@ -98,8 +98,8 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   full_layer = 4 * m.embed_dim + heads + mlp + scores
   per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]
   kept = m.num_layers * per_layer + (full_layer if m.remat == "full" else 0)
-  logits = 3 * 4 * m.vocab_size / tp
-  return int(tokens * (kept * itemsize + logits))
+  logit_tokens = rows * min(m.loss_chunk_size or config.data.seq_len, config.data.seq_len)
+  return int(tokens * kept * itemsize + logit_tokens * 3 * 4 * m.vocab_size / tp)
 
 
 def device_memory() -> tuple[int | None, str]:
