@@ -85,7 +85,8 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
   input (D) plus one layer's worth during its recomputation. The logits (B T V / tp; B C V / tp with
   `model.loss_chunk_size` C) are kept in float32 three times (logits, log-probabilities, gradient). On CPU,
-  XLA's compiled temporaries come out 1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the estimate does not count.
+  XLA's compiled temporaries come out 1.2-2x this estimate (tests/test_plan.py), from fused float32 copies the
+  estimate does not count.
   """
   m = model_config
   tp = mesh["tensor"]
@@ -94,7 +95,7 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   itemsize = np.dtype(m.compute_dtype).itemsize
   heads = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tp
   mlp = (4 if m.mlp == "swiglu" else 2) * m.mlp_dim / tp
-  scores = m.num_heads * config.data.seq_len / tp if m.attention != "cudnn" else 0
+  scores = m.num_heads * config.data.seq_len / tp if m.attention not in ("cudnn", "pallas") else 0
   full_layer = 4 * m.embed_dim + heads + mlp + scores
   per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]
   kept = m.num_layers * per_layer + (full_layer if m.remat == "full" else 0)

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import sharding
 from jaxlm.errors import ConfigError
 from jaxlm.models.config import PRESETS, ModelConfig
-from jaxlm.models import transformer
+from jaxlm.models import flash_attention, layers, transformer
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks.causal_lm import CausalLm
 from jaxlm.tasks.seq2seq import Seq2Seq
@@ -101,3 +102,70 @@ def test_chunked_loss_refuses_an_adapted_lm_head():
   config = tiny(**LLAMA_LIKE, num_layers=1, lora_rank=2, lora_targets="lm_head", loss_chunk_size=4)
   with pytest.raises(ConfigError, match="model.loss_chunk_size"):
     transformer.unembed(config, init_params(config), jnp.zeros((1, 4, config.embed_dim)))
+
+
+# ------------------------------------------------------------------------------------ flash attention, segment ids
+
+
+def packed_segments(rows: int, length: int) -> np.ndarray:
+  """Rows of 1-3 documents of random lengths, some ending in padding (segment 0)."""
+  rng = np.random.default_rng(7)
+  segment_ids = np.zeros((rows, length), np.int32)
+  for row in range(rows):
+    cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(1, 3), replace=False))
+    segment_ids[row] = np.searchsorted(cuts, np.arange(length), side="right") + 1
+    if row % 2:
+      segment_ids[row, length - 5:] = 0
+  return segment_ids
+
+
+def test_flash_attention_with_segment_ids_equals_the_xla_reference():
+  """Values and gradients of the Pallas kernel (interpret mode on CPU) against the dense-mask XLA attention,
+  with grouped-query heads (N = 4, K = 2) and packed rows with padding."""
+  batch, length, heads, kv_heads, head_dim = 2, 32, 4, 2, 16
+  keys = jax.random.split(jax.random.key(0), 4)
+  query = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  key, value = (jax.random.normal(k, (batch, length, kv_heads, head_dim)) for k in keys[1:3])
+  probe = jax.random.normal(keys[3], (batch, length, heads, head_dim))  # a fixed random cotangent
+  segment_ids = jnp.asarray(packed_segments(batch, length))
+  mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+
+  def flash(q, k, v):
+    return flash_attention.segment_attention(q, k, v, segment_ids, causal=True)
+
+  def reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+  np.testing.assert_allclose(jax.jit(flash)(query, key, value), reference(query, key, value), atol=2e-6)
+  flash_grads = jax.jit(jax.grad(lambda *x: jnp.sum(flash(*x) * probe), argnums=(0, 1, 2)))(query, key, value)
+  reference_grads = jax.grad(lambda *x: jnp.sum(reference(*x) * probe), argnums=(0, 1, 2))(query, key, value)
+  for name, actual, expected in zip("qkv", flash_grads, reference_grads):
+    np.testing.assert_allclose(actual, expected, atol=5e-6, err_msg=name)
+
+
+def test_decoder_with_pallas_attention_equals_xla_on_a_sharded_batch():
+  """The whole model, its batch sharded over 4 data x 2 tensor devices (the kernel runs per shard)."""
+  config = tiny(**LLAMA_LIKE, num_layers=1)
+  params = init_params(config)
+  batch = {key: jnp.asarray(value) for key, value in lm_batch(seed=1, rows=4, vocab=VOCAB).items()}
+  task = CausalLm(seq_len=16)
+  mesh = sharding.create_mesh(dict(data=4, fsdp=1, tensor=2), jax.devices()[:8])
+
+  def loss(config):
+    model = Decoder(config)
+    with sharding.mesh_context(mesh):
+      params_on_mesh = jax.device_put(params, sharding.replicated(mesh))
+      batch_on_mesh = jax.device_put(batch, sharding.batch_sharding(mesh))
+      step = jax.jit(jax.value_and_grad(lambda p: task.loss_and_metrics(model, p, batch_on_mesh, train=False)[0]))
+      return step(params_on_mesh)
+
+  (flash_loss, flash_grads), (xla_loss, xla_grads) = loss(dataclasses.replace(config, attention="pallas")), loss(config)
+  np.testing.assert_allclose(flash_loss, xla_loss, rtol=1e-6)
+  for (path, expected), actual in zip(jax.tree.leaves_with_path(xla_grads), jax.tree.leaves(flash_grads)):
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_flash_attention_needs_whole_tiles():
+  with pytest.raises(ConfigError, match="model.attention"):
+    flash_attention.block_size(24)
+  assert flash_attention.block_size(1024) == 128 and flash_attention.block_size(48) == 16

@@ -17,7 +17,7 @@ POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALING_TYPES = ("none", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -80,7 +80,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"  # rematerialise each block: "none", "full" or "save_dots"
-  attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto/xla/cudnn
+  attention: str = "auto"  # auto/xla/cudnn (jax.nn.dot_product_attention) or pallas (flash kernel, segment ids)
   loss_chunk_size: int = 0  # positions per chunk of the LM loss (never all [B, T, V] logits at once); 0 = off
   init_std: float = 0.02  # stddev of the normal initialiser of weights
   lora_rank: int = 0  # rank r of LoRA adapters (models/lora.py) on the targeted Einsum kernels; 0 = none

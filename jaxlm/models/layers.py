@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import lora
+from jaxlm.models import flash_attention, lora
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP
 
@@ -169,6 +169,12 @@ class Einsum(nn.Module):
     return y
 
 
+def uses_segment_ids(config: ModelConfig, cache=None) -> bool:
+  """Whether attention takes segment ids (the flash kernel) rather than a dense mask: training and scoring
+  with `model.attention = "pallas"`; decoding with a cache always uses the dense mask of its slots."""
+  return config.attention == "pallas" and cache is None
+
+
 class Attention(nn.Module):
   """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`."""
 
@@ -177,6 +183,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache=None):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S] -> [B, T, D].
+
+    With `model.attention = "pallas"` (and no cache) `mask` is the segment ids [B, T] instead, and the
+    causal attention within segments runs in the flash kernel of `jaxlm.models.flash_attention`.
 
     Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
     [L, B, K, S, H] slots, this layer's number and the first slot to write), the T new
@@ -206,8 +215,11 @@ class Attention(nn.Module):
       key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).transpose(0, 2, 1, 3)
       value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).transpose(0, 2, 1, 3)
 
-    implementation = None if config.attention == "auto" else config.attention
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+    if uses_segment_ids(config, cache):
+      out = flash_attention.segment_attention(query, key, value, segment_ids=mask, causal=True)
+    else:
+      implementation = None if config.attention in ("auto", "pallas") else config.attention
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
     out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
                  name="out")(out)

@@ -49,7 +49,8 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
     if cache is None:
-      mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+      # The flash kernel builds each block's mask from the segment ids; the others take a dense mask.
+      mask = segment_ids if layers.uses_segment_ids(config) else layers.attention_mask(segment_ids, segment_ids, True)
       (x, _), _ = layers.stacked_blocks(config, deterministic)((x, None), positions, mask)
     else:
       layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
