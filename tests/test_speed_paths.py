@@ -13,7 +13,8 @@ import pytest
 from jaxlm import sharding
 from jaxlm.errors import ConfigError
 from jaxlm.models.config import PRESETS, ModelConfig
-from jaxlm.models import flash_attention, layers, transformer
+from jaxlm.models import flash_attention, layers, quantize, transformer
+from jaxlm.models import params as params_lib
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks.causal_lm import CausalLm
 from jaxlm.tasks.seq2seq import Seq2Seq
@@ -169,3 +170,62 @@ def test_flash_attention_needs_whole_tiles():
   with pytest.raises(ConfigError, match="model.attention"):
     flash_attention.block_size(24)
   assert flash_attention.block_size(1024) == 128 and flash_attention.block_size(48) == 16
+
+
+# ------------------------------------------------------------------------------------------ int8 weight-only decoding
+
+# Stated tolerance of int8 logits: per-channel rounding moves each weight by at most scale / 2 = max|w| / 254,
+# so logits move by well under 1% of their range on the tiny models; checked as 2% of the largest |logit|.
+INT8_LOGIT_TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_int8_logits_are_the_dequantized_model_and_close_to_float32(variant):
+  config = tiny(**(GPT2_LIKE if variant == "gpt2" else LLAMA_LIKE), num_layers=1)
+  params = init_params(config, seed=4)
+  int8_model = Decoder(dataclasses.replace(config, quantize="int8"))
+  int8_params = quantize.convert_params(params, params_lib.abstract_params(int8_model), "int8")
+  kernel = int8_params["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.dtype == jnp.int8 and int8_params["layers"]["mlp"]["up"]["kernel_scale"].shape == (1, 1, 128)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 12)), jnp.int32)
+
+  # Independent reference: the float model with every kernel replaced by its NumPy-dequantized int8 version.
+  def dequantized(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {key: dequantized(value) for key, value in tree.items() if key != "kernel_scale"}
+    if "kernel_scale" in tree:
+      out["kernel"] = np.asarray(tree["kernel"], np.float32) * np.asarray(tree["kernel_scale"])
+    return out
+
+  float_logits = Decoder(config).apply({"params": params}, tokens)
+  int8_logits = int8_model.apply({"params": int8_params}, tokens)
+  np.testing.assert_allclose(int8_logits, Decoder(config).apply({"params": dequantized(int8_params)}, tokens),
+                             rtol=1e-5, atol=1e-6)
+  error = float(jnp.abs(int8_logits - float_logits).max())
+  assert 0 < error <= INT8_LOGIT_TOLERANCE * float(jnp.abs(float_logits).max())
+  assert quantize.kernel_bytes(int8_params) < 0.6 * quantize.kernel_bytes(params)
+
+
+def test_int8_greedy_decoding_of_a_trained_tiny_model(tiny_workdir):
+  """Reported: the greedy continuations of float32 and int8 weights (in the test log, -s)."""
+  from jaxlm import Experiment
+  experiment = Experiment.from_workdir(tiny_workdir)
+  params = experiment.load_params()
+  prompts = ["def ", "import "]
+  float_out = experiment.generate(params, prompts, max_new_tokens=16)
+  int8_out = experiment.generate(params, prompts, max_new_tokens=16, quantize="int8")
+  for prompt, f, q in zip(prompts, float_out, int8_out):
+    agree = sum(a == b for a, b in zip(f.tokens, q.tokens))
+    print(f"\n{prompt!r}: float32 {f.text!r}\n{' ' * len(repr(prompt))}  int8    {q.text!r} ({agree}/{len(f.tokens)} "
+          f"tokens equal; scores {f.score:.3f} vs {q.score:.3f})")
+    assert len(q.tokens) == len(f.tokens) == 16
+    assert q.tokens[0] == f.tokens[0]
+    assert abs(q.score - f.score) < 0.05 * abs(f.score) + 0.5
+
+
+def test_quantize_config_is_checked():
+  with pytest.raises(ConfigError, match="model.quantize"):
+    tiny(quantize="int3")
+  with pytest.raises(ConfigError, match="model.quantize"):
+    tiny(quantize="int8", lora_rank=2)

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError, check
+from jaxlm.models import quantize
 
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
@@ -19,6 +20,7 @@ MLPS = ("gelu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALING_TYPES = ("none", "llama3")
+QUANTIZATIONS = tuple(quantize.SCHEMES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Model-size presets: overrides of ModelConfig's defaults (`jaxlm.configs.model_config_dict(preset)`).
@@ -81,6 +83,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"  # rematerialise each block: "none", "full" or "save_dots"
   attention: str = "auto"  # auto/xla/cudnn (jax.nn.dot_product_attention) or pallas (flash kernel, segment ids)
+  quantize: str = ""  # weight-only quantized Einsum kernels (models/quantize.py): "" (none) or "int8"; decoding only
   loss_chunk_size: int = 0  # positions per chunk of the LM loss (never all [B, T, V] logits at once); 0 = off
   init_std: float = 0.02  # stddev of the normal initialiser of weights
   lora_rank: int = 0  # rank r of LoRA adapters (models/lora.py) on the targeted Einsum kernels; 0 = none
@@ -101,6 +104,10 @@ class ModelConfig:
     check(0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
     check(self.loss_chunk_size >= 0, "model.loss_chunk_size",
           f"must be >= 0 (0 = the loss reads all logits at once), got {self.loss_chunk_size}.")
+    check(self.quantize in ("", *QUANTIZATIONS), "model.quantize",
+          f"{self.quantize!r} is not '' or one of {QUANTIZATIONS}.")
+    check(not (self.quantize and self.lora_rank), "model.quantize",
+          "quantized kernels take no LoRA adapters; merge them first (jaxlm.models.lora.merge_lora, lora_rank=0).")
     check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
     check(self.num_kv_heads >= 0, "model.num_kv_heads", "must be >= 0 (0 means num_heads).")
     check(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means embed_dim // num_heads).")

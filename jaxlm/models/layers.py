@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import flash_attention, lora
+from jaxlm.models import flash_attention, lora, quantize
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP
 
@@ -138,7 +138,7 @@ class Einsum(nn.Module):
 
   The bias (if `config.use_bias` and `bias`) spans the kernel's last `output_dims` axes.
   A module whose path matches `config.lora_targets` gets LoRA adapters when `config.lora_rank` > 0
-  (`jaxlm.models.lora`).
+  (`jaxlm.models.lora`); with `config.quantize` the kernel is stored quantized (`jaxlm.models.quantize`).
   """
 
   config: ModelConfig
@@ -152,14 +152,18 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, x):
     config = self.config
-    kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
     # The product runs on B and T merged into one axis ("BTD,DF->BTF" as "TD,DF->TF"): the same numbers, and
     # XLA's CPU backend then lays out the backward pass without transposed elementwise fusions (~25% faster
     # train step there; no change on GPU). Sharding is unaffected: merging B (sharded) with T (whole) keeps it.
     if not (self.equation.startswith("BT") and self.equation.split("->")[1].startswith("BT")):
       raise ValueError(f"Einsum {self.name}: equation {self.equation!r} must map [B, T, ...] to [B, T, ...].")
     flat = x.reshape((-1, *x.shape[2:])).astype(config.compute_dtype)
-    y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
+    if config.quantize:  # weight-only quantized kernel (decoding): dequantized in the matmul
+      q, scale = quantize.kernel_params(self, self.shape, self.axes, self.output_dims)
+      y = quantize.einsum(self.equation.replace("B", ""), flat, q, scale, self.output_dims, config.compute_dtype)
+    else:
+      kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
+      y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
     y = y.reshape((*x.shape[:2], *y.shape[1:]))
     if config.use_bias and self.bias:
       bias_shape, bias_axes = self.shape[-self.output_dims:], self.axes[-self.output_dims:]
