@@ -150,7 +150,9 @@ def measured_matmul_flops(dtype) -> float:
   return 2 * size**3 / best
 
 
-def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
+def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: float | None = None) -> dict:
+  """The train step of `config`; `measured` (FLOP/s) is the matmul rate to use as the peak where there is no
+  datasheet figure (default: measured here; a sweep measures it once for all its points)."""
   import jax
   import numpy as np
 
@@ -197,7 +199,7 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
   causal, palm = flops_per_token(model_config, state.params, seq_len)
   tokens_per_sec = batch_size * seq_len / step_time
   device = jax.devices()[0]
-  measured = measured_matmul_flops(model_config.compute_dtype)
+  measured = measured or measured_matmul_flops(model_config.compute_dtype)
   peak = datasheet_peak(device.device_kind)
   peak_per_run = (peak or measured) * mesh.size
   memory = device.memory_stats() or {}
@@ -512,11 +514,14 @@ def sweep_config(config, sweep: str, point: str):
 
 def sweep_main(config, sweep: str, points: list[str], plot_path: str) -> list[dict]:
   """One JSON line per point (jaxlm and, with --peer=torch, the peer), then the plot."""
+  from jaxlm.models.config import DTYPES
+
+  measured = measured_matmul_flops(DTYPES[config.model.dtype])  # one peak for every point
   rows = []
   for point in points:
     point_config = sweep_config(config, sweep, point)
-    row = {"sweep": sweep, "point": point, **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value,
-                                                             _REPEATS.value)}
+    row = {"sweep": sweep, "point": point,
+           **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured)}
     if _PEER.value == "torch":
       row.update(benchmark_torch(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))
       row["vs_peer"] = row["tokens_per_sec"] / row["peer_tokens_per_sec"]
@@ -552,7 +557,7 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
   first = rows[0]
-  figure.suptitle(f"{first['device_kind']} ({first['backend']}, {first['devices']} devices), {first['dtype']}")
+  figure.suptitle(f"{first['device_kind']} ({first['backend']}, devices: {first['devices']}), {first['dtype']}")
   figure.tight_layout()
   figure.savefig(path, dpi=100)
   print(json.dumps({"plot": os.path.abspath(path)}), flush=True)
