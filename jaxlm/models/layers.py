@@ -180,7 +180,8 @@ def uses_segment_ids(config: ModelConfig, cache=None) -> bool:
 
 
 class Attention(nn.Module):
-  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`."""
+  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`, or the flash kernel with
+  segment ids (`model.attention = "pallas"`, `jaxlm.models.flash_attention`)."""
 
   config: ModelConfig
 
