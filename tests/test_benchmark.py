@@ -102,7 +102,7 @@ def test_decode_variants():
 def test_a_batch_sweep_prints_a_line_per_point_and_writes_the_plot(tmp_path):
   plot = tmp_path / "sweep.png"
   out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
-                        "--sweep=batch", "--sweep_points=8,16", "--steps=1", "--warmup=0", "--repeats=1",
+                        "--sweep=batch", "--sweep_points=8,16", "--steps=1", "--warmup=1", "--repeats=1",
                         f"--plot={plot}"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
