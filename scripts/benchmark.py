@@ -29,8 +29,9 @@ cancel), `tokens_per_sec` (batch x new_tokens over the whole call); medians of `
 warm-up call. On a CPU shared with other processes use `--torch_threads=1`: PyTorch's OpenMP threads
 spinning against other work can make it 100x slower.
 
-Decode variants (`--decode_variants`, default float32,bfloat16,int8): the weights (and activations) in that
-dtype, or int8 weight-only kernels (`decode.quantize=int8`, activations in the config's dtype). Each row gives
+Decode variants (`--decode_variants`, e.g. float32,bfloat16,int8; default: the config's dtype): the weights
+(and activations) in that dtype, or int8 weight-only kernels (`decode.quantize=int8`, activations in the
+config's dtype). Each row gives
 `bytes_per_step` (all weights plus every KV-cache slot, read once per generated token) and
 `roofline_fraction` = bytes_per_step / per_token time / memory bandwidth (datasheet for known GPUs, else a
 measured copy). `--workdir=RUN` decodes the run's trained weights (and its config); with
@@ -67,8 +68,8 @@ _DECODE_BATCH_SIZES = flags.DEFINE_list("decode_batch_sizes", ["1", "16"], "--de
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "--decode: prompt tokens per row.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "--decode: tokens generated per row.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads; 0 = its default.")
-_DECODE_VARIANTS = flags.DEFINE_list("decode_variants", ["float32", "bfloat16", "int8"],
-                                     "--decode: weights to time: float32, bfloat16, int8 (weight-only, config dtype).")
+_DECODE_VARIANTS = flags.DEFINE_list("decode_variants", [], "--decode: weights to time: float32, bfloat16, int8 "
+                                     "(weight-only, activations in the config dtype); default: the config's dtype.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "--decode: a trained run (its config and weights); '' = random weights.")
 _PERPLEXITY_BATCHES = flags.DEFINE_integer("perplexity_batches", 0,
                                            "--decode: eval batches of the validation split scored per variant.")
@@ -468,7 +469,8 @@ def decode_main(config) -> dict:
   result = {"mode": "decode", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "dtype": config.model.dtype, "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
             "weights": _WORKDIR.value or "random",
-            "jaxlm": benchmark_decode_jaxlm(config, _DECODE_VARIANTS.value, *common, workdir=_WORKDIR.value,
+            "jaxlm": benchmark_decode_jaxlm(config, _DECODE_VARIANTS.value or [config.model.dtype], *common,
+                                            workdir=_WORKDIR.value,
                                             perplexity_batches=_PERPLEXITY_BATCHES.value)}
   if _PEER.value == "torch":
     import torch
