@@ -43,8 +43,8 @@ def next_token_sums(logits, tokens, weights, *, train: bool) -> tuple[jax.Array,
   return _target_sums(logits, jnp.roll(tokens, -1, axis=1), weights, train=train)
 
 
-def chunked_next_token_sums(project, hidden, tokens, weights, chunk_size: int, *, train: bool) -> tuple[jax.Array,
-                                                                                                       dict]:
+def chunked_next_token_sums(project, hidden, tokens, weights, chunk_size: int, *,
+                            train: bool) -> tuple[jax.Array, dict]:
   """`next_token_sums` of the logits `project(hidden)`, computed `chunk_size` positions at a time.
 
   hidden: [B, T, D] final hidden states; project: [B, C, D] -> [B, C, V] (the model's output projection).
