@@ -36,6 +36,7 @@ from jaxlm.errors import ConfigError, check
 from jaxlm.evaluation import calibrators, prompting
 from jaxlm.inference import decode
 from jaxlm.inference import generate as generate_lib
+from jaxlm.models import lora, quantize
 from jaxlm.models import params as params_lib
 from jaxlm.models.config import ModelConfig
 from jaxlm.tasks import distillation
@@ -252,9 +253,10 @@ class Experiment:
 
   # ---------------------------------------------------------------------------------------- parameters
 
-  def abstract_params(self, mesh: jax.sharding.Mesh | None = None):
-    """ShapeDtypeStructs of the model's parameters with their shardings on `mesh` (default: the experiment's)."""
-    return params_lib.abstract_params(self.model, mesh or self.mesh)
+  def abstract_params(self, mesh: jax.sharding.Mesh | None = None, model=None):
+    """ShapeDtypeStructs of the parameters of `model` (default: the experiment's) with their shardings on `mesh`
+    (default: the experiment's)."""
+    return params_lib.abstract_params(model or self.model, mesh or self.mesh)
 
   def init_params(self):
     """The parameters training starts from: initialised from `config.seed`, then, with `init_from`, every
@@ -322,17 +324,24 @@ class Experiment:
 
   def generate(self, params, prompts: list[str], **overrides) -> list[generate_lib.Generation]:
     """Continues each prompt with the `decode` settings of the config, `overrides` replacing any of them
-    (`strategy="sample"`, `top_p=0.9`, `seed=1`, `dtype="bfloat16"`, ...)."""
+    (`strategy="sample"`, `top_p=0.9`, `seed=1`, `dtype="bfloat16"`, `quantize="int8"`, ...)."""
     if not self.task.generates_text:
       raise ValueError(f"task {self.config.task!r} does not generate text.")
     decode_config = self.config.decode.copy_and_resolve_references()
     decode_config.update(overrides)
     decode.check_config(decode_config)
     model, model_config = self.model, self.model_config
-    if decode_config.dtype:  # weights and activations in decode.dtype; the cast keeps each array's sharding
-      model_config = dataclasses.replace(model_config, dtype=decode_config.dtype, param_dtype=decode_config.dtype)
+    changes = {}
+    if decode_config.dtype:  # weights and activations in decode.dtype
+      changes.update(dtype=decode_config.dtype, param_dtype=decode_config.dtype)
+    if decode_config.quantize:  # int8 kernels, quantized once here (LoRA adapters merged into them first)
+      changes.update(quantize=decode_config.quantize, lora_rank=0)
+      if model_config.lora_rank:
+        params = lora.merge_lora(params, model_config.lora_alpha)
+    if changes:  # the decoding model, and the parameters converted to its tree in their shardings
+      model_config = dataclasses.replace(model_config, **changes)
       model = self.task.build_model(model_config)
-      params = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(model_config.weight_dtype), tree))(params)
+      params = quantize.convert_params(params, self.abstract_params(model=model), decode_config.quantize)
     settings = decode.DecodeSettings.from_config(decode_config)
     return generate_lib.generate(model, params, self.tokenizer, prompts, settings,
                                  rng=jax.random.key(decode_config.seed), mesh=self.mesh)

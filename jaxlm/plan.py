@@ -83,13 +83,13 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   dtype: remat "none" keeps the block's inputs and norms (4 D), q/k/v and the attention output
   ((2N + 2K) H / tp), the MLP's hidden activations (swiglu 4 F / tp, gelu 2 F / tp) and, for XLA attention,
   the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
-  input (D) plus one layer's worth during its recomputation. The logits (B T V / tp) are kept in float32
-  three times (logits, log-probabilities and their gradient). Every family is counted the same way from its
-  layer counts: the blocks of the encoder and of the decoder (`encoder_layers + decoder_layers`, all on T
-  tokens: an encoder-decoder's decoder rows are taken as long as its encoder rows, an upper bound), plus per
-  cross-attention block its norm input, query, output and softmax (2 D + 2 N H / tp + N T / tp). On CPU,
-  XLA's compiled temporaries come out 1.2-2x this estimate (tests/test_plan.py), from fused float32 copies
-  the estimate does not count.
+  input (D) plus one layer's worth during its recomputation. The logits (B T V / tp; B C V / tp with
+  `model.loss_chunk_size` C) are kept in float32 three times (logits, log-probabilities, gradient). Every
+  family is counted the same way from its layer counts: the blocks of the encoder and of the decoder
+  (`encoder_layers + decoder_layers`, all on T tokens: an encoder-decoder's decoder rows are taken as long as
+  its encoder rows, an upper bound), plus per cross-attention block its norm input, query, output and softmax
+  (2 D + 2 N H / tp + N T / tp). On CPU, XLA's compiled temporaries come out 1.2-2x this estimate
+  (tests/test_plan.py), from fused float32 copies the estimate does not count.
   """
   m = model_config
   tp = mesh["tensor"]
@@ -98,15 +98,15 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   itemsize = np.dtype(m.compute_dtype).itemsize
   heads = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tp
   mlp = (4 if m.mlp == "swiglu" else 2) * m.mlp_dim / tp
-  scores = m.num_heads * config.data.seq_len / tp if m.attention != "cudnn" else 0
+  scores = m.num_heads * config.data.seq_len / tp if m.attention not in ("cudnn", "pallas") else 0
   full_layer = 4 * m.embed_dim + heads + mlp + scores
   per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]
   cross = {"none": 2 * m.embed_dim + 2 * m.num_heads * m.head_dim / tp + scores,
            "save_dots": m.embed_dim + 2 * m.num_heads * m.head_dim / tp, "full": 0}[m.remat]
   kept = (m.encoder_layers + m.decoder_layers) * per_layer + m.cross_attention_layers * cross
   kept += full_layer if m.remat == "full" else 0
-  logits = 3 * 4 * m.vocab_size / tp
-  return int(tokens * (kept * itemsize + logits))
+  logit_tokens = rows * min(m.loss_chunk_size or config.data.seq_len, config.data.seq_len)
+  return int(tokens * kept * itemsize + logit_tokens * 3 * 4 * m.vocab_size / tp)
 
 
 def device_memory() -> tuple[int | None, str]:

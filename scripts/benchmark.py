@@ -28,6 +28,19 @@ Measured the same way for both: `prefill_ms` (one forward of the prompts that fi
 cancel), `tokens_per_sec` (batch x new_tokens over the whole call); medians of `--repeats` after a
 warm-up call. On a CPU shared with other processes use `--torch_threads=1`: PyTorch's OpenMP threads
 spinning against other work can make it 100x slower.
+
+Decode variants (`--decode_variants`, e.g. float32,bfloat16,int8; default: the config's dtype): the weights
+(and activations) in that dtype, or int8 weight-only kernels (`decode.quantize=int8`, activations in the
+config's dtype). Each row gives
+`bytes_per_step` (all weights plus every KV-cache slot, read once per generated token) and
+`roofline_fraction` = bytes_per_step / per_token time / memory bandwidth (datasheet for known GPUs, else a
+measured copy). `--workdir=RUN` decodes the run's trained weights (and its config); with
+`--perplexity_batches=N` each variant also reports its perplexity on N batches of the validation split.
+
+`--sweep=seq_len|batch|model` times the train step at each of `--sweep_points` (default SWEEP_POINTS:
+sequence 256..4096 with model.max_len raised to fit, batch 1..32, presets tiny..gpt2_350m), with the peer
+under `--peer=torch`, prints one JSON line per point and writes `--plot` (PNG): tokens/s, MFU and memory
+per device (the device's peak where it keeps statistics, else XLA's buffer assignment of the step).
 """
 
 import json
@@ -55,6 +68,15 @@ _DECODE_BATCH_SIZES = flags.DEFINE_list("decode_batch_sizes", ["1", "16"], "--de
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "--decode: prompt tokens per row.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "--decode: tokens generated per row.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads; 0 = its default.")
+_DECODE_VARIANTS = flags.DEFINE_list("decode_variants", [], "--decode: weights to time: float32, bfloat16, int8 "
+                                     "(weight-only, activations in the config dtype); default: the config's dtype.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "--decode: a trained run (its config and weights); '' = random weights.")
+_PERPLEXITY_BATCHES = flags.DEFINE_integer("perplexity_batches", 0,
+                                           "--decode: eval batches of the validation split scored per variant.")
+_SWEEP = flags.DEFINE_enum("sweep", "none", ["none", "seq_len", "batch", "model"],
+                           "Time the train step at each point of a sweep; one JSON line per point, then a PNG.")
+_SWEEP_POINTS = flags.DEFINE_list("sweep_points", [], "--sweep: the points (default: SWEEP_POINTS of the sweep).")
+_PLOT = flags.DEFINE_string("plot", "", "--sweep: PNG path; '' = sweep_<sweep>.png.")
 
 # Datasheet dense bf16 peaks (FLOP/s) by device kind prefix.
 DATASHEET_PEAK_FLOPS = {
@@ -129,7 +151,9 @@ def measured_matmul_flops(dtype) -> float:
   return 2 * size**3 / best
 
 
-def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
+def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: float | None = None) -> dict:
+  """The train step of `config`; `measured` (FLOP/s) is the matmul rate to use as the peak where there is no
+  datasheet figure (default: measured here; a sweep measures it once for all its points)."""
   import jax
   import numpy as np
 
@@ -176,10 +200,11 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
   causal, palm = flops_per_token(model_config, state.params, seq_len)
   tokens_per_sec = batch_size * seq_len / step_time
   device = jax.devices()[0]
-  measured = measured_matmul_flops(model_config.compute_dtype)
+  measured = measured or measured_matmul_flops(model_config.compute_dtype)
   peak = datasheet_peak(device.device_kind)
   peak_per_run = (peak or measured) * mesh.size
   memory = device.memory_stats() or {}
+  compiled_memory = train_step.memory_analysis()
   return {
       "backend": jax.default_backend(), "device_kind": device.device_kind, "devices": mesh.size,
       "mesh": dict(mesh.shape), "params": params_lib.count(state.params),
@@ -193,6 +218,11 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int) -> dict:
       "peak_source": "datasheet bf16 dense" if peak else "measured matmul",
       "measured_matmul_tflops": measured / 1e12,
       "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
+      # XLA's buffer assignment of the train step per device (arguments + outputs + temporaries, donated state
+      # counted once): the peak memory where the device keeps no statistics (CPU).
+      "compiled_memory_gib": (compiled_memory.argument_size_in_bytes + compiled_memory.output_size_in_bytes
+                              - compiled_memory.alias_size_in_bytes + compiled_memory.temp_size_in_bytes) / 2**30
+                             if compiled_memory is not None else None,
   }
 
 
@@ -226,6 +256,9 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
   model_config = validate(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
+  if device == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
   model = hf_model(model_config).to(device)
   model.config.attn_implementation = "sdpa"
   train = config.train
@@ -259,10 +292,12 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
 
   synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   step_time = time_steps(step, steps, warmup, repeats, synchronize)
+  peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
   result = {"peer": f"transformers {type(model).__name__} (torch {torch.__version__}, {device}, "
                     f"{'torch.compile' if compiled else 'eager'}, {torch.get_num_threads()} threads)",
             "peer_step_time_s": step_time,
-            "peer_tokens_per_sec": train.batch_size * config.data.seq_len / step_time}
+            "peer_tokens_per_sec": train.batch_size * config.data.seq_len / step_time,
+            "peer_peak_memory_gib": peak_memory}
   if compiled:
     result["peer_compile_s"] = round(compile_s, 3)
   return result
@@ -289,7 +324,20 @@ def decode_row(batch: int, new_tokens: int, prefill_s: float, one_token_s: float
           "tokens_per_sec": batch * new_tokens / total_s}
 
 
-def benchmark_decode_jaxlm(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
+def decode_variant(model_config, variant: str):
+  """The ModelConfig of a decode variant: "float32" / "bfloat16" (weights and activations in that dtype) or
+  "int8" (int8 weight-only kernels, activations in the config's dtype)."""
+  import dataclasses
+
+  if variant == "int8":
+    return dataclasses.replace(model_config, quantize="int8")
+  return dataclasses.replace(model_config, dtype=variant, param_dtype=variant)
+
+
+def benchmark_decode_jaxlm(config, variants: list[str], batch_sizes: list[int], prompt_len: int, new_tokens: int,
+                           repeats: int, workdir: str = "", perplexity_batches: int = 0) -> list:
+  """Rows of (variant, batch): decode timings, bytes read per generated token and the roofline fraction; with
+  `perplexity_batches`, the variant's perplexity on that many batches of the validation split."""
   import jax
   import numpy as np
 
@@ -297,24 +345,83 @@ def benchmark_decode_jaxlm(config, batch_sizes: list[int], prompt_len: int, new_
   from jaxlm.inference import generate
   from jaxlm.inference.decode import CachedDecoder, DecodeSettings
   from jaxlm.models import params as params_lib
+  from jaxlm.models import quantize
+  from jaxlm.training import steps as steps_lib
 
-  model = Experiment.from_config(config).model
-  params = params_lib.init_params(model, jax.random.key(0))  # on one device, like the peer
-  step_model = CachedDecoder(model)
-  prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, prompt_len + new_tokens))
+  experiment = Experiment.from_workdir(workdir) if workdir else Experiment.from_config(config)
+  device = jax.devices()[0]
+  mesh = experiment.mesh
+  if workdir:  # trained weights
+    float_params = experiment.load_params()
+  else:
+    float_params = params_lib.init_params(experiment.model, jax.random.key(0), mesh)
+  bandwidth, bandwidth_source = memory_bandwidth(device)
   rows = []
-  for batch in batch_sizes:
-    tokens = np.random.default_rng(batch).integers(4, model.config.vocab_size, (batch, prompt_len), dtype=np.int32)
-    start = np.zeros(batch, np.int32)
+  for variant in variants:
+    model_config = decode_variant(experiment.model_config, variant)
+    model = experiment.task.build_model(model_config)
+    abstract = params_lib.abstract_params(model, mesh)
+    params = quantize.convert_params(float_params, abstract, model_config.quantize)
+    perplexity = None
+    if perplexity_batches:  # on the experiment's mesh, as Experiment.evaluate
+      eval_step = steps_lib.jit_eval_step(model=model, task=experiment.task, mesh=mesh,
+                                          param_sharding=jax.tree.map(lambda x: x.sharding, abstract))
+      batches = experiment.eval_batches(experiment.config.data.eval_split, perplexity_batches)
+      perplexity = experiment.task.summarize(steps_lib.evaluate(eval_step, params, batches, mesh))["perplexity"]
+    params = jax.device_put(params, device)  # decoding runs on one device, like the peer
+    weight_bytes = quantize.kernel_bytes(params)
+    step_model = CachedDecoder(model)
+    slots = prompt_len + new_tokens
+    prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, slots))
+    for batch in batch_sizes:
+      tokens = np.random.default_rng(batch).integers(4, model_config.vocab_size, (batch, prompt_len), dtype=np.int32)
+      start = np.zeros(batch, np.int32)
 
-    def decode(count):
-      settings = DecodeSettings(max_new_tokens=count)
-      jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
+      def decode(count):
+        settings = DecodeSettings(max_new_tokens=count)
+        jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
 
-    rows.append(decode_row(batch, new_tokens, median_seconds(lambda: jax.block_until_ready(
-        prefill(params, tokens, start)), repeats), median_seconds(lambda: decode(1), repeats),
-        median_seconds(lambda: decode(new_tokens), repeats)))
+      row = decode_row(batch, new_tokens, median_seconds(lambda: jax.block_until_ready(
+          prefill(params, tokens, start)), repeats), median_seconds(lambda: decode(1), repeats),
+          median_seconds(lambda: decode(new_tokens), repeats))
+      # Each step reads every weight once and every cache slot (the cache has prompt_len + new_tokens slots).
+      cache_bytes = (2 * model_config.num_layers * batch * model_config.num_kv_heads * slots * model_config.head_dim
+                     * np.dtype(model_config.compute_dtype).itemsize)
+      step_bytes = weight_bytes + cache_bytes
+      row.update(variant=variant, weight_bytes=weight_bytes, bytes_per_step=step_bytes, perplexity=perplexity,
+                 roofline_fraction=step_bytes / (row["per_token_ms"] / 1e3) / bandwidth if bandwidth else None,
+                 bandwidth_source=bandwidth_source)
+      rows.append(row)
   return rows
+
+
+# Datasheet memory bandwidths (bytes/s) by device kind prefix: the decode roofline.
+DATASHEET_BANDWIDTH = {
+    "NVIDIA H100 80GB HBM3": 3.35e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA A100-SXM4-80GB": 2.04e12,
+    "NVIDIA A100": 1.56e12,
+}
+
+
+def memory_bandwidth(device) -> tuple[float, str]:
+  """(bytes/s, source): the datasheet figure of `device`, else a measured copy of a 256 MiB array (read + write)."""
+  import jax
+  import jax.numpy as jnp
+
+  for prefix, bandwidth in DATASHEET_BANDWIDTH.items():
+    if device.device_kind.startswith(prefix):
+      return bandwidth, "datasheet"
+  x = jax.device_put(jnp.ones((64, 2**20), jnp.float32), device)
+  copy = jax.jit(lambda x: x + 1)
+  copy(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    copy(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * x.nbytes / best, "measured copy"
 
 
 def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list:
@@ -353,21 +460,109 @@ def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_
 def decode_main(config) -> dict:
   import jax
 
+  from jaxlm import configs
+
+  if _WORKDIR.value:  # the run's config (its model) for both sides
+    config = configs.from_workdir(_WORKDIR.value)
   batch_sizes = [int(size) for size in _DECODE_BATCH_SIZES.value]
-  args = (config, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value)
+  common = (batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value)
   result = {"mode": "decode", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "dtype": config.model.dtype, "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
-            "jaxlm": benchmark_decode_jaxlm(*args)}
+            "weights": _WORKDIR.value or "random",
+            "jaxlm": benchmark_decode_jaxlm(config, _DECODE_VARIANTS.value or [config.model.dtype], *common,
+                                            workdir=_WORKDIR.value,
+                                            perplexity_batches=_PERPLEXITY_BATCHES.value)}
   if _PEER.value == "torch":
     import torch
     import transformers
 
     result["peer"] = (f"transformers {transformers.__version__} generate (torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads)")
-    result["peer_rows"] = benchmark_decode_torch(*args)
+    result["peer_rows"] = benchmark_decode_torch(config, *common)
+    same_dtype = [row for row in result["jaxlm"] if row["variant"] == config.model.dtype]
     result["vs_peer"] = {row["batch"]: row["tokens_per_sec"] / peer["tokens_per_sec"]
-                         for row, peer in zip(result["jaxlm"], result["peer_rows"])}
+                         for row, peer in zip(same_dtype, result["peer_rows"])}
   return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scaling sweeps (--sweep)
+
+SWEEP_POINTS = {
+    "seq_len": ["256", "512", "1024", "2048", "4096"],
+    "batch": ["1", "2", "4", "8", "16", "32"],
+    "model": ["tiny", "small", "gpt2_124m", "gpt2_350m"],
+}
+
+
+def sweep_config(config, sweep: str, point: str):
+  """`config` with one sweep point applied: data.seq_len (model.max_len raised to fit), train.batch_size, or the
+  model preset (its sizes over the config's model section; dtype, remat and attention kept)."""
+  from jaxlm import configs
+
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if sweep == "seq_len":
+      config.data.seq_len = int(point)
+      config.model.max_len = max(config.model.max_len, int(point))
+    elif sweep == "batch":
+      config.train.batch_size = int(point)
+    else:
+      kept = {key: config.model[key] for key in ("dtype", "param_dtype", "remat", "attention")}
+      config.model = configs.model_config_dict(point, **kept)
+      config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+  return config
+
+
+def sweep_main(config, sweep: str, points: list[str], plot_path: str) -> list[dict]:
+  """One JSON line per point (jaxlm and, with --peer=torch, the peer), then the plot."""
+  from jaxlm.models.config import DTYPES
+
+  measured = measured_matmul_flops(DTYPES[config.model.dtype])  # one peak for every point
+  rows = []
+  for point in points:
+    point_config = sweep_config(config, sweep, point)
+    row = {"sweep": sweep, "point": point,
+           **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured)}
+    if _PEER.value == "torch":
+      row.update(benchmark_torch(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))
+      row["vs_peer"] = row["tokens_per_sec"] / row["peer_tokens_per_sec"]
+      row["peer_mfu"] = row["mfu"] / row["vs_peer"]  # same FLOPs per token, same peak
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  plot_sweep(rows, sweep, plot_path)
+  return rows
+
+
+def plot_sweep(rows: list[dict], sweep: str, path: str) -> None:
+  """Tokens/s, MFU and peak memory against the swept quantity, jaxlm and the peer side by side (PNG)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  points = [row["point"] for row in rows]
+  memory = [row["peak_memory_gib"] if row["peak_memory_gib"] is not None else row["compiled_memory_gib"]
+            for row in rows]
+  memory_label = "peak" if rows[0]["peak_memory_gib"] is not None else "compiled (XLA buffers)"
+  panels = [("tokens/s", "tokens_per_sec", "peer_tokens_per_sec", None),
+            ("MFU (causal)", "mfu", "peer_mfu", None),
+            (f"memory per device, GiB ({memory_label})", None, "peer_peak_memory_gib", memory)]
+  figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for axis, (title, key, peer_key, values) in zip(axes, panels):
+    axis.plot(points, values if values is not None else [row[key] for row in rows], "o-", label="jaxlm")
+    peer = [row.get(peer_key) for row in rows]
+    if any(value is not None for value in peer):
+      axis.plot(points, [value if value is not None else float("nan") for value in peer], "s--", label="peer")
+    axis.set_title(title)
+    axis.set_xlabel(sweep)
+    axis.grid(alpha=0.3)
+    axis.legend()
+  first = rows[0]
+  figure.suptitle(f"{first['device_kind']} ({first['backend']}, devices: {first['devices']}), {first['dtype']}")
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  print(json.dumps({"plot": os.path.abspath(path)}), flush=True)
 
 
 def main(argv):
@@ -379,6 +574,10 @@ def main(argv):
     torch.set_num_threads(_TORCH_THREADS.value)
   if _DECODE.value:
     print(json.dumps(decode_main(config)), flush=True)
+    return
+  if _SWEEP.value != "none":
+    sweep_main(config, _SWEEP.value, _SWEEP_POINTS.value or SWEEP_POINTS[_SWEEP.value],
+               _PLOT.value or f"sweep_{_SWEEP.value}.png")
     return
   result = benchmark_jaxlm(config, _STEPS.value, _WARMUP.value, _REPEATS.value)
   if _PEER.value == "torch":

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py: the FLOP count, and one CI-sized run against the PyTorch peer."""
+"""scripts/benchmark.py: the FLOP count, one CI-sized run against the PyTorch peer, sweep points and one CI-sized
+sweep with its plot, and the decode variants."""
 
 import importlib.util
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import Decoder
-from conftest import REPO
+from conftest import REPO, experiment_config
 
 spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
 benchmark = importlib.util.module_from_spec(spec)
@@ -77,3 +78,36 @@ def test_decode_benchmark_runs_against_the_torch_peer():
   assert row["batch"] == peer["batch"] == 2 and (result["prompt_len"], result["new_tokens"]) == (8, 4)
   assert row["prefill_ms"] > 0 and row["tokens_per_sec"] > 0 and peer["tokens_per_sec"] > 0
   assert result["vs_peer"]["2"] == pytest.approx(row["tokens_per_sec"] / peer["tokens_per_sec"])
+
+
+def test_sweep_points_change_one_thing():
+  config = experiment_config("quickstart", "tiny")
+  longer = benchmark.sweep_config(config, "seq_len", "4096")
+  assert longer.data.seq_len == 4096 and longer.model.max_len == 4096 and config.data.seq_len != 4096
+  assert benchmark.sweep_config(config, "batch", "4").train.batch_size == 4
+  bigger = benchmark.sweep_config(config, "model", "small")
+  assert bigger.model.embed_dim == 192 and bigger.model.dtype == config.model.dtype
+  assert bigger.data.seq_len == config.data.seq_len
+
+
+def test_decode_variants():
+  from jaxlm.models.config import ModelConfig
+  model_config = ModelConfig(dtype="bfloat16")
+  assert benchmark.decode_variant(model_config, "int8").quantize == "int8"
+  assert benchmark.decode_variant(model_config, "int8").dtype == "bfloat16"
+  assert benchmark.decode_variant(model_config, "float32").param_dtype == "float32"
+
+
+@pytest.mark.e2e
+def test_a_batch_sweep_prints_a_line_per_point_and_writes_the_plot(tmp_path):
+  plot = tmp_path / "sweep.png"
+  out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
+                        "--sweep=batch", "--sweep_points=8,16", "--steps=1", "--warmup=1", "--repeats=1",
+                        f"--plot={plot}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  assert [row["point"] for row in rows[:2]] == ["8", "16"] and rows[1]["batch_size"] == 16
+  for row in rows[:2]:
+    assert row["tokens_per_sec"] > 0 and row["mfu"] > 0 and row["compiled_memory_gib"] > 0
+  assert rows[2]["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

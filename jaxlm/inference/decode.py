@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import check
-from jaxlm.models.config import DTYPES
+from jaxlm.models.config import DTYPES, QUANTIZATIONS
 from jaxlm.models.layers import KVCache
 from jaxlm.models.transformer import Decoder, EncoderDecoder
 
@@ -47,7 +47,7 @@ class DecodeSettings:
 
   @classmethod
   def from_config(cls, decode_config: Any) -> "DecodeSettings":
-    """From the `decode` config section (whose `seed` and `dtype` are for the caller)."""
+    """From the `decode` config section (whose `seed`, `dtype` and `quantize` are for the caller)."""
     return cls(**{field.name: decode_config[field.name] for field in dataclasses.fields(cls)})
 
   def __post_init__(self):
@@ -62,10 +62,12 @@ class DecodeSettings:
 
 
 def check_config(decode_config: Any) -> None:
-  """Validates the `decode` section: the settings, and `dtype` ('' = as trained)."""
+  """Validates the `decode` section: the settings, `dtype` ('' = as trained) and `quantize` ('' = none)."""
   DecodeSettings.from_config(decode_config)
   check(decode_config.dtype in ("", *DTYPES), "decode.dtype",
         f"{decode_config.dtype!r} is not '' or one of {tuple(DTYPES)}.")
+  check(decode_config.quantize in ("", *QUANTIZATIONS), "decode.quantize",
+        f"{decode_config.quantize!r} is not '' or one of {QUANTIZATIONS}.")
 
 
 class DecodeOutput(flax.struct.PyTreeNode):

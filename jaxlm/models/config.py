@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError, check
+from jaxlm.models import quantize
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "rotary", "relative")
@@ -19,11 +20,16 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "gelu_exact", "relu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALING_TYPES = ("none", "llama3")
+QUANTIZATIONS = tuple(quantize.SCHEMES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Model-size presets: overrides of ModelConfig's defaults (`jaxlm.configs.model_config_dict(preset)`).
+# The large-vocabulary presets chunk the loss (`loss_chunk_size`): at V >= 32K and T >= 1024 the float32 logits,
+# log-probabilities and their gradient (3 x 4 B T V bytes; 10 GB at B = 16, T = 1024, V = 50304) outweigh all
+# other activations; 256-position chunks keep a quarter of that or less, for one more V x D matmul per token
+# (each chunk's logits are recomputed in the backward pass). The small presets' logits are small: no chunks.
 PRESETS = {
     # A few hundred K parameters: unit tests and CI end-to-end runs.
     "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
@@ -31,13 +37,15 @@ PRESETS = {
     "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
     # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
     "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5,
+                      loss_chunk_size=256),
     # GPT-2 medium (350M).
     "gpt2_350m": dict(vocab_size=50304, embed_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5),
+                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5,
+                      loss_chunk_size=256),
     # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
     "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5),
+                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5, loss_chunk_size=256),
     # bert-base-uncased (109,482,240 parameters without the MLM head): post-norm, embedding LayerNorm, pooler.
     "bert_base": dict(family="encoder", vocab_size=30522, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072,
                       max_len=512, position="learned", norm="layernorm", norm_position="post", embed_norm=True,
@@ -94,7 +102,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"  # rematerialise each block: "none", "full" or "save_dots"
-  attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto/xla/cudnn
+  attention: str = "auto"  # auto/xla/cudnn (jax.nn.dot_product_attention) or pallas (flash kernel, segment ids)
+  quantize: str = ""  # weight-only quantized Einsum kernels (models/quantize.py): "" (none) or "int8"; decoding only
+  loss_chunk_size: int = 0  # positions per chunk of the LM loss (never all [B, T, V] logits at once); 0 = off
   init_std: float = 0.02  # stddev of the normal initialiser of weights
   lora_rank: int = 0  # rank r of LoRA adapters (models/lora.py) on the targeted Einsum kernels; 0 = none
   lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / r) * A @ B
@@ -124,6 +134,16 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       check(getattr(self, key) in DTYPES, f"model.{key}", f"{getattr(self, key)!r} is not one of {tuple(DTYPES)}.")
     check(0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
+    check(self.loss_chunk_size >= 0, "model.loss_chunk_size",
+          f"must be >= 0 (0 = the loss reads all logits at once), got {self.loss_chunk_size}.")
+    check(self.loss_chunk_size == 0 or self.family == "decoder", "model.loss_chunk_size",
+          "the chunked loss projects with the decoder's output layer; set 0 for the encoder families.")
+    check(self.attention != "pallas" or self.family == "decoder", "model.attention",
+          "'pallas' (causal flash attention over packed rows) is for the decoder family; use 'auto'.")
+    check(self.quantize in ("", *QUANTIZATIONS), "model.quantize",
+          f"{self.quantize!r} is not '' or one of {QUANTIZATIONS}.")
+    check(not (self.quantize and self.lora_rank), "model.quantize",
+          "quantized kernels take no LoRA adapters; merge them first (jaxlm.models.lora.merge_lora, lora_rank=0).")
     check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
     check(self.num_kv_heads >= 0, "model.num_kv_heads", "must be >= 0 (0 means num_heads).")
     check(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means embed_dim // num_heads).")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models import lora
+from jaxlm.models import flash_attention, lora, quantize
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP
 
@@ -140,7 +140,7 @@ class Einsum(nn.Module):
 
   The bias (if `config.use_bias` and `bias`) spans the kernel's last `output_dims` axes.
   A module whose path matches `config.lora_targets` gets LoRA adapters when `config.lora_rank` > 0
-  (`jaxlm.models.lora`).
+  (`jaxlm.models.lora`); with `config.quantize` the kernel is stored quantized (`jaxlm.models.quantize`).
   """
 
   config: ModelConfig
@@ -154,14 +154,18 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, x):
     config = self.config
-    kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
     # The product runs on B and T merged into one axis ("BTD,DF->BTF" as "TD,DF->TF"): the same numbers, and
     # XLA's CPU backend then lays out the backward pass without transposed elementwise fusions (~25% faster
     # train step there; no change on GPU). Sharding is unaffected: merging B (sharded) with T (whole) keeps it.
     if not (self.equation.startswith("BT") and self.equation.split("->")[1].startswith("BT")):
       raise ValueError(f"Einsum {self.name}: equation {self.equation!r} must map [B, T, ...] to [B, T, ...].")
     flat = x.reshape((-1, *x.shape[2:])).astype(config.compute_dtype)
-    y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
+    if config.quantize:  # weight-only quantized kernel (decoding): dequantized in the matmul
+      q, scale = quantize.kernel_params(self, self.shape, self.axes, self.output_dims)
+      y = quantize.einsum(self.equation.replace("B", ""), flat, q, scale, self.output_dims, config.compute_dtype)
+    else:
+      kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
+      y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
     y = y.reshape((*x.shape[:2], *y.shape[1:]))
     if config.use_bias and self.bias:
       bias_shape, bias_axes = self.shape[-self.output_dims:], self.axes[-self.output_dims:]
@@ -169,6 +173,12 @@ class Einsum(nn.Module):
     if config.lora_rank and lora.is_target(config, self.scope.path):
       y += lora.adapter(self, x, self.equation, self.shape, self.axes, self.output_dims)
     return y
+
+
+def uses_segment_ids(config: ModelConfig, cache=None) -> bool:
+  """Whether attention takes segment ids (the flash kernel) rather than a dense mask: training and scoring
+  with `model.attention = "pallas"`; decoding with a cache always uses the dense mask of its slots."""
+  return config.attention == "pallas" and cache is None
 
 
 def relative_buckets(relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
@@ -210,7 +220,8 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention`: self-attention, or
+  """Multi-head or grouped-query attention through `jax.nn.dot_product_attention` (or, for decoders, the flash
+  kernel with segment ids: `model.attention = "pallas"`, `jaxlm.models.flash_attention`): self-attention, or
   cross-attention (`cross=True`) whose keys and values come from an encoder's output."""
 
   config: ModelConfig
@@ -220,6 +231,9 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, cache=None, bias=None, source=None):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S]; bias: None or [B, N, T, S] added to the logits
     (T5's relative positions) -> [B, T, D].
+
+    With `model.attention = "pallas"` (and no cache) `mask` is the segment ids [B, T] instead, and the
+    causal attention within segments runs in the flash kernel of `jaxlm.models.flash_attention`.
 
     Without a cache S = T. With `cache = (keys, values, layer, index)` (every layer's
     [L, B, K, S, H] slots, this layer's number and the first slot to write), the T new
@@ -258,10 +272,13 @@ class Attention(nn.Module):
       key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).transpose(0, 2, 1, 3)
       value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).transpose(0, 2, 1, 3)
 
-    implementation = None if config.attention == "auto" else config.attention
-    scale = None if config.scale_attention else 1.0  # None: 1 / sqrt(H)
-    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                       implementation=implementation)
+    if uses_segment_ids(config, cache):  # ModelConfig allows it for decoders only: no bias, no cross, 1/sqrt(H)
+      out = flash_attention.segment_attention(query, key, value, segment_ids=mask, causal=True)
+    else:
+      implementation = None if config.attention in ("auto", "pallas") else config.attention
+      scale = None if config.scale_attention else 1.0  # None: 1 / sqrt(H)
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                         implementation=implementation)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
     out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
                  name="out")(out)

@@ -23,7 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import layers
+from jaxlm.errors import ConfigError
+from jaxlm.models import layers, lora
 from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, LENGTH, POSITION, VOCAB
 
@@ -55,10 +56,8 @@ class Decoder(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
 
-    token_embed = nn.Embed(
-        config.vocab_size, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (VOCAB, EMBED)),
-        dtype=config.compute_dtype, param_dtype=config.weight_dtype, name="token_embed")
-    x = token_embed(tokens)  # [B, T, D]
+    embed = token_embedding(config)
+    x = embed(tokens)  # [B, T, D]
     if config.position == "learned":
       x += nn.Embed(
           config.max_len, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (POSITION, EMBED)),
@@ -67,7 +66,8 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
     if cache is None:
-      mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+      # The flash kernel builds each block's mask from the segment ids; the others take a dense mask.
+      mask = segment_ids if layers.uses_segment_ids(config) else layers.attention_mask(segment_ids, segment_ids, True)
       (x, _), _ = layers.stacked_blocks(config, deterministic)((x, None), positions, mask)
     else:
       layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
@@ -78,11 +78,9 @@ class Decoder(nn.Module):
       return x
 
     if config.tie_embeddings:
-      logits = token_embed.attend(x)
+      logits = embed.attend(x)
     else:
-      lm_head = layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB),
-                              config.init_std, bias=False, name="lm_head")
-      logits = lm_head(x)
+      logits = lm_head(config)(x)
     logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
     return logits if cache is None else (logits, cache)
 
@@ -314,3 +312,25 @@ FAMILIES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDe
 def backbone(model_config: ModelConfig) -> nn.Module:
   """The module of `model.family`: what a task builds (alone, or under a head)."""
   return FAMILIES[model_config.family](model_config)
+
+
+def lm_head(config: ModelConfig) -> layers.Einsum:
+  """The untied output projection [B, T, D] -> [B, T, V] (parameters `lm_head/kernel`)."""
+  return layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB), config.init_std,
+                       bias=False, name="lm_head")
+
+
+def unembed(config: ModelConfig, params, hidden):
+  """The Decoder's output projection alone: final hidden states [B, T, D] -> logits [B, T, V] (compute dtype),
+  the same operations on the same parameters as the end of `Decoder.__call__`.
+
+  For losses that project a few positions at a time and never hold all [B, T, V] logits
+  (`jaxlm.tasks.causal_lm.chunked_next_token_sums`); hidden states come from `return_hidden=True`.
+  """
+  if config.tie_embeddings:
+    return token_embedding(config).apply({"params": params["token_embed"]}, hidden, method="attend")
+  if config.lora_rank and lora.is_target(config, ("lm_head",)):
+    raise ConfigError("model.loss_chunk_size: the chunked loss projects with the base lm_head kernel, and "
+                      f"model.lora_targets={config.lora_targets!r} adapts it; merge the adapters, leave lm_head "
+                      "out of lora_targets, or set model.loss_chunk_size=0.")
+  return lm_head(config).apply({"params": params["lm_head"]}, hidden)

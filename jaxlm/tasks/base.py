@@ -108,8 +108,13 @@ class BaseTask:
     del config
 
   def logits(self, model, params, batch, *, train: bool, rng=None):
+    return self.apply(model, params, batch, train=train, rng=rng)
+
+  def apply(self, model, params, batch, *, train: bool, rng=None, **kwargs):
+    """The model on a batch's tokens, positions and segment ids (dropout on when training); `kwargs` go to the
+    model (e.g. `return_hidden=True`)."""
     return model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                       deterministic=not train, rngs={"dropout": rng} if train else {})
+                       deterministic=not train, rngs={"dropout": rng} if train else {}, **kwargs)
 
   def loss_and_metrics(self, model, params, batch, *, train: bool, rng=None):
     return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch, train=train)

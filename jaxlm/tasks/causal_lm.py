@@ -13,6 +13,7 @@ right-closed bins), so every eval row reports `ece` (L1) equal to the offline
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 from jaxlm.data import pipeline
 from jaxlm.errors import check
 from jaxlm.evaluation import calibration
+from jaxlm.models import transformer
 from jaxlm.models.transformer import Decoder
 from jaxlm.tasks import base
 
@@ -39,7 +41,37 @@ def next_token_sums(logits, tokens, weights, *, train: bool) -> tuple[jax.Array,
 
   With `train=False` the sums also hold the calibration bins (see the module docstring).
   """
-  targets = jnp.roll(tokens, -1, axis=1)
+  return _target_sums(logits, jnp.roll(tokens, -1, axis=1), weights, train=train)
+
+
+def chunked_next_token_sums(project, hidden, tokens, weights, chunk_size: int, *,
+                            train: bool) -> tuple[jax.Array, dict]:
+  """`next_token_sums` of the logits `project(hidden)`, computed `chunk_size` positions at a time.
+
+  hidden: [B, T, D] final hidden states; project: [B, C, D] -> [B, C, V] (the model's output projection).
+  At most [B, C, V] logits exist at once, in the forward and (each chunk rematerialised) in the backward
+  pass: at V = 50k and T = 1024 the full float32 logits, their log-softmax and gradient are what fills
+  the memory. The sums are the same numbers added in another order (equal to float32 rounding).
+  """
+  batch, length = tokens.shape
+  chunks = -(-length // chunk_size)
+
+  def split(x):  # [B, T, ...] -> [chunks, B, C, ...]; the padding at the end has weight 0 and counts for nothing
+    x = jnp.pad(x, [(0, 0), (0, chunks * chunk_size - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch, chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint  # the backward pass recomputes a chunk's logits rather than keeping every chunk's
+  def chunk_sums(hidden, targets, weights):
+    return _target_sums(project(hidden), targets, weights, train=train)[1]
+
+  xs = (split(hidden), split(jnp.roll(tokens, -1, axis=1)), split(weights))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sums, *(x[0] for x in xs)))
+  sums, _ = jax.lax.scan(lambda total, x: (jax.tree.map(jnp.add, total, chunk_sums(*x)), None), zeros, xs)
+  return sums["loss_sum"], sums
+
+
+def _target_sums(logits, targets, weights, *, train: bool) -> tuple[jax.Array, dict]:
+  """The sums of `next_token_sums` for logits [B, T, V] and their targets [B, T]."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   loss_sum = jnp.sum(nll * weights)
@@ -120,6 +152,16 @@ class CausalLm(base.BaseTask):
 
   def loss_sums(self, logits, batch, *, train):
     return next_token_sums(logits, batch["tokens"], self.weights(batch), train=train)
+
+  def loss_and_metrics(self, model, params, batch, *, train, rng=None):
+    """`loss_sums` of the logits; with `model.loss_chunk_size` (shorter than the rows) from the hidden states,
+    projected a chunk at a time (`chunked_next_token_sums`)."""
+    chunk_size = model.config.loss_chunk_size
+    if not chunk_size or chunk_size >= batch["tokens"].shape[1]:
+      return super().loss_and_metrics(model, params, batch, train=train, rng=rng)
+    hidden = self.apply(model, params, batch, train=train, rng=rng, return_hidden=True)
+    project = functools.partial(transformer.unembed, model.config, params)
+    return chunked_next_token_sums(project, hidden, batch["tokens"], self.weights(batch), chunk_size, train=train)
 
   def summarize(self, sums):
     return summarize(sums)
