@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.early_stopping_patience = 0  # stop after this many evaluations without a better best_metric; 0 = off
   config.train.trainable = "all"  # what trains: "all" (full), "head" (task's new layer only), "lora" (adapters + head)
   config.train.skip_nonfinite_updates = False  # NaN/Inf update: False = stop (last checkpoint kept), True = skip it
+  config.train.prune = ml_collections.ConfigDict()  # gradual pruning while training (compression/pruning.py)
+  config.train.prune.sparsity = 0.0  # magnitude pruning: final fraction of targeted weights at zero; 0 = off
+  config.train.prune.structure = ""  # N:M structured sparsity instead, e.g. "2:4"; '' = unstructured
+  config.train.prune.scope = "layer"  # magnitude ranking per "layer" (each kernel, each layer of a stack) or "global"
+  config.train.prune.start_step = 0  # schedule: masks recomputed from this step (sparsity ramps up cubically) ...
+  config.train.prune.end_step = 0  # ... to this one, where the target sparsity is reached and the masks freeze
+  config.train.prune.every = 10  # steps between mask updates on the ramp
+  config.train.prune.targets = r"kernel$"  # regex of parameter paths pruned (default: kernels, never norms/embeddings)
   config.train.frozen = ""  # regex of parameter paths also kept frozen, e.g. "token_embed|attention"; '' = none
 
   config.classification = ml_collections.ConfigDict()

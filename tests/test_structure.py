@@ -15,7 +15,7 @@ LAYERS = [
     ("jaxlm.errors",),
     ("jaxlm.sharding", "jaxlm.runtime"),
     ("jaxlm.models", "jaxlm.data", "jaxlm.evaluation"),
-    ("jaxlm.tasks", "jaxlm.inference", "jaxlm.interop"),
+    ("jaxlm.tasks", "jaxlm.inference", "jaxlm.interop", "jaxlm.compression"),
     ("jaxlm.training",),
     ("jaxlm.configs",),
     ("jaxlm.plan",),

@@ -36,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxlm import sharding
+from jaxlm.compression import pruning
 from jaxlm.errors import ConfigError, NonFiniteLossError, check
 from jaxlm.inference import generate
 from jaxlm.models import params as params_lib
@@ -263,6 +264,13 @@ def _train_and_evaluate(experiment) -> dict:
       if not eval_metrics:  # resumed a finished run
         eval_metrics = evaluate_and_log(step, state.params)
     checkpointer.wait()
+    if pruning.enabled(train.prune):  # the sparsity reached, per layer -> WORKDIR/eval/sparsity.json
+      reached = pruning.sparsity(state.params, train.prune.targets)
+      logging.info("Pruned: %.1f%% of the targeted weights are zero", 100 * reached["total"])
+      if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", "sparsity.json"), "w") as f:
+          json.dump(reached, f, indent=2)
 
     if data.test_split:
       best_step = checkpointer.best_step() or step

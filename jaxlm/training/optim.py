@@ -10,6 +10,7 @@ import re
 import jax
 import optax
 
+from jaxlm.compression import pruning
 from jaxlm.errors import check
 from jaxlm.models import lora
 from jaxlm.models.params import path_name
@@ -30,6 +31,7 @@ def check_config(train) -> None:
       re.compile(train.frozen)
     except re.error as error:
       check(False, "train.frozen", f"{train.frozen!r} is not a regular expression ({error}).")
+  pruning.check_config(train.prune)
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -96,9 +98,12 @@ def create_optimizer(train_config, trainable=None) -> tuple[optax.GradientTransf
 
 def optimizer_for(train_config, new_params: str | None = None):
   """(optimizer, schedule, trainable) for the `train` section and a task adding `new_params`: the one recipe
-  used by training and by the memory plan. `trainable` is None (everything trains) or `params -> mask`."""
+  used by training and by the memory plan. `trainable` is None (everything trains) or `params -> mask`. With
+  `train.prune` set, the pruning masks are applied last, to every update (`compression.pruning.gradual`)."""
   trainable = None
   if train_config.trainable != "all" or train_config.frozen:
     trainable = lambda params: trainable_mask(params, train_config.trainable, train_config.frozen, new_params)
   optimizer, schedule = create_optimizer(train_config, trainable)
+  if pruning.enabled(train_config.prune):
+    optimizer = optax.chain(optimizer, pruning.gradual(train_config.prune))
   return optimizer, schedule, trainable

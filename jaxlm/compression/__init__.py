@@ -1,0 +1,1 @@
+"""Compression of trained parameters: pruning masks (`pruning`); quantization lives in `jaxlm.models.quantize`."""
