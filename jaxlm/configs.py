@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.decode.length_penalty = 0.0  # beam: score = sum of log-probs / length ** length_penalty
   config.decode.seed = 0  # PRNG seed of sampling
   config.decode.dtype = ""  # weights and activations while decoding ('bfloat16', ...); '' = as trained
-  config.decode.quantize = ""  # 'int8': weight-only int8 kernels, per-channel scales, quantized at load; '' = none
+  config.decode.quantize = ""  # weight-only quantized kernels, quantized at load: 'int8', 'int4-g64', ...; '' = none
 
   config.calibration = ml_collections.ConfigDict()  # --mode=calibrate of a classifier (and the reports of --mode=eval)
   config.calibration.calibrators = ()  # evaluation.calibrators names; () = all that apply (platt: 2 classes only)

@@ -334,8 +334,8 @@ class Experiment:
     changes = {}
     if decode_config.dtype:  # weights and activations in decode.dtype
       changes.update(dtype=decode_config.dtype, param_dtype=decode_config.dtype)
-    if decode_config.quantize:  # int8 kernels, quantized once here (LoRA adapters merged into them first)
-      changes.update(quantize=decode_config.quantize, lora_rank=0)
+    if decode_config.quantize:  # quantized kernels, quantized once here (LoRA adapters merged into them first)
+      changes.update(quantize=decode_config.quantize, fake_quantize="", lora_rank=0)
       if model_config.lora_rank:
         params = lora.merge_lora(params, model_config.lora_alpha)
     if changes:  # the decoding model, and the parameters converted to its tree in their shardings

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import check
-from jaxlm.models.config import DTYPES, QUANTIZATIONS
+from jaxlm.models import quantize
+from jaxlm.models.config import DTYPES
 from jaxlm.models.layers import KVCache
 from jaxlm.models.transformer import Decoder, EncoderDecoder
 
@@ -66,8 +67,8 @@ def check_config(decode_config: Any) -> None:
   DecodeSettings.from_config(decode_config)
   check(decode_config.dtype in ("", *DTYPES), "decode.dtype",
         f"{decode_config.dtype!r} is not '' or one of {tuple(DTYPES)}.")
-  check(decode_config.quantize in ("", *QUANTIZATIONS), "decode.quantize",
-        f"{decode_config.quantize!r} is not '' or one of {QUANTIZATIONS}.")
+  if decode_config.quantize:
+    quantize.scheme(decode_config.quantize, "decode.quantize")
 
 
 class DecodeOutput(flax.struct.PyTreeNode):

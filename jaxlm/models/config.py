@@ -22,7 +22,6 @@ MLPS = ("gelu", "gelu_exact", "relu", "swiglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALING_TYPES = ("none", "llama3")
-QUANTIZATIONS = tuple(quantize.SCHEMES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Model-size presets: overrides of ModelConfig's defaults (`jaxlm.configs.model_config_dict(preset)`).
@@ -103,7 +102,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"  # rematerialise each block: "none", "full" or "save_dots"
   attention: str = "auto"  # auto/xla/cudnn (jax.nn.dot_product_attention) or pallas (flash kernel, segment ids)
-  quantize: str = ""  # weight-only quantized Einsum kernels (models/quantize.py): "" (none) or "int8"; decoding only
+  quantize: str = ""  # weight-only quantized Einsum kernels (models/quantize.py), e.g. "int8", "int4-g64"; '' = none
+  fake_quantize: str = ""  # quantization-aware training: kernels through this scheme's fake quant (STE); '' = none
   loss_chunk_size: int = 0  # positions per chunk of the LM loss (never all [B, T, V] logits at once); 0 = off
   init_std: float = 0.02  # stddev of the normal initialiser of weights
   lora_rank: int = 0  # rank r of LoRA adapters (models/lora.py) on the targeted Einsum kernels; 0 = none
@@ -140,8 +140,11 @@ class ModelConfig:
           "the chunked loss projects with the decoder's output layer; set 0 for the encoder families.")
     check(self.attention != "pallas" or self.family == "decoder", "model.attention",
           "'pallas' (causal flash attention over packed rows) is for the decoder family; use 'auto'.")
-    check(self.quantize in ("", *QUANTIZATIONS), "model.quantize",
-          f"{self.quantize!r} is not '' or one of {QUANTIZATIONS}.")
+    for key in ("quantize", "fake_quantize"):
+      if getattr(self, key):
+        quantize.scheme(getattr(self, key), f"model.{key}")
+    check(not (self.quantize and self.fake_quantize), "model.fake_quantize",
+          "a quantized model is not trained; fake quantization is for the float model it is converted from.")
     check(not (self.quantize and self.lora_rank), "model.quantize",
           "quantized kernels take no LoRA adapters; merge them first (jaxlm.models.lora.merge_lora, lora_rank=0).")
     check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")

@@ -160,11 +160,14 @@ class Einsum(nn.Module):
     if not (self.equation.startswith("BT") and self.equation.split("->")[1].startswith("BT")):
       raise ValueError(f"Einsum {self.name}: equation {self.equation!r} must map [B, T, ...] to [B, T, ...].")
     flat = x.reshape((-1, *x.shape[2:])).astype(config.compute_dtype)
-    if config.quantize:  # weight-only quantized kernel (decoding): dequantized in the matmul
-      q, scale = quantize.kernel_params(self, self.shape, self.axes, self.output_dims)
-      y = quantize.einsum(self.equation.replace("B", ""), flat, q, scale, self.output_dims, config.compute_dtype)
+    if config.quantize:  # weight-only quantized kernel: dequantized in the matmul
+      q, scale, offset = quantize.kernel_params(self, self.shape, self.axes, self.output_dims)
+      y = quantize.einsum(self.equation.replace("B", ""), flat, q, scale, offset, self.output_dims,
+                          config.compute_dtype)
     else:
       kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
+      if config.fake_quantize:  # quantization-aware training: the forward of the quantized model, STE gradient
+        kernel = quantize.fake_quantize(kernel, self.output_dims, quantize.scheme(config.fake_quantize))
       y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
     y = y.reshape((*x.shape[:2], *y.shape[1:]))
     if config.use_bias and self.bias:
