@@ -85,6 +85,22 @@ def calibrate_classifier(experiment: Experiment, step: str | int = "best") -> di
   return result
 
 
+def calibrated_probabilities(experiment: Experiment, split: str | None = None,
+                             step: str | int = "best") -> tuple[dict, np.ndarray]:
+  """({"uncalibrated": softmax probabilities [N, C], NAME: the probabilities through each calibrator that
+  `calibrate_classifier` saved for checkpoint `step`}, labels [N]) of every example of `split` (default:
+  data.test_split, else data.eval_split): what reliability diagrams and conformal sets of a notebook draw on."""
+  config = experiment.config
+  split = split or config.data.test_split or config.data.eval_split
+  step = resolve_step(experiment, step)
+  logits, labels = _classifier_outputs(experiment, experiment.load_params(step), split)
+  directory = os.path.join(experiment.workdir, CALIBRATION_DIR)
+  probs = {"uncalibrated": _softmax(logits)}
+  for name in calibrators_lib.applicable(tuple(config.calibration.calibrators), logits.shape[1]):
+    probs[name] = calibrators_lib.load(directory, step, name)(logits)
+  return probs, labels
+
+
 def _conventions(experiment: Experiment) -> str:
   options = experiment.config.calibration
   return (f"Cells: value [{options.confidence:.0%} percentile bootstrap interval, {options.num_resamples} resamples]. "
@@ -176,8 +192,7 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
   step = resolve_step(experiment, step, model_path)
   params = experiment.load_params(step, path=model_path)
   tokenizer = experiment.tokenizer
-  class_names = sources.get_builder(config.data.name, config.data.data_dir or None).info.features[
-      config.data.label_field].names
+  class_names = sources.class_names(config.data.name, config.data.data_dir or None, config.data.label_field)
   label_words = list(options.label_words) or [" " + name for name in class_names]
   if len(label_words) != len(class_names):
     raise ValueError(f"prompt.label_words: {len(label_words)} words for {len(class_names)} classes {class_names}.")

@@ -4,10 +4,13 @@ Experiment files in `experiments/` start from `base_config()` and change what
 they need. Each section is validated by the module that owns it, all together
 by `jaxlm.experiment.validate(config)` before anything is built or compiled.
 `from_workdir(path)` reads a run's `config.json` back (what every mode but
-`train` uses when no `--config` is given).
+`train` uses when no `--config` is given). `experiment_config("quickstart", "tiny")`
+loads an experiment file the way `--config=experiments/quickstart.py:tiny` does
+(for notebooks and scripts).
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -15,6 +18,9 @@ import ml_collections
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.config import PRESETS, ModelConfig
+
+# The experiment files of the checkout this jaxlm is imported from (a clone, or an editable install of one).
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 
 def model_config_dict(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
@@ -180,5 +186,20 @@ def from_workdir(workdir: str) -> ml_collections.ConfigDict:
     values = json.load(f)
   config = base_config()
   _merge(config, values)
+  config.lock()
+  return config
+
+
+def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `experiments/NAME.py` (or of the file NAME, a path ending in .py), locked, as
+  `--config=experiments/NAME.py:ARG` loads it: a typo in a later `config.a.b = ...` is an error."""
+  path = name if name.endswith(".py") else os.path.join(EXPERIMENTS_DIR, f"{name}.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist. Experiment configs live in the experiments/ folder of a jaxlm "
+                            "checkout: clone the repository and `pip install -e` it (or pass a path to the file).")
+  spec = importlib.util.spec_from_file_location(f"experiments_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg is not None else module.get_config()
   config.lock()
   return config

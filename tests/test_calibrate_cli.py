@@ -6,6 +6,8 @@ import os
 import pytest
 
 from conftest import run_cli
+from jaxlm import Experiment, calibrate
+from jaxlm.evaluation.calibration import expected_calibration_error
 
 
 @pytest.mark.e2e
@@ -26,6 +28,12 @@ def test_calibrate_a_tiny_classifier_then_eval_through_a_calibrator(tiny_workdir
   # Temperature scaling never changes the argmax, and it lowers the test NLL here (fitted on validation).
   assert result["metrics"]["temperature"]["accuracy"] == result["metrics"]["uncalibrated"]["accuracy"]
   assert "| temperature |" in (calibration / "report.md").read_text()
+  # What a notebook draws from: the same test probabilities, through the calibrators saved above.
+  probs, labels = calibrate.calibrated_probabilities(Experiment.from_workdir(str(tmp_path)), step=result["step"])
+  assert sorted(probs) == sorted(["uncalibrated"] + names) and len(labels) == result["test_examples"]
+  for name in ("uncalibrated", "temperature", "isotonic"):
+    assert float(expected_calibration_error(probs[name], labels, 15)) == pytest.approx(
+        result["metrics"][name]["ece"]["value"], rel=1e-5)
 
   run_cli(f"--workdir={tmp_path}", "--mode=eval", "--calibrator=temperature", "--step=best")
   evaluated = json.loads((tmp_path / "eval" / "test" / "report.json").read_text())

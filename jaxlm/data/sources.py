@@ -62,6 +62,14 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def class_names(name: str, data_dir: str | None, label_field: str = "label") -> list[str]:
+  """The class names of the ClassLabel feature `label_field` of dataset `name`, in label order."""
+  feature = get_builder(name, data_dir).info.features[label_field]
+  if not hasattr(feature, "names"):
+    raise ConfigError(f"data.label_field: {label_field!r} of {name!r} is not a class label ({type(feature).__name__}).")
+  return list(feature.names)
+
+
 def get_source(name: str, split: str, data_dir: str | None):
   """A random-access source (`len`, `__getitem__` -> dict of features) for one split."""
   builder = get_builder(name, data_dir)

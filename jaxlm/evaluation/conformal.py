@@ -64,3 +64,13 @@ def set_statistics(sets: jax.Array, labels: jax.Array) -> dict:
   sizes = jnp.sum(sets, axis=-1)
   return {"coverage": float(jnp.mean(covered)), "mean_size": float(jnp.mean(sizes)),
           "empty_fraction": float(jnp.mean(sizes == 0))}
+
+
+def split_conformal(calibration_probs, calibration_labels, test_probs, test_labels, alpha: float,
+                    score: str = "lac") -> dict:
+  """The threshold at miscoverage `alpha` from a calibration set, applied to a test set:
+  {"alpha", "threshold", and the test sets' `set_statistics`: "coverage" (>= 1 - alpha on exchangeable data),
+  "mean_size", "empty_fraction"}."""
+  threshold = conformal_threshold(calibration_probs, calibration_labels, alpha, score)
+  sets = prediction_sets(test_probs, threshold, score)
+  return {"alpha": alpha, "threshold": threshold, **set_statistics(sets, test_labels)}

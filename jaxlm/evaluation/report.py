@@ -118,17 +118,18 @@ def write_report(directory: str, report: dict, markdown: str) -> tuple[str, str]
   return paths
 
 
-def reliability_diagram(path: str, systems: dict, labels, num_bins: int = 15) -> str:
-  """PNG at `path`: one column per system ({title: probs [N, C]}, e.g. before and after), each a reliability
-  diagram (per-bin accuracy against the diagonal, the gap to the bin's mean confidence shaded) above the
-  histogram of the top-label confidences, with the system's ECE in its title."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
+def reliability_figure(systems: dict, labels, num_bins: int = 15):
+  """A matplotlib Figure with one column per system ({title: probs [N, C]}, e.g. before and after), each a
+  reliability diagram (per-bin accuracy against the diagonal, the gap to the bin's mean confidence shaded) above
+  the histogram of the top-label confidences, with the system's ECE in its title.
+
+  Built without pyplot, so it neither needs nor changes a backend: a notebook displays it inline, a script saves
+  it (`reliability_diagram`)."""
+  from matplotlib.figure import Figure
 
   labels = np.asarray(labels, np.int32)
-  figure, axes = pyplot.subplots(2, len(systems), figsize=(4 * len(systems), 5.5), squeeze=False,
-                                 gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+  figure = Figure(figsize=(4 * len(systems), 5.5))
+  axes = figure.subplots(2, len(systems), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
   width = 1.0 / num_bins
   centers = (np.arange(num_bins) + 0.5) * width
   for column, (title, probs) in enumerate(systems.items()):
@@ -148,7 +149,11 @@ def reliability_diagram(path: str, systems: dict, labels, num_bins: int = 15) ->
     bottom.hist(np.asarray(confidences), bins=num_bins, range=(0, 1), color="gray", edgecolor="black")
     bottom.set(xlabel="confidence", ylabel="count")
   figure.tight_layout()
+  return figure
+
+
+def reliability_diagram(path: str, systems: dict, labels, num_bins: int = 15) -> str:
+  """PNG at `path` of `reliability_figure(systems, labels, num_bins)`; returns `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
-  pyplot.close(figure)
+  reliability_figure(systems, labels, num_bins).savefig(path, dpi=100)
   return path
