@@ -4,6 +4,8 @@ heads), RoBERTa (positions offset by padding_idx + 1), MiniLM (a bare `BertModel
 download), saved, imported into jaxlm (sharded on a 2x2x2 mesh), compared with `transformers` on padded random
 inputs, and exported back (exact round trips; `transformers` reads the export as the same model)."""
 
+import dataclasses
+import json
 import os
 
 import jax
@@ -13,9 +15,12 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+from conftest import REPO, run_cli
 from jaxlm import sharding
 from jaxlm.errors import ConfigError
+from jaxlm.experiment import Experiment
 from jaxlm.interop import hf
+from jaxlm.models import params as params_lib
 
 VOCAB = 320
 BERT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
@@ -163,3 +168,105 @@ def test_unsupported_config_is_a_clear_error(family, change, key):
   config = (transformers.BertConfig(**BERT) if family == "bert" else transformers.T5Config(**T5)).to_dict()
   with pytest.raises(ConfigError, match=key):
     hf.model_config_from_hf({**config, **change})
+
+
+# ------------------------------------------------------------------------------- fine-tuning an imported BERT
+
+SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def stdlib_lines(count: int) -> list[str]:
+  """The first `count` non-empty lines of a few standard-library modules (local text, no download)."""
+  import email
+  import json as json_module
+  lines = []
+  for module in (os, json_module, email):
+    path = module.__file__
+    with open(path, encoding="utf-8") as f:
+      lines += [line for line in f.read().splitlines() if line.strip()]
+  return lines[:count]
+
+
+def save_wordpiece_tokenizer(directory: str, vocab_size: int) -> None:
+  """A BERT-style WordPiece tokenizer.json trained here (with BERT's [CLS] text [SEP] post-processor) and a
+  tokenizer_config.json naming [CLS]/[SEP]/[PAD]/[MASK] (no bos/eos: jaxlm maps [CLS] -> bos, [SEP] -> eos)."""
+  import tokenizers
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+  tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tokenizer.decoder = decoders.WordPiece()
+  tokenizer.train_from_iterator(stdlib_lines(3000), trainers.WordPieceTrainer(
+      vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+  cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+  tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIALS).save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+  """A tiny random BertForPreTraining (pooler, MLM head) with its WordPiece tokenizer, as a Hugging Face directory."""
+  directory = str(tmp_path_factory.mktemp("tiny_bert"))
+  save_wordpiece_tokenizer(directory, vocab_size=512)
+  vocab_size = hf.load_tokenizer(directory).vocab_size
+  torch.manual_seed(0)
+  transformers.BertForPreTraining(transformers.BertConfig(
+      vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+      max_position_embeddings=64)).save_pretrained(directory)
+  return directory
+
+
+def finetune_config(variant: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("finetune_packages", os.path.join(REPO, "experiments",
+                                                                                  "finetune_packages.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def test_bert_tokenizer_maps_cls_and_sep_to_bos_and_eos(bert_dir):
+  tokenizer = hf.load_tokenizer(bert_dir)
+  reference = transformers.AutoTokenizer.from_pretrained(bert_dir)
+  assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+      reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
+  assert tokenizer.piece_id("[MASK]") == reference.mask_token_id
+  assert reference.mask_token_id not in tokenizer.ordinary_ids() and len(tokenizer.ordinary_ids()) == 507
+  text = "def load(fp, *, cls=None):\n    return loads(fp.read())"
+  # what jaxlm's tasks build ([bos] text [eos]) is what BERT's tokenizer builds
+  assert [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] == reference(text)["input_ids"]
+
+
+def test_init_from_hf_imports_model_section_params_and_tokenizer(bert_dir, tmp_path):
+  config = finetune_config("tiny,encoder")
+  config.init_from = f"hf:{bert_dir}"
+  config.model.dropout_rate = 0.1  # a run field: stays the run's
+  experiment = Experiment.from_config(config, str(tmp_path))
+  _, imported, _, model_config = hf.load_pretrained(bert_dir)
+  assert experiment.model_config == dataclasses.replace(model_config, dropout_rate=0.1)
+  assert experiment.tokenizer_path() == os.path.join(bert_dir, "tokenizer.json")
+  params = params_lib.flatten(experiment.init_params())
+  imported = params_lib.flatten(imported)
+  assert set(params) - {f"backbone/{name}" for name in imported} == {"head/kernel", "head/bias"}
+  for name, value in imported.items():
+    np.testing.assert_array_equal(params[f"backbone/{name}"], value, err_msg=name)
+
+
+@pytest.mark.e2e
+def test_finetune_imported_bert_through_the_cli(bert_dir, data_dir, tmp_path):
+  """`--config.init_from=hf:DIR`: the tiny BERT fine-tuned with a classification head on its pooler; the workdir
+  keeps the checkpoint's architecture and a copy of its tokenizer, and evaluates."""
+  run_cli("--config=experiments/finetune_packages.py:tiny,encoder", f"--workdir={tmp_path}",
+          f"--config.data.data_dir={data_dir}", f"--config.init_from=hf:{bert_dir}",
+          "--config.classification.pooling=pooler")
+  report = json.load(open(tmp_path / "eval" / "report.json"))
+  assert report["split"] == "test" and 0 <= report["metrics"]["accuracy"] <= 1
+  with open(tmp_path / "config.json") as f:
+    model = json.load(f)["model"]
+  assert (model["family"], model["norm_position"], model["mlp"], model["pooler"]) == (
+      "encoder", "post", "gelu_exact", True)
+  copy = hf.load_tokenizer(bert_dir)
+  from jaxlm.data.tokenizer import Tokenizer
+  saved = Tokenizer(str(tmp_path / "tokenizer.model"))
+  assert (saved.bos_id, saved.eos_id, saved.encode("import os")) == (copy.bos_id, copy.eos_id, copy.encode("import os"))

@@ -645,13 +645,35 @@ def _fresh_params(model, names: list[str], abstract: dict, mesh: jax.sharding.Me
     return jax.jit(subset, out_shardings=shardings)(jax.random.key(0))
 
 
-def load_tokenizer(path: str) -> Tokenizer | None:
-  """The tokenizer of a Hugging Face model directory: its tokenizer.json, else a SentencePiece tokenizer.model;
-  None if it has neither."""
+def tokenizer_path(path: str) -> str | None:
+  """The tokenizer file of a Hugging Face model directory: its tokenizer.json, else a SentencePiece
+  tokenizer.model; None if it has neither."""
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.exists(os.path.join(path, name)):
-      return Tokenizer(os.path.join(path, name))
+      return os.path.join(path, name)
   return None
+
+
+def load_tokenizer(path: str) -> Tokenizer | None:
+  """The tokenizer of a Hugging Face model directory (`tokenizer_path`); None if it has none."""
+  found = tokenizer_path(path)
+  return Tokenizer(found) if found else None
+
+
+# `init_from = "hf:PATH"` starts a run from a Hugging Face directory: the model section is the checkpoint's
+# architecture (`run_model_section`), the parameters are imported in memory, the tokenizer is the directory's.
+INIT_FROM_PREFIX = "hf:"
+# Model fields that say how a run computes, not what the checkpoint is: they stay the run config's.
+RUN_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat", "attention", "init_std", "lora_rank", "lora_alpha",
+              "lora_targets")
+
+
+def run_model_section(path: str, model_section) -> dict:
+  """The `model` section of a run starting from the Hugging Face directory `path`: every ModelConfig field from
+  its config.json (and weights), except `RUN_FIELDS`, taken from `model_section` (the run's)."""
+  with open(os.path.join(path, "config.json")) as f:
+    _, model_config = model_config_from_hf(json.load(f), tensor_names=set(_open_weights(path).names()))
+  return {**dataclasses.asdict(model_config), **{key: model_section[key] for key in RUN_FIELDS}}
 
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
