@@ -430,7 +430,8 @@ FAMILIES = {
                             ("lm_head.decoder.bias", "lm_head.bias"))),
     "t5": Family("t5", _t5_config, _t5_hf_config, _t5_tensors, "",
                  buffers=r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
-                 tied=(("encoder.embed_tokens.weight", "shared.weight"), ("decoder.embed_tokens.weight", "shared.weight"),
+                 tied=(("encoder.embed_tokens.weight", "shared.weight"),
+                       ("decoder.embed_tokens.weight", "shared.weight"),
                        ("lm_head.weight", "shared.weight"))),
 }
 
