@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "causal_lm"  # objective (jaxlm/tasks/): causal_lm, masked_lm, span_corruption, classification, seq2seq
   config.seed = 0  # seeds parameter init, data shuffling and dropout
-  config.init_from = ""  # WORKDIR or WORKDIR/checkpoints/<step> of a pretrained run: backbone + tokenizer
+  config.init_from = ""  # WORKDIR or WORKDIR/checkpoints/<step> of a pretrained run, or hf:DIR (Hugging Face)
 
   config.model = model_config_dict("small")
 

@@ -36,6 +36,7 @@ from jaxlm.errors import ConfigError, check
 from jaxlm.evaluation import calibrators, prompting
 from jaxlm.inference import decode
 from jaxlm.inference import generate as generate_lib
+from jaxlm.interop import hf
 from jaxlm.models import lora, quantize
 from jaxlm.models import params as params_lib
 from jaxlm.models.config import ModelConfig
@@ -110,6 +111,9 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
     config = config.copy_and_resolve_references()
+    hf_dir = _hf_dir(config.init_from)
+    if hf_dir and os.path.exists(hf_dir):  # (gone later, the model section resolved here stays in config.json)
+      config.model.update(hf.run_model_section(hf_dir, config.model))
     tasks.task_class(config.task).resolve_config(config)
     self.model_config = validate(config)
     self.config = config
@@ -157,11 +161,18 @@ class Experiment:
 
   def tokenizer_path(self) -> str:
     """In this order: the workdir's copy (`WORKDIR/tokenizer.model`, written by `train`), `data.tokenizer`, the
-    `init_from` run's tokenizer, else one trained on the train split (cached in the data directory)."""
+    `init_from` run's tokenizer (or `hf:PATH`'s tokenizer.json / tokenizer.model), else one trained on the train
+    split (cached in the data directory)."""
     if self.workdir and os.path.exists(os.path.join(self.workdir, TOKENIZER_FILE)):
       return os.path.join(self.workdir, TOKENIZER_FILE)
     if self.config.data.tokenizer:
       return os.path.abspath(os.path.expanduser(self.config.data.tokenizer))
+    if _hf_dir(self.config.init_from):
+      path = hf.tokenizer_path(_hf_dir(self.config.init_from))
+      if path is None:
+        raise ConfigError(f"init_from: {self.config.init_from} holds no tokenizer.json or tokenizer.model; set "
+                          "data.tokenizer to the checkpoint's tokenizer.")
+      return path
     if self.config.init_from:
       return _run_tokenizer_path(checkpoint.split_checkpoint_path(self.config.init_from)[0])
     return pipeline.tokenizer_for(self.config.data, self.source(self.config.data.train_split),
@@ -260,10 +271,17 @@ class Experiment:
 
   def init_params(self):
     """The parameters training starts from: initialised from `config.seed`, then, with `init_from`, every
-    parameter of that run restored (new ones, like a classification head or LoRA adapters, stay initialised)."""
+    parameter of that run restored (new ones, like a classification head or LoRA adapters, stay initialised);
+    `init_from = "hf:PATH"` imports a Hugging Face checkpoint in memory (`jaxlm.interop.hf`) instead."""
     init_rng = jax.random.split(jax.random.key(self.config.seed))[0]
     params = params_lib.init_params(self.model, init_rng, self.mesh)
-    if self.config.init_from:
+    if _hf_dir(self.config.init_from):
+      logging.info("Starting from the Hugging Face checkpoint %s; new parameters from seed %d", self.config.init_from,
+                   self.config.seed)
+      _, imported, _, _ = hf.load_pretrained(_hf_dir(self.config.init_from), self.mesh, self.model_config.param_dtype)
+      params, _ = checkpoint.place_params(params_lib.flatten(imported), params, self.task.new_params,
+                                          allow_adapters=True, origin=self.config.init_from)
+    elif self.config.init_from:
       ref = checkpoint.find_checkpoint(self.config.init_from)
       logging.info("Starting from %s (step %d); new parameters from seed %d", ref.workdir, ref.step,
                    self.config.seed)
@@ -350,6 +368,13 @@ class Experiment:
     """Per-device memory of training this experiment on `num_devices` (default: this machine's), with no
     compilation and no allocation (`jaxlm.plan`)."""
     return plan.memory_plan(self.config, self.model_config, self.model, self.task.new_params, num_devices)
+
+
+def _hf_dir(init_from: str) -> str | None:
+  """The Hugging Face directory of `init_from = "hf:PATH"`, else None."""
+  if not init_from.startswith(hf.INIT_FROM_PREFIX):
+    return None
+  return os.path.abspath(os.path.expanduser(init_from[len(hf.INIT_FROM_PREFIX):]))
 
 
 def _run_tokenizer_path(workdir: str) -> str:

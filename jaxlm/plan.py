@@ -81,7 +81,7 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
 
   Per layer and token (B_local rows of T tokens; widths split by tensor parallelism `tp`), in the compute
   dtype: remat "none" keeps the block's inputs and norms (4 D), q/k/v and the attention output
-  ((2N + 2K) H / tp), the MLP's hidden activations (swiglu 4 F / tp, gelu 2 F / tp) and, for XLA attention,
+  ((2N + 2K) H / tp), the MLP's hidden activations (swiglu/geglu 4 F / tp, gelu 2 F / tp) and, for XLA attention,
   the softmax probabilities (N T / tp); "save_dots" keeps the matmul outputs only; "full" keeps the block
   input (D) plus one layer's worth during its recomputation. The logits (B T V / tp; B C V / tp with
   `model.loss_chunk_size` C) are kept in float32 three times (logits, log-probabilities, gradient). Every
@@ -97,7 +97,7 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   tokens = rows * config.data.seq_len
   itemsize = np.dtype(m.compute_dtype).itemsize
   heads = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tp
-  mlp = (4 if m.mlp == "swiglu" else 2) * m.mlp_dim / tp
+  mlp = (4 if m.mlp in ("swiglu", "geglu") else 2) * m.mlp_dim / tp
   scores = m.num_heads * config.data.seq_len / tp if m.attention not in ("cudnn", "pallas") else 0
   full_layer = 4 * m.embed_dim + heads + mlp + scores
   per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]

@@ -10,7 +10,8 @@ Import writes a workdir: config.json (`jaxlm.configs.base_config()` with the mod
 config.json and data sizes that fit it), the parameters as checkpoint 0 (`checkpoints/0/state`, parameters only:
 `init_from`, `load_params` and the modes other than train read it) and the tokenizer as `tokenizer.model` (a
 tokenizer.json carries its special tokens inside). Export writes config.json, model.safetensors and the tokenizer
-in the layout `transformers.AutoModelForCausalLM.from_pretrained` loads (`jaxlm.interop.hf`).
+in the layout `transformers` loads (`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSeq2SeqLM`;
+`jaxlm.interop.hf`).
 """
 
 import dataclasses
@@ -27,6 +28,7 @@ _EXPORT_HF_DIR = flags.DEFINE_string("export_hf_dir", None, "Export --workdir's 
 _STEP = flags.DEFINE_string("step", "latest", "Export: the checkpoint ('latest', 'best' or a step number).")
 _DTYPE = flags.DEFINE_string("dtype", "", "Import: parameter and compute dtype ('bfloat16', ...); '' = float32.")
 flags.mark_flags_as_required(["workdir"])
+TASK_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
 
 def import_hf(hf_dir: str, workdir: str, dtype: str | None = None) -> None:
@@ -39,6 +41,7 @@ def import_hf(hf_dir: str, workdir: str, dtype: str | None = None) -> None:
   _, params, tokenizer, model_config = hf.load_pretrained(hf_dir, mesh=sharding.create_mesh(config.mesh), dtype=dtype)
   if tokenizer is None:
     raise app.UsageError(f"{hf_dir} has no tokenizer.json or tokenizer.model; a workdir needs its tokenizer.")
+  config.task = TASK_OF_FAMILY[model_config.family]  # the objective the family was pretrained with
   config.model.update(dataclasses.asdict(model_config))
   config.data.seq_len = min(config.data.seq_len, model_config.max_len)
   config.data.vocab_size = tokenizer.vocab_size

@@ -4,7 +4,9 @@
 WordPiece or Unigram, through the `tokenizers` package), anything else a SentencePiece model. A `tokenizer.json`
 does not say which tokens are bos, eos and pad; they come from a top-level `"jaxlm_special_tokens"` entry that
 `Tokenizer.save` writes into jaxlm's copy (e.g. a workdir's), else from the `tokenizer_config.json` beside it
-(the Hugging Face layout). A tokenizer without a pad token (GPT-2) pads with its eos token.
+(the Hugging Face layout). A tokenizer without a pad token (GPT-2) pads with its eos token; one without bos and eos
+but with [CLS] and [SEP] (BERT, RoBERTa's <s> and </s> are named both ways) uses [CLS] as bos and [SEP] as eos, so
+that every task frames a text as BERT does: [CLS] text [SEP].
 
 Tokenizers trained here are lossless: identity normalisation, no dummy
 prefix, whitespace kept, and byte fallback for any character not in the
@@ -79,6 +81,11 @@ class Tokenizer:
 
   def piece_id(self, piece: str) -> int:
     """The id of a reserved piece (e.g. "[MASK]"); a clear error when this tokenizer lacks it."""
+    if self._json is not None:
+      piece_id = self._hf.token_to_id(piece)
+      if piece_id is None:
+        raise ValueError(f"Tokenizer {self.path!r} has no token {piece!r}; the objective needs it.")
+      return piece_id
     piece_id = self._processor.piece_to_id(piece)
     if piece_id == self._processor.unk_id() and piece != self._processor.id_to_piece(piece_id):
       raise ValueError(f"Tokenizer {self.path!r} has no piece {piece!r}; the objective needs a tokenizer trained "
@@ -86,7 +93,11 @@ class Tokenizer:
     return piece_id
 
   def ordinary_ids(self) -> list[int]:
-    """Ids of every piece that text can encode to: all but pad, unk, bos, eos and reserved (control) pieces."""
+    """Ids of every piece that text can encode to: all but pad, unk, bos, eos and reserved (control) pieces
+    (a tokenizer.json: all but its special added tokens)."""
+    if self._json is not None:
+      special = {token["id"] for token in self._json.get("added_tokens", []) if token.get("special")}
+      return [i for i in range(self.vocab_size) if i not in special]
     processor = self._processor
     return [i for i in range(self.vocab_size) if not (processor.is_control(i) or processor.is_unknown(i))]
 
@@ -124,18 +135,23 @@ class Tokenizer:
 
 def hf_special_tokens(directory: str) -> dict[str, str]:
   """{"bos", "eos", "pad"} tokens of the Hugging Face tokenizer in `directory`, from its tokenizer_config.json
-  (else special_tokens_map.json). No pad token: the eos token pads (GPT-2 has none)."""
+  (else special_tokens_map.json). No pad token: the eos token pads (GPT-2 has none). No bos / eos token: the
+  cls / sep token (BERT)."""
   found = {}
   for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
     path = os.path.join(directory, name)
     if os.path.exists(path):
       with open(path) as f:
         values = json.load(f)
-      for role in ("bos", "eos", "pad"):
+      for role in ("bos", "eos", "pad", "cls", "sep"):
         token = values.get(f"{role}_token")
         token = token.get("content") if isinstance(token, dict) else token
         if token:
           found[role] = token
+  for role, fallback in (("bos", "cls"), ("eos", "sep")):
+    if fallback in found:
+      found.setdefault(role, found[fallback])
+  found = {role: found[role] for role in ("bos", "eos", "pad") if role in found}
   for role in ("bos", "eos"):
     if role not in found:
       raise ValueError(f"The tokenizer in {directory} names no {role}_token (tokenizer_config.json or "

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: GPT-2 and Llama decoders (config.json + safetensors + tokenizer).
+"""Hugging Face checkpoints in and out (config.json + safetensors + tokenizer): GPT-2 and Llama decoders, BERT,
+RoBERTa and MiniLM encoders (model_type bert / roberta), T5 encoder-decoders (v1.0 and v1.1 / Flan-T5).
 
     model, params, tokenizer, model_config = hf.load_pretrained("path/to/hf_dir", mesh=mesh)
     hf.save_pretrained("path/to/out", model_config, params, tokenizer)   # transformers.AutoModel loads it
@@ -14,9 +15,16 @@ at hand are read) and places each parameter straight into its sharding on the me
 Layouts: jaxlm stacks the L blocks on a leading `layers` axis and keeps heads as their own axes
 (query kernel [D, N, H], output kernel [N, H, D]); `torch.nn.Linear` (Llama) stores [out, in] and GPT-2's
 `Conv1D` [in, out] with the query, key and value fused into one `c_attn` tensor.
+
+Heads: an encoder always carries BERT's MLM head; a checkpoint of the bare `BertModel` lacks it, so it stays
+freshly initialised (logged) and export writes the `*ForMaskedLM` layout. BERT's next-sentence head is skipped
+(logged). Tied copies that some checkpoints store (T5's `encoder.embed_tokens`, BERT's MLM decoder) are checked
+equal to their source and not written back.
 """
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,12 +34,14 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
 
+from jaxlm import sharding
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.models import params as params_lib
 from jaxlm.models.config import DTYPES, ModelConfig
-from jaxlm.models.transformer import Decoder
+from jaxlm.models.transformer import backbone
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -50,13 +60,16 @@ class Tensor:
   `hf` is its name ('{layer}' marks one tensor per block, stacked on the jaxlm parameter's leading axis);
   `jaxlm` names the parameters (several when Hugging Face fuses them: split evenly along its output axis);
   `layout` is "copy" (same shape), "bias" (flattened output axes), "linear" ([out, in]) or "conv1d" ([in, out]);
-  `inputs` is how many leading axes of the jaxlm kernel are input features (the output kernel [N, H, D]: 2).
+  `inputs` is how many leading axes of the jaxlm kernel are input features (the output kernel [N, H, D]: 2);
+  `optional`: a head that checkpoints of the bare base model lack (BERT's MLM head in a `BertModel`): when absent
+  its parameters keep their fresh initialisation (logged), and export writes it.
   """
 
   hf: str
   jaxlm: tuple[str, ...]
   layout: str = "copy"
   inputs: int = 1
+  optional: bool = False
 
   def to_jaxlm(self, array: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
     """One (per-layer) Hugging Face array -> the jaxlm arrays of `shapes` (per layer)."""
@@ -79,10 +92,11 @@ class Tensor:
 
 class _Keys:
   """The keys of a Hugging Face config.json, each to be read, checked or ignored exactly once: whatever is left
-  at `finish` is a key this family does not understand, and an error."""
+  at `finish` is a key this family does not understand, and an error. `tensor_names` are the checkpoint's (None
+  when only the config is known): where a config does not say whether an optional part exists (BERT's pooler)."""
 
-  def __init__(self, values: dict, family: str):
-    self.values, self.family, self.used = values, family, set(IGNORED_KEYS)
+  def __init__(self, values: dict, family: str, tensor_names: set | None = None):
+    self.values, self.family, self.used, self.tensor_names = values, family, set(IGNORED_KEYS), tensor_names
 
   def get(self, key: str, default=None):
     self.used.add(key)
@@ -224,6 +238,166 @@ def _llama_tensors(c: ModelConfig) -> list[Tensor]:
   return tensors
 
 
+# ----------------------------------------------------------------------------------- BERT, RoBERTa, MiniLM
+
+BERT_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+# The MLM head's three tensors (transform dense, transform LayerNorm, output bias) in each family's names.
+BERT_HEAD = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias")
+ROBERTA_HEAD = ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias")
+
+
+def _bert_config(keys: _Keys, position_offset: int = 0) -> dict:
+  """BERT (and MiniLM, a BERT config); RoBERTa's learned positions start at row `position_offset`. The pooler
+  is part of the model when the checkpoint holds one (`BertModel`, `BertForPreTraining`; not `BertForMaskedLM`)."""
+  activation = keys.require("hidden_act", tuple(BERT_ACTIVATIONS))
+  keys.require("position_embedding_type", ("absolute",), "absolute")
+  keys.require("is_decoder", (False,), False)
+  keys.require("add_cross_attention", (False,), False)
+  keys.require("tie_word_embeddings", (True,), True)  # the MLM output is the transposed word embedding
+  keys.ignore("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "chunk_size_feed_forward",
+              "gradient_checkpointing")
+  names = keys.tensor_names
+  pooler = names is None or any(re.search(r"(^|\.)pooler\.dense\.weight$", name) for name in names)
+  return dict(family="encoder", vocab_size=keys.get("vocab_size"), embed_dim=keys.get("hidden_size"),
+              num_layers=keys.get("num_hidden_layers"), num_heads=keys.get("num_attention_heads"),
+              mlp_dim=keys.get("intermediate_size"), max_len=keys.get("max_position_embeddings") - position_offset,
+              position_offset=position_offset, position="learned", norm="layernorm", norm_position="post",
+              embed_norm=True, mlp=BERT_ACTIVATIONS[activation], use_bias=True, norm_eps=keys.get("layer_norm_eps"),
+              type_vocab_size=keys.get("type_vocab_size", 2), pooler=pooler, tie_embeddings=True)
+
+
+def _roberta_config(keys: _Keys) -> dict:
+  """RoBERTa numbers positions from padding_idx + 1 (= pad_token_id + 1): `model.position_offset`."""
+  return _bert_config(keys, position_offset=keys.get("pad_token_id") + 1)
+
+
+def _bert_hf_config(c: ModelConfig, model_type: str = "bert") -> dict:
+  _check_exportable(c, model_type, family="encoder", position="learned", norm="layernorm", norm_position="post",
+                    embed_norm=True, use_bias=True, tie_embeddings=True, scale_attention=True,
+                    num_kv_heads=c.num_heads, head_dim=c.embed_dim // c.num_heads)
+  activations = {value: key for key, value in BERT_ACTIVATIONS.items() if key != "gelu_pytorch_tanh"}
+  if c.mlp not in activations or not c.type_vocab_size:
+    raise ConfigError(f"model.mlp={c.mlp!r}, model.type_vocab_size={c.type_vocab_size}: a Hugging Face "
+                      f"{model_type} model needs mlp in {tuple(activations)} and type_vocab_size >= 1.")
+  config = dict(architectures=[f"{'Roberta' if model_type == 'roberta' else 'Bert'}ForMaskedLM"],
+                model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.embed_dim,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
+                hidden_act=activations[c.mlp], max_position_embeddings=c.max_len + c.position_offset,
+                type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_eps, position_embedding_type="absolute",
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=True)
+  if model_type == "roberta":
+    config.update(pad_token_id=c.position_offset - 1)  # RoBERTa's padding_idx: where its positions start
+  elif c.position_offset:
+    raise ConfigError(f"model.position_offset={c.position_offset}: BERT numbers positions from 0.")
+  return config
+
+
+def _dense(hf: str, jaxlm: str, inputs: int = 1, bias: bool = True, optional: bool = False) -> list[Tensor]:
+  """A torch.nn.Linear `hf` ([out, in] weight, bias) as the jaxlm Einsum `jaxlm` (kernel, bias)."""
+  tensors = [Tensor(f"{hf}.weight", (f"{jaxlm}/kernel",), "linear", inputs=inputs, optional=optional)]
+  if bias:
+    tensors.append(Tensor(f"{hf}.bias", (f"{jaxlm}/bias",), "bias", optional=optional))
+  return tensors
+
+
+def _layer_norm(hf: str, jaxlm: str, bias: bool = True, optional: bool = False) -> list[Tensor]:
+  tensors = [Tensor(f"{hf}.weight", (f"{jaxlm}/scale",), optional=optional)]
+  if bias:
+    tensors.append(Tensor(f"{hf}.bias", (f"{jaxlm}/bias",), optional=optional))
+  return tensors
+
+
+def _bert_tensors(c: ModelConfig, base: str = "bert.", head: tuple = BERT_HEAD) -> list[Tensor]:
+  embeddings, block, layers = f"{base}embeddings.", f"{base}encoder.layer.{{layer}}.", "encoder/layers/"
+  tensors = [Tensor(f"{embeddings}word_embeddings.weight", ("token_embed/embedding",)),
+             Tensor(f"{embeddings}position_embeddings.weight", ("position_embed/embedding",)),
+             *_layer_norm(f"{embeddings}LayerNorm", "embed_norm")]
+  if c.type_vocab_size:
+    tensors.append(Tensor(f"{embeddings}token_type_embeddings.weight", ("type_embed/embedding",)))
+  for hf, jaxlm in (("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
+                    ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
+                    ("intermediate.dense", "mlp/up"), ("output.dense", "mlp/down")):
+    tensors += _dense(block + hf, layers + jaxlm, inputs=2 if jaxlm == "attention/out" else 1)
+  tensors += _layer_norm(f"{block}attention.output.LayerNorm", f"{layers}attention_norm")
+  tensors += _layer_norm(f"{block}output.LayerNorm", f"{layers}mlp_norm")
+  if c.pooler:
+    tensors += _dense(f"{base}pooler.dense", "pooler")
+  transform, norm, bias = head
+  return tensors + [*_dense(transform, "mlm_transform", optional=True), *_layer_norm(norm, "mlm_norm", optional=True),
+                    Tensor(bias, ("mlm_bias",), optional=True)]
+
+
+def _roberta_tensors(c: ModelConfig) -> list[Tensor]:
+  return _bert_tensors(c, "roberta.", ROBERTA_HEAD)
+
+
+# ------------------------------------------------------------------------------------------------------- T5
+
+T5_MLPS = {"relu": "relu", "gated-gelu": "geglu"}  # feed_forward_proj -> model.mlp (v1.0, v1.1 / Flan-T5)
+T5_MAX_LEN = 512  # T5 has no position table; max_len only bounds data.seq_len (T5 was pretrained at 512)
+
+
+def _t5_config(keys: _Keys) -> dict:
+  mlp = T5_MLPS[keys.require("feed_forward_proj", tuple(T5_MLPS), "relu")]
+  keys.ignore("dense_act_fn", "is_gated_act")  # derived from feed_forward_proj by transformers
+  keys.require("is_encoder_decoder", (True,), True)
+  keys.require("is_decoder", (False,), False)
+  keys.ignore("dropout_rate", "classifier_dropout", "initializer_factor", "decoder_start_token_id")
+  tie = keys.get("tie_word_embeddings", True)
+  # transformers >= 5 writes scale_decoder_outputs (and always ties); before, untied (v1.1) meant unscaled.
+  scale = keys.get("scale_decoder_outputs", tie)
+  if scale and not tie:
+    raise ConfigError("config.json scale_decoder_outputs=True with tie_word_embeddings=False: jaxlm scales only "
+                      "the tied output head (model.tied_logits_scale).")
+  layers = keys.get("num_layers")
+  return dict(family="encoder_decoder", vocab_size=keys.get("vocab_size"), embed_dim=keys.get("d_model"),
+              num_layers=layers, num_decoder_layers=keys.get("num_decoder_layers", layers),
+              num_heads=keys.get("num_heads"), head_dim=keys.get("d_kv"), mlp_dim=keys.get("d_ff"),
+              max_len=T5_MAX_LEN, position="relative", relative_buckets=keys.get("relative_attention_num_buckets"),
+              relative_max_distance=keys.get("relative_attention_max_distance"), norm="rmsnorm", mlp=mlp,
+              use_bias=False, norm_eps=keys.get("layer_norm_epsilon"), scale_attention=False,
+              tied_logits_scale=bool(scale), tie_embeddings=tie)
+
+
+def _t5_hf_config(c: ModelConfig) -> dict:
+  _check_exportable(c, "t5", family="encoder_decoder", position="relative", norm="rmsnorm", norm_position="pre",
+                    use_bias=False, scale_attention=False, num_kv_heads=c.num_heads)
+  projections = {value: key for key, value in T5_MLPS.items()}
+  if c.mlp not in projections:
+    raise ConfigError(f"model.mlp={c.mlp!r}: a Hugging Face t5 model needs one of {tuple(projections)}.")
+  scale = c.tie_embeddings and c.tied_logits_scale
+  return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size,
+              d_model=c.embed_dim, d_kv=c.head_dim, d_ff=c.mlp_dim, num_layers=c.num_layers,
+              num_decoder_layers=c.decoder_layers, num_heads=c.num_heads,
+              relative_attention_num_buckets=c.relative_buckets,
+              relative_attention_max_distance=c.relative_max_distance, layer_norm_epsilon=c.norm_eps,
+              feed_forward_proj=projections[c.mlp], is_encoder_decoder=True, dropout_rate=0.0,
+              tie_word_embeddings=c.tie_embeddings, scale_decoder_outputs=scale)
+
+
+def _t5_tensors(c: ModelConfig) -> list[Tensor]:
+  mlp = {"wi_0": "gate", "wi_1": "up"} if c.mlp == "geglu" else {"wi": "up"}
+  tensors = [Tensor("shared.weight", ("token_embed/embedding",))]
+  for stack, sublayers in (("encoder", ("SelfAttention", "DenseReluDense")),
+                           ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
+    tensors += [Tensor(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       (f"{stack}/relative_bias/embedding",)),
+                Tensor(f"{stack}.final_layer_norm.weight", (f"{stack}/final_norm/scale",))]
+    for index, hf in enumerate(sublayers):
+      block, jaxlm = f"{stack}.block.{{layer}}.layer.{index}.", f"{stack}/layers/" + {
+          "SelfAttention": "attention", "EncDecAttention": "cross_attention", "DenseReluDense": "mlp"}[hf]
+      tensors += _layer_norm(f"{block}layer_norm", f"{jaxlm}_norm", bias=False)
+      if hf == "DenseReluDense":
+        for name, target in {**mlp, "wo": "down"}.items():
+          tensors += _dense(f"{block}{hf}.{name}", f"{jaxlm}/{target}", bias=False)
+      else:
+        for name, target in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
+          tensors += _dense(f"{block}{hf}.{name}", f"{jaxlm}/{target}", inputs=2 if name == "o" else 1, bias=False)
+  if not c.tie_embeddings:
+    tensors.append(Tensor("lm_head.weight", ("lm_head/kernel",), "linear"))
+  return tensors
+
+
 # ---------------------------------------------------------------------------------------------- the families
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +408,11 @@ class Family:
   to_model_config: Callable[[_Keys], dict]  # config.json keys -> ModelConfig fields (refusing what jaxlm lacks)
   to_hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> config.json (refusing what the family lacks)
   tensors: Callable[[ModelConfig], list[Tensor]]  # the tensor table of a model of that config
-  base_prefix: str  # the base model's prefix inside *ForCausalLM names; checkpoints of the bare base model lack it
+  base_prefix: str  # the base model's prefix inside *ForCausalLM / *ForMaskedLM names; bare base models lack it
   buffers: str = r"$^"  # regex of checkpoint entries that are buffers, not parameters (skipped)
-  build_model: Callable[[ModelConfig], object] = Decoder
+  # Entries that are copies of another tensor (tied weights some checkpoints store twice): checked equal, skipped.
+  tied: tuple[tuple[str, str], ...] = ()
+  dropped: str = r"$^"  # regex of heads jaxlm has no place for (BERT's next-sentence head): skipped, logged
 
 
 FAMILIES = {
@@ -244,27 +420,51 @@ FAMILIES = {
                    buffers=r"\.attn\.(masked_)?bias$"),
     "llama": Family("llama", _llama_config, _llama_hf_config, _llama_tensors, "model.",
                     buffers=r"\.rotary_emb\.inv_freq$"),
+    "bert": Family("bert", _bert_config, _bert_hf_config, _bert_tensors, "bert.", buffers=r"\.position_ids$",
+                   tied=(("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+                         ("cls.predictions.decoder.bias", "cls.predictions.bias")),
+                   dropped=r"^cls\.seq_relationship\."),
+    "roberta": Family("roberta", _roberta_config, functools.partial(_bert_hf_config, model_type="roberta"),
+                      _roberta_tensors, "roberta.", buffers=r"\.position_ids$",
+                      tied=(("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
+                            ("lm_head.decoder.bias", "lm_head.bias"))),
+    "t5": Family("t5", _t5_config, _t5_hf_config, _t5_tensors, "",
+                 buffers=r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
+                 tied=(("encoder.embed_tokens.weight", "shared.weight"),
+                       ("decoder.embed_tokens.weight", "shared.weight"),
+                       ("lm_head.weight", "shared.weight"))),
 }
-FAMILY_OF_POSITION = {"learned": "gpt2", "rotary": "llama"}  # which family exports a jaxlm decoder
 
 
-def _check_exportable(c: ModelConfig, family: str, **required):
+def export_family(c: ModelConfig) -> Family:
+  """The Hugging Face family a jaxlm model leaves as: decoders by position (learned: GPT-2, rotary: Llama),
+  encoders as BERT (RoBERTa with a position offset), encoder-decoders as T5."""
+  if c.family == "encoder":
+    return FAMILIES["roberta" if c.position_offset else "bert"]
+  if c.family == "encoder_decoder":
+    return FAMILIES["t5"]
+  return FAMILIES["gpt2" if c.position == "learned" else "llama"]
+
+
+def _check_exportable(c: ModelConfig, hf_family: str, **required):
   for key, value in required.items():
     if getattr(c, key) != value:
-      raise ConfigError(f"model.{key}={getattr(c, key)!r}: a Hugging Face {family} model needs {value!r}.")
+      raise ConfigError(f"model.{key}={getattr(c, key)!r}: a Hugging Face {hf_family} model needs {value!r}.")
   if c.lora_rank:
     raise ConfigError("model.lora_rank: merge or drop the LoRA adapters before exporting (Hugging Face "
-                      f"{family} has no adapters).")
+                      f"{hf_family} has no adapters).")
 
 
-def model_config_from_hf(hf_config: dict, dtype: str | None = None) -> tuple[Family, ModelConfig]:
+def model_config_from_hf(hf_config: dict, dtype: str | None = None,
+                         tensor_names: set | None = None) -> tuple[Family, ModelConfig]:
   """The family and `ModelConfig` of a Hugging Face config.json (a ConfigError names any key jaxlm cannot honour).
-  `dtype` ('float32', 'bfloat16', ...) sets the parameter and compute dtype; None keeps jaxlm's float32."""
+  `dtype` ('float32', 'bfloat16', ...) sets the parameter and compute dtype; None keeps jaxlm's float32.
+  `tensor_names`: the checkpoint's, which decide optional parts the config does not name (BERT's pooler)."""
   model_type = hf_config.get("model_type")
   if model_type not in FAMILIES:
     raise ConfigError(f"config.json model_type={model_type!r}: jaxlm imports {sorted(FAMILIES)}.")
   family = FAMILIES[model_type]
-  keys = _Keys(hf_config, model_type)
+  keys = _Keys(hf_config, model_type, tensor_names)
   fields = family.to_model_config(keys)
   keys.finish()
   if dtype is not None:
@@ -346,26 +546,52 @@ def _hf_name(template: str, layer: int | None, family: Family, names: set) -> st
   return name
 
 
-def _check_tensor_names(family: Family, table: list[Tensor], num_layers: int, names: set, path: str):
-  expected = {_hf_name(t.hf, layer, family, names) for t in table
-              for layer in (range(num_layers) if "{layer}" in t.hf else [None])}
+def _stacked_layers(tensor: Tensor, abstract: dict) -> list:
+  """The layers a tensor has one Hugging Face entry for ([None]: one entry): its jaxlm parameter's leading axis."""
+  return list(range(abstract[tensor.jaxlm[0]].shape[0])) if "{layer}" in tensor.hf else [None]
+
+
+def _present_tensors(family: Family, table: list[Tensor], abstract: dict, names: set,
+                     path: str) -> tuple[list[Tensor], dict]:
+  """(the table's tensors this checkpoint holds (optional heads may be absent), {tied copy: its source}), after
+  checking that it holds nothing else but buffers and dropped heads."""
+  def entries(tensor):
+    return {_hf_name(tensor.hf, layer, family, names) for layer in _stacked_layers(tensor, abstract)}
+
+  present = [t for t in table if not t.optional or entries(t) <= names]
+  expected = set().union(*(entries(t) for t in present))
   missing = sorted(expected - names)
-  unused = sorted(name for name in names - expected if not re.search(family.buffers, name))
+  copies = {_hf_name(copy, None, family, names): _hf_name(source, None, family, names)
+            for copy, source in family.tied if copy not in expected}
+  unused = sorted(name for name in names - expected - set(copies)
+                  if not re.search(family.buffers, name) and not re.search(family.dropped, name))
   if missing or unused:
     raise CheckpointError(f"The weights in {path} do not fit its config.json as a {family.model_type} model: "
                           f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, not understood "
                           f"{unused[:8]}{'...' if len(unused) > 8 else ''}; nothing is imported.")
+  dropped = sorted(name for name in names if re.search(family.dropped, name))
+  if dropped:
+    logging.warning("%s: skipping %s (a head jaxlm's %s has no place for).", path, dropped, family.model_type)
+  absent = sorted(name for t in table if t not in present for name in t.jaxlm)
+  if absent:
+    logging.warning("%s has no %s; jaxlm's %s keeps them freshly initialised.", path, absent, family.model_type)
+  return present, copies
 
 
 def load_params(path: str, family: Family, model_config: ModelConfig, mesh: jax.sharding.Mesh | None = None):
   """The parameters of the Hugging Face model directory `path`, each placed straight into its sharding on `mesh`
-  (default: the first device), read tensor by tensor."""
-  abstract_tree = params_lib.abstract_params(family.build_model(model_config), mesh)
+  (default: the first device), read tensor by tensor. Optional heads the checkpoint lacks are freshly initialised."""
+  model = backbone(model_config)
+  abstract_tree = params_lib.abstract_params(model, mesh)
   abstract = params_lib.flatten(abstract_tree)
   weights = _open_weights(path)
   names = set(weights.names())
   table = family.tensors(model_config)
-  _check_tensor_names(family, table, model_config.num_layers, names, path)
+  present, copies = _present_tensors(family, table, abstract, names, path)
+  for copy, source in copies.items():
+    if copy in names and not np.array_equal(weights.get(copy), weights.get(source)):
+      raise CheckpointError(f"{path}: {copy} differs from {source}; jaxlm's {family.model_type} ties them "
+                            "(untied weights cannot be imported exactly).")
   where = {name: (tensor, position) for tensor in table for position, name in enumerate(tensor.jaxlm)}
   if set(where) != set(abstract):
     raise CheckpointError(f"jaxlm/interop/hf.py: the {family.model_type} table does not cover the model's "
@@ -389,26 +615,66 @@ def load_params(path: str, family: Family, model_config: ModelConfig, mesh: jax.
       key = repr(index)
       if key not in read:
         if stacked:
-          layers = range(model_config.num_layers)[index[0]]
+          layers = range(leaf.shape[0])[index[0]]
           read[key] = np.stack([convert(layer)[index[1:]] for layer in layers]).astype(leaf.dtype)
         else:
           read[key] = convert(None)[index].astype(leaf.dtype)
       return read[key]
 
-    sharding = leaf.sharding if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.make_array_from_callback(leaf.shape, sharding, callback)
+    target = leaf.sharding if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.make_array_from_callback(leaf.shape, target, callback)
 
-  flat = {name: place(name, leaf) for name, leaf in abstract.items()}
+  absent = [name for tensor in table if tensor not in present for name in tensor.jaxlm]
+  flat = _fresh_params(model, absent, abstract, mesh)
+  flat.update({name: place(name, leaf) for name, leaf in abstract.items() if name not in flat})
   return jax.tree_util.tree_map_with_path(lambda p, _: flat[params_lib.path_name(p)], abstract_tree)
 
 
-def load_tokenizer(path: str) -> Tokenizer | None:
-  """The tokenizer of a Hugging Face model directory: its tokenizer.json, else a SentencePiece tokenizer.model;
-  None if it has neither."""
+def _fresh_params(model, names: list[str], abstract: dict, mesh: jax.sharding.Mesh | None) -> dict:
+  """{name: freshly initialised value} of the parameters `names` (the model's own init, seed 0), in their
+  shardings; the init is jitted for these outputs alone, so no other parameter is computed."""
+  if not names:
+    return {}
+  init = params_lib.boxed_init_fn(model)
+
+  def subset(rng):
+    flat = params_lib.flatten(params_lib.unbox(init(rng)))
+    return {name: flat[name] for name in names}
+
+  shardings = {name: abstract[name].sharding for name in names} if mesh is not None else None
+  with sharding.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+    return jax.jit(subset, out_shardings=shardings)(jax.random.key(0))
+
+
+def tokenizer_path(path: str) -> str | None:
+  """The tokenizer file of a Hugging Face model directory: its tokenizer.json, else a SentencePiece
+  tokenizer.model; None if it has neither."""
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.exists(os.path.join(path, name)):
-      return Tokenizer(os.path.join(path, name))
+      return os.path.join(path, name)
   return None
+
+
+def load_tokenizer(path: str) -> Tokenizer | None:
+  """The tokenizer of a Hugging Face model directory (`tokenizer_path`); None if it has none."""
+  found = tokenizer_path(path)
+  return Tokenizer(found) if found else None
+
+
+# `init_from = "hf:PATH"` starts a run from a Hugging Face directory: the model section is the checkpoint's
+# architecture (`run_model_section`), the parameters are imported in memory, the tokenizer is the directory's.
+INIT_FROM_PREFIX = "hf:"
+# Model fields that say how a run computes, not what the checkpoint is: they stay the run config's.
+RUN_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat", "attention", "init_std", "lora_rank", "lora_alpha",
+              "lora_targets")
+
+
+def run_model_section(path: str, model_section) -> dict:
+  """The `model` section of a run starting from the Hugging Face directory `path`: every ModelConfig field from
+  its config.json (and weights), except `RUN_FIELDS`, taken from `model_section` (the run's)."""
+  with open(os.path.join(path, "config.json")) as f:
+    _, model_config = model_config_from_hf(json.load(f), tensor_names=set(_open_weights(path).names()))
+  return {**dataclasses.asdict(model_config), **{key: model_section[key] for key in RUN_FIELDS}}
 
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
@@ -419,24 +685,27 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
   The tokenizer is None when the directory has none.
   """
   with open(os.path.join(path, "config.json")) as f:
-    family, model_config = model_config_from_hf(json.load(f), dtype)
+    family, model_config = model_config_from_hf(json.load(f), dtype, set(_open_weights(path).names()))
   params = load_params(path, family, model_config, mesh)
-  return family.build_model(model_config), params, load_tokenizer(path), model_config
+  return backbone(model_config), params, load_tokenizer(path), model_config
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tokenizer | None = None) -> None:
-  """Writes the Hugging Face layout of a jaxlm decoder to `path`: config.json, model.safetensors (float32, or the
-  parameters' dtype) and, for a tokenizer.json tokenizer, tokenizer.json + tokenizer_config.json.
-  `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it. Runs on process 0's view of `params`."""
+  """Writes the Hugging Face layout of a jaxlm model (`export_family`) to `path`: config.json, model.safetensors
+  (float32, or the parameters' dtype) and, for a tokenizer.json tokenizer, tokenizer.json + tokenizer_config.json.
+  `transformers.AutoModelForCausalLM` (decoders), `AutoModelForMaskedLM` (encoders, with the MLM head) or
+  `AutoModelForSeq2SeqLM` (T5) loads it. Runs on process 0's view of `params`."""
   from safetensors.numpy import save_file  # safetensors comes with transformers; only export needs it here
-  family = FAMILIES[FAMILY_OF_POSITION[model_config.position]]
-  hf_config = family.to_hf_config(model_config)
-  hf_config.update(dtype=str(np.dtype(model_config.weight_dtype)), bos_token_id=None, eos_token_id=None,
+  family = export_family(model_config)
+  hf_config = dict(dtype=str(np.dtype(model_config.weight_dtype)), bos_token_id=None, eos_token_id=None,
                    pad_token_id=None)
   if tokenizer is not None:
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if model_config.family == "encoder_decoder":  # jaxlm's seq2seq tasks start the decoder with bos
+      hf_config.update(decoder_start_token_id=tokenizer.bos_id)
+  hf_config.update(family.to_hf_config(model_config))  # the family's own ids win (RoBERTa's pad = its padding_idx)
   flat = params_lib.flatten(params)
   table = family.tensors(model_config)
   unused = sorted(set(flat) - {name for tensor in table for name in tensor.jaxlm})
@@ -446,7 +715,7 @@ def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tok
   host = {name: np.asarray(jax.device_get(leaf)) for name, leaf in flat.items()}
   tensors = {}
   for tensor in table:
-    for layer in range(model_config.num_layers) if "{layer}" in tensor.hf else [None]:
+    for layer in _stacked_layers(tensor, host):
       arrays = [host[name] if layer is None else host[name][layer] for name in tensor.jaxlm]
       tensors[tensor.hf.format(layer=layer)] = np.ascontiguousarray(tensor.to_hf(arrays))
   os.makedirs(path, exist_ok=True)

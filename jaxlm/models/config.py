@@ -18,7 +18,7 @@ FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "rotary", "relative")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-MLPS = ("gelu", "gelu_exact", "relu", "swiglu")
+MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALING_TYPES = ("none", "llama3")
@@ -74,6 +74,7 @@ class ModelConfig:
   head_dim: int = 0  # H; 0 = embed_dim // num_heads
   mlp_dim: int = 1024  # F, hidden width of the MLP
   max_len: int = 1024  # longest sequence (size of the learned position table)
+  position_offset: int = 0  # encoders: learned position p reads row p + offset (RoBERTa: padding_idx + 1 = 2)
   position: str = "rotary"  # "learned" (GPT-2, BERT), "rotary" (Llama) or "relative" (T5 bias; not the decoder family)
   rope_theta: float = 10000.0  # rotary base frequency
   # Rotary frequency scaling for long contexts: "none", or "llama3" (Llama 3.1+: frequencies with wavelengths
@@ -92,7 +93,9 @@ class ModelConfig:
   embed_norm: bool = False  # a norm on the summed embeddings (BERT)
   type_vocab_size: int = 0  # encoder: token-type (sentence A/B) embeddings, BERT: 2; 0 = none
   pooler: bool = False  # encoder: dense + tanh on the first token (BERT's pooler; classification.pooling="pooler")
-  mlp: str = "swiglu"  # "gelu" (tanh approximation, GPT-2), "gelu_exact" (BERT), "relu" (T5) or "swiglu" (Llama)
+  # "gelu" (tanh approximation, GPT-2), "gelu_exact" (BERT), "relu" (T5), "swiglu" (Llama) or "geglu"
+  # (gated tanh GELU, T5 v1.1)
+  mlp: str = "swiglu"
   scale_attention: bool = True  # softmax(q k / sqrt(H)); False: T5's unscaled attention (the scale is in the init)
   tied_logits_scale: bool = False  # tied output head reads x * D**-0.5 (T5)
   use_bias: bool = False  # biases in dense layers and LayerNorm (GPT-2: True)
@@ -123,7 +126,10 @@ class ModelConfig:
     check(self.position != "relative" or self.family != "decoder", "model.position",
           "'relative' (T5's bias) is for the encoder and encoder_decoder families; use 'rotary' or 'learned'.")
     check(self.position != "relative" or 2 <= self.relative_buckets, "model.relative_buckets", "must be >= 2.")
-    for key in ("norm_position", "embed_norm", "type_vocab_size", "pooler"):
+    check(self.position_offset >= 0, "model.position_offset", "must be >= 0.")
+    check(self.position == "learned" or not self.position_offset, "model.position_offset",
+          f"shifts learned positions only; model.position={self.position!r}.")
+    for key in ("norm_position", "embed_norm", "type_vocab_size", "pooler", "position_offset"):
       default = {field.name: field.default for field in dataclasses.fields(self)}[key]
       check(self.family != "decoder" or getattr(self, key) == default, f"model.{key}",
             f"is an encoder option; the decoder family keeps its default {default!r}.")

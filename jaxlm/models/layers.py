@@ -294,14 +294,14 @@ def residual_std(config: ModelConfig) -> float:
 
 
 def activation(config: ModelConfig):
-  """The nonlinearity of a non-gated MLP (and of BERT's MLM transform)."""
+  """The nonlinearity of a non-gated MLP (and of BERT's MLM transform), and GeGLU's gate (tanh GELU)."""
   if config.mlp == "relu":
     return nn.relu
   return functools.partial(nn.gelu, approximate=config.mlp != "gelu_exact")
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2, BERT), ReLU MLP (T5) or SwiGLU (Llama): [B, T, D] -> [B, T, D]."""
+  """GELU MLP (GPT-2, BERT), ReLU MLP (T5), SwiGLU (Llama) or GeGLU (T5 v1.1): [B, T, D] -> [B, T, D]."""
 
   config: ModelConfig
 
@@ -313,8 +313,8 @@ class Mlp(nn.Module):
     def up(name):
       return Einsum(config, "BTD,DF->BTF", (D, F), (EMBED, MLP), config.init_std, name=name)(x)
 
-    if config.mlp == "swiglu":
-      hidden = nn.silu(up("gate")) * up("up")
+    if config.mlp in ("swiglu", "geglu"):
+      hidden = (nn.silu if config.mlp == "swiglu" else activation(config))(up("gate")) * up("up")
     else:
       hidden = activation(config)(up("up"))
     hidden = nn.with_logical_constraint(hidden, (BATCH, LENGTH, MLP))  # [B, T, F]

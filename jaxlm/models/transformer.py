@@ -92,8 +92,9 @@ def token_embedding(config: ModelConfig, name: str | None = "token_embed") -> nn
 
 
 def position_embedding(config: ModelConfig, name: str | None = "position_embed") -> nn.Embed:
+  """The learned position table: max_len rows after `position_offset` leading ones (RoBERTa's)."""
   init = layers.weight_init(config.init_std, (POSITION, EMBED))
-  return nn.Embed(config.max_len, config.embed_dim, embedding_init=init,
+  return nn.Embed(config.max_len + config.position_offset, config.embed_dim, embedding_init=init,
                   dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name)
 
 
@@ -155,7 +156,7 @@ def embed(config: ModelConfig, token_embed: nn.Embed, tokens, positions, token_t
   """
   x = token_embed(tokens)
   if config.position == "learned":
-    x += position_embedding(config)(positions)
+    x += position_embedding(config)(positions + config.position_offset)
   if config.type_vocab_size:
     token_types = jnp.zeros_like(tokens) if token_types is None else token_types
     x += nn.Embed(config.type_vocab_size, config.embed_dim,
@@ -250,7 +251,7 @@ class EncoderDecoder(nn.Module):
   def _embed(self, tokens, positions, deterministic):
     x = self.token_embed(tokens)
     if self.config.position == "learned":
-      x += self.position_embed(positions)
+      x += self.position_embed(positions + self.config.position_offset)
     return nn.with_logical_constraint(self.dropout(x, deterministic=deterministic), (BATCH, LENGTH, EMBED))
 
   def _logits(self, x):

@@ -244,8 +244,33 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
   """
   source = params_lib.flatten(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"])
   wanted = params_lib.flatten(target)
+  prefix, new = _match_names(source, wanted, new_params, allow_adapters, state_dir)
+  to_restore = {name: jax.ShapeDtypeStruct(wanted[prefix + name].shape, wanted[prefix + name].dtype,
+                                           sharding=getattr(wanted[prefix + name], "sharding", None))
+                for name in source}
+  abstract = {"params": _nest(to_restore)}
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  values = params_lib.flatten(restored["params"])
+  logging.info("Restored %d parameters from %s%s", len(values), state_dir,
+               f"; kept {len(new)} new ones: {new}" if new else "")
+  return _place(values, prefix, target), new
+
+
+def place_params(source: dict, target, new_params: str | None = None, allow_adapters: bool = False,
+                 origin: str = "the source"):
+  """`source` ({name: array} already in place, e.g. an imported Hugging Face model's) put into the tree of
+  `target` by the rules of `restore_params`. Returns (params, names of the parameters kept from `target`)."""
+  prefix, new = _match_names(source, params_lib.flatten(target), new_params, allow_adapters, origin)
+  return _place(source, prefix, target), new
+
+
+def _match_names(source: dict, wanted: dict, new_params: str | None, allow_adapters: bool,
+                 origin: str) -> tuple[str, list[str]]:
+  """(the prefix under which `source` names match `wanted` ones: '' or 'backbone/', the wanted names that
+  `source` lacks); CheckpointError listing every misfit (see `restore_params`)."""
   prefix = max(("", BACKBONE_PREFIX), key=lambda p: sum(p + name in wanted for name in source))
-  problems, to_restore = [], {}
+  problems = []
   for name, meta in sorted(source.items()):
     leaf = wanted.get(prefix + name)
     if leaf is None:
@@ -253,8 +278,6 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
     elif tuple(leaf.shape) != tuple(meta.shape):
       problems.append(f"  {prefix + name}: shape {tuple(meta.shape)} in the checkpoint, {tuple(leaf.shape)} in the "
                       "model")
-    else:
-      to_restore[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
   new = sorted(set(wanted) - {prefix + name for name in source})
   for name in new:
     allowed = (new_params and re.search(new_params, name)) or (allow_adapters and
@@ -263,22 +286,17 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
       problems.append(f"  {name} {tuple(wanted[name].shape)}: in the model, not in the checkpoint")
   if problems:
     raise CheckpointError(
-        f"The checkpoint {state_dir} does not fit the model ({len(problems)} parameters):\n" + "\n".join(problems)
+        f"The checkpoint {origin} does not fit the model ({len(problems)} parameters):\n" + "\n".join(problems)
         + "\nUse the model.* settings of the run that wrote it (its config.json).")
+  return prefix, new
 
-  abstract = {"params": _nest(to_restore)}
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
-  values = params_lib.flatten(restored["params"])
 
+def _place(values: dict, prefix: str, target):
   def pick(path, leaf):
     name = params_lib.path_name(path)
     return values.get(name[len(prefix):] if name.startswith(prefix) else None, leaf)
 
-  params = jax.tree_util.tree_map_with_path(pick, target)
-  logging.info("Restored %d parameters from %s%s", len(values), state_dir,
-               f"; kept {len(new)} new ones: {new}" if new else "")
-  return params, new
+  return jax.tree_util.tree_map_with_path(pick, target)
 
 
 def save_params(workdir: str, params, step: int = 0) -> str:
