@@ -26,8 +26,9 @@ Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_f
 
 from jaxlm import configs
 
-ENCODER = dict(family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True,
-               pooler=True)  # as in experiments/pretrain_mlm.py
+ENCODER = dict(
+  family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True, pooler=True
+)  # as in experiments/pretrain_mlm.py
 
 VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "encoder", "tiny")
 
@@ -81,9 +82,12 @@ def get_config(arg: str | None = None):
     config.data.vocab_size = config.model.vocab_size  # trains its own tokenizer unless data.tokenizer is set
   if "tiny" in variants:
     config.init_from = ""  # tests point it at a quickstart.py:tiny workdir
-    config.model = configs.model_config_dict("tiny", lora_rank=config.model.lora_rank,
-                                             lora_targets=config.model.lora_targets,
-                                             **(ENCODER if "encoder" in variants else {}))
+    config.model = configs.model_config_dict(
+      "tiny",
+      lora_rank=config.model.lora_rank,
+      lora_targets=config.model.lora_targets,
+      **(ENCODER if "encoder" in variants else {}),
+    )
     config.data.vocab_size = 512
     config.data.seq_len = 64
     config.train.steps = 6

@@ -13,11 +13,11 @@ from jaxlm import configs
 
 # Per preset: (sequence length, global batch in rows, peak learning rate, steps).
 SCHEDULES = {
-    "tiny": (64, 8, 3e-3, 100),
-    "small": (256, 32, 3e-3, 2000),
-    "gpt2_124m": (1024, 512, 6e-4, 20000),
-    "gpt2_350m": (1024, 512, 3e-4, 40000),
-    "llama_1b": (2048, 512, 3e-4, 50000),
+  "tiny": (64, 8, 3e-3, 100),
+  "small": (256, 32, 3e-3, 2000),
+  "gpt2_124m": (1024, 512, 6e-4, 20000),
+  "gpt2_350m": (1024, 512, 3e-4, 40000),
+  "llama_1b": (2048, 512, 3e-4, 50000),
 }
 
 

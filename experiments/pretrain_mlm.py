@@ -14,8 +14,9 @@ The encoder it trains is fine-tuned by `experiments/finetune_packages.py:encoder
 from jaxlm import configs
 
 # The encoder of the default and tiny variants (finetune_packages.py:encoder builds the same).
-ENCODER = dict(family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True,
-               pooler=True)
+ENCODER = dict(
+  family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True, pooler=True
+)
 
 
 def get_config(arg: str | None = None):

@@ -13,8 +13,14 @@ WORKDIR/metrics.jsonl have `loss` and `token_accuracy` of the targets. Variants:
 
 from jaxlm import configs
 
-T5_STYLE = dict(family="encoder_decoder", position="relative", norm="rmsnorm", mlp="relu", scale_attention=False,
-                tied_logits_scale=True)
+T5_STYLE = dict(
+  family="encoder_decoder",
+  position="relative",
+  norm="rmsnorm",
+  mlp="relu",
+  scale_attention=False,
+  tied_logits_scale=True,
+)
 
 
 def get_config(arg: str | None = None):

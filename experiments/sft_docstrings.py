@@ -63,8 +63,9 @@ def get_config(arg: str | None = None):
     config.distill.teacher = "runs/docstrings_full"  # a finished full fine-tune of this config
   if "tiny" in variants:
     config.init_from = ""  # tests point it at a quickstart.py:tiny workdir
-    config.model = configs.model_config_dict("tiny", lora_rank=config.model.lora_rank,
-                                             lora_targets=config.model.lora_targets)
+    config.model = configs.model_config_dict(
+      "tiny", lora_rank=config.model.lora_rank, lora_targets=config.model.lora_targets
+    )
     config.data.vocab_size = 512
     config.data.seq_len = 64
     config.train.steps = 4

@@ -12,15 +12,26 @@ The names a notebook needs, imported lazily (so `import jaxlm` stays light):
 import importlib
 
 _NAMES = {
-    "Experiment": "jaxlm.experiment",
-    "Predictions": "jaxlm.experiment",
-    "load_params": "jaxlm.experiment",
-    "base_config": "jaxlm.configs",
-    "ConfigError": "jaxlm.errors",
-    "CheckpointError": "jaxlm.errors",
+  "Experiment": "jaxlm.experiment",
+  "Predictions": "jaxlm.experiment",
+  "load_params": "jaxlm.experiment",
+  "base_config": "jaxlm.configs",
+  "ConfigError": "jaxlm.errors",
+  "CheckpointError": "jaxlm.errors",
 }
-_SUBMODULES = ("configs", "data", "errors", "evaluation", "experiment", "inference", "models", "plan", "sharding",
-               "tasks", "training")
+_SUBMODULES = (
+  "configs",
+  "data",
+  "errors",
+  "evaluation",
+  "experiment",
+  "inference",
+  "models",
+  "plan",
+  "sharding",
+  "tasks",
+  "training",
+)
 
 __all__ = sorted([*_NAMES, *_SUBMODULES])
 

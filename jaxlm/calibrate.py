@@ -38,8 +38,9 @@ CALIBRATION_DIR = "calibration"
 def resolve_step(experiment: Experiment, step: str | int = "best", path: str | None = None) -> int:
   """The number of checkpoint `step` ("best", "latest" or a number) of the run at `path` (default: the workdir)."""
   config = experiment.config
-  return checkpoint.find_checkpoint(path or experiment.workdir, step, config.train.best_metric,
-                                    config.train.best_mode).step
+  return checkpoint.find_checkpoint(
+    path or experiment.workdir, step, config.train.best_metric, config.train.best_mode
+  ).step
 
 
 def _intervals_options(experiment: Experiment) -> dict:
@@ -72,21 +73,37 @@ def calibrate_classifier(experiment: Experiment, step: str | int = "best") -> di
     probs = calibrator(test_logits)
     rows[name] = report.classification_intervals(probs, test_labels, **interval_options)
     comparisons[name] = report.classification_comparisons(probs, uncalibrated, test_labels, **interval_options)
-    report.reliability_diagram(os.path.join(directory, f"reliability_{name}.png"),
-                               {"uncalibrated": uncalibrated, name: probs}, test_labels, options.num_bins)
-    logging.info("Calibrator %s: test ECE %.4f -> %.4f", name, rows["uncalibrated"]["ece"]["value"],
-                 rows[name]["ece"]["value"])
-  result = {"step": step, "fit_split": options.fit_split, "fit_examples": len(fit_labels), "test_split": test_split,
-            "test_examples": len(test_labels), "metrics": rows, "versus_uncalibrated": comparisons,
-            "calibrators": saved, "conventions": _conventions(experiment)}
-  title = (f"# Calibration of step {step}: fitted on {options.fit_split} ({len(fit_labels)} examples), tested on "
-           f"{test_split} ({len(test_labels)} examples)\n\n{_conventions(experiment)}\n")
+    report.reliability_diagram(
+      os.path.join(directory, f"reliability_{name}.png"),
+      {"uncalibrated": uncalibrated, name: probs},
+      test_labels,
+      options.num_bins,
+    )
+    logging.info(
+      "Calibrator %s: test ECE %.4f -> %.4f", name, rows["uncalibrated"]["ece"]["value"], rows[name]["ece"]["value"]
+    )
+  result = {
+    "step": step,
+    "fit_split": options.fit_split,
+    "fit_examples": len(fit_labels),
+    "test_split": test_split,
+    "test_examples": len(test_labels),
+    "metrics": rows,
+    "versus_uncalibrated": comparisons,
+    "calibrators": saved,
+    "conventions": _conventions(experiment),
+  }
+  title = (
+    f"# Calibration of step {step}: fitted on {options.fit_split} ({len(fit_labels)} examples), tested on "
+    f"{test_split} ({len(test_labels)} examples)\n\n{_conventions(experiment)}\n"
+  )
   report.write_report(directory, result, title + "\n" + report.markdown_table(rows, comparisons=comparisons))
   return result
 
 
-def calibrated_probabilities(experiment: Experiment, split: str | None = None,
-                             step: str | int = "best") -> tuple[dict, np.ndarray]:
+def calibrated_probabilities(
+  experiment: Experiment, split: str | None = None, step: str | int = "best"
+) -> tuple[dict, np.ndarray]:
   """({"uncalibrated": softmax probabilities [N, C], NAME: the probabilities through each calibrator that
   `calibrate_classifier` saved for checkpoint `step`}, labels [N]) of every example of `split` (default:
   data.test_split, else data.eval_split): what reliability diagrams and conformal sets of a notebook draw on."""
@@ -103,9 +120,11 @@ def calibrated_probabilities(experiment: Experiment, split: str | None = None,
 
 def _conventions(experiment: Experiment) -> str:
   options = experiment.config.calibration
-  return (f"Cells: value [{options.confidence:.0%} percentile bootstrap interval, {options.num_resamples} resamples]. "
-          f"ECE/MCE: top-label, {options.num_bins} equal-width right-closed bins. NLL: label probability clipped at "
-          f"{report.MIN_PROB}.")
+  return (
+    f"Cells: value [{options.confidence:.0%} percentile bootstrap interval, {options.num_resamples} resamples]. "
+    f"ECE/MCE: top-label, {options.num_bins} equal-width right-closed bins. NLL: label probability clipped at "
+    f"{report.MIN_PROB}."
+  )
 
 
 def _softmax(logits) -> np.ndarray:
@@ -114,8 +133,9 @@ def _softmax(logits) -> np.ndarray:
   return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def evaluate_checkpoint(experiment: Experiment, split: str | None = None, step: str | int = "best",
-                        calibrator: str = "") -> dict:
+def evaluate_checkpoint(
+  experiment: Experiment, split: str | None = None, step: str | int = "best", calibrator: str = ""
+) -> dict:
   """Evaluates checkpoint `step` on `split` (default: data.test_split, else data.eval_split), optionally through
   the saved calibrator `calibrator` of that step, into WORKDIR/eval/<split>/report.json and report.md.
 
@@ -140,28 +160,45 @@ def evaluate_checkpoint(experiment: Experiment, split: str | None = None, step: 
       raise ValueError(f"--calibrator applies to classifiers; task {config.task!r} has none.")
     predictions = experiment.predict(params, split, num_batches=config.eval.num_batches)
     arrays = report.token_arrays(predictions.logits, predictions.labels, predictions.weights)
-    metrics = report.token_intervals(arrays["nll"], arrays["confidence"], arrays["correct"], arrays["weights"],
-                                     interval_options["num_bins"], interval_options["num_resamples"],
-                                     interval_options["confidence"])
+    metrics = report.token_intervals(
+      arrays["nll"],
+      arrays["confidence"],
+      arrays["correct"],
+      arrays["weights"],
+      interval_options["num_bins"],
+      interval_options["num_resamples"],
+      interval_options["confidence"],
+    )
     examples = len(predictions.labels)
   system = calibrator or "uncalibrated"
-  result = {"step": step, "split": split, "examples": examples, "calibrator": calibrator, "metrics": metrics,
-            "conventions": _conventions(experiment)}
+  result = {
+    "step": step,
+    "split": split,
+    "examples": examples,
+    "calibrator": calibrator,
+    "metrics": metrics,
+    "conventions": _conventions(experiment),
+  }
   title = f"# Step {step} on {split} ({examples} rows), {system}\n\n{_conventions(experiment)}\n\n"
-  report.write_report(os.path.join(experiment.workdir, "eval", split), result,
-                      title + report.markdown_table({system: metrics}))
+  report.write_report(
+    os.path.join(experiment.workdir, "eval", split), result, title + report.markdown_table({system: metrics})
+  )
   return result
 
 
 # ------------------------------------------------------------------------------------- prompted classification
 
+
 def _label_log_prob_fn(experiment: Experiment, params):
   """batch (a `prompting.continuation_rows` batch) -> [R, T] next-token log-probabilities on the host."""
   task, model, mesh = experiment.task, experiment.model, experiment.mesh
-  step = jax.jit(lambda params, batch: prompting.next_token_log_probs(task.logits(model, params, batch, train=False),
-                                                                      batch["tokens"]),
-                 in_shardings=(experiment.param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  step = jax.jit(
+    lambda params, batch: prompting.next_token_log_probs(
+      task.logits(model, params, batch, train=False), batch["tokens"]
+    ),
+    in_shardings=(experiment.param_shardings, sharding.batch_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
   def log_prob_fn(batch):
     inputs = {key: batch[key] for key in ("tokens", "positions", "segment_ids")}
@@ -197,7 +234,7 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
   if len(label_words) != len(class_names):
     raise ValueError(f"prompt.label_words: {len(label_words)} words for {len(class_names)} classes {class_names}.")
   label_tokens = [tokenizer.encode(word) for word in label_words]
-  cut = lambda text: tokenizer.decode(tokenizer.encode(text)[:options.max_text_tokens])
+  cut = lambda text: tokenizer.decode(tokenizer.encode(text)[: options.max_text_tokens])
   texts, labels = _labelled_texts(experiment, options.split, options.num_examples)
   texts = [cut(text) for text in texts]
   train_source = experiment.source(config.data.train_split)
@@ -209,14 +246,25 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
     """[N, C] label-word scores of token prompts, in rows as long as the longest needs (multiples of 32)."""
     longest = max(len(p) for p in prompts) + max(len(t) for t in label_tokens)
     if longest > max_len:
-      raise ValueError(f"prompt.max_text_tokens: a prompt needs {longest} tokens, more than model.max_len={max_len}; "
-                       "lower prompt.max_text_tokens or prompt.shots.")
-    return prompting.score_label_words(log_prob_fn, prompts, label_tokens, min(max_len, -(-longest // 32) * 32),
-                                       tokenizer.pad_id, options.score, options.prompts_per_batch, parallel)
+      raise ValueError(
+        f"prompt.max_text_tokens: a prompt needs {longest} tokens, more than model.max_len={max_len}; "
+        "lower prompt.max_text_tokens or prompt.shots."
+      )
+    return prompting.score_label_words(
+      log_prob_fn,
+      prompts,
+      label_tokens,
+      min(max_len, -(-longest // 32) * 32),
+      tokenizer.pad_id,
+      options.score,
+      options.prompts_per_batch,
+      parallel,
+    )
 
   def scores(template, inputs, demonstrations):
-    return score([[tokenizer.bos_id] + tokenizer.encode(prompting.build_prompt(template, text, demonstrations))
-                  for text in inputs])
+    return score(
+      [[tokenizer.bos_id] + tokenizer.encode(prompting.build_prompt(template, text, demonstrations)) for text in inputs]
+    )
 
   runs = []
   domain = prompting.domain_texts(texts, options.domain_texts, seed=0)
@@ -229,16 +277,23 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
           text = pipeline.record_text(record, config.data.text_field, int(i), config.data.name)
           demonstrations.append((cut(text), label_words[int(record[config.data.label_field])]))
         test_scores = scores(template, texts, demonstrations)
-        priors = {"contextual": lambda: scores(template, list(options.content_free), demonstrations),
-                  "domain": lambda: scores(template, domain, demonstrations),
-                  "pmi": lambda: score([[tokenizer.bos_id] + tokenizer.encode(prompting.answer_prefix(template))])}
+        priors = {
+          "contextual": lambda: scores(template, list(options.content_free), demonstrations),
+          "domain": lambda: scores(template, domain, demonstrations),
+          "pmi": lambda: score([[tokenizer.bos_id] + tokenizer.encode(prompting.answer_prefix(template))]),
+        }
         probs = {}
         for name in options.corrections:
           correction = prompting.Correction(name, priors[name]() if name in priors else None, options.batch_size)
           probs[name] = correction.probabilities(test_scores)
         runs.append({"template": template, "shots": shots, "order": order, "probs": probs})
-        logging.info("Prompted %d-shot, template %r, order %d: accuracy %s", shots, template, order,
-                     {name: round(float((p.argmax(-1) == labels).mean()), 4) for name, p in probs.items()})
+        logging.info(
+          "Prompted %d-shot, template %r, order %d: accuracy %s",
+          shots,
+          template,
+          order,
+          {name: round(float((p.argmax(-1) == labels).mean()), 4) for name, p in probs.items()},
+        )
   return _prompted_report(experiment, runs, labels, step, model_path, label_words)
 
 
@@ -248,29 +303,62 @@ def _prompted_report(experiment, runs, labels, step, model_path, label_words) ->
   table, summary, per_run = {}, {}, []
   for run in runs:
     for name, probs in run["probs"].items():
-      per_run.append({"template": run["template"], "shots": run["shots"], "order": run["order"], "correction": name,
-                      **prompting.accuracy_and_macro_f1(probs, labels)})
+      per_run.append(
+        {
+          "template": run["template"],
+          "shots": run["shots"],
+          "order": run["order"],
+          "correction": name,
+          **prompting.accuracy_and_macro_f1(probs, labels),
+        }
+      )
   for shots in options.shots:
     for name in options.corrections:
       stacked = np.stack([run["probs"][name] for run in runs if run["shots"] == shots], axis=1)  # [N, R, C]
       key = f"{shots}-shot {name}"
       table[key] = report.classification_intervals(stacked, labels, **interval_options)
-      values = {metric: [row[metric] for row in per_run if row["shots"] == shots and row["correction"] == name]
-                for metric in ("accuracy", "macro_f1")}
-      summary[key] = {metric: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)),
-                               "max": float(np.max(v)), "runs": len(v)} for metric, v in values.items()}
-  result = {"model": model_path, "step": step, "split": options.split, "examples": len(labels),
-            "templates": list(options.templates), "label_words": label_words, "score": options.score,
-            "metrics": table, "spread": summary, "runs": per_run, "conventions": _conventions(experiment)}
+      values = {
+        metric: [row[metric] for row in per_run if row["shots"] == shots and row["correction"] == name]
+        for metric in ("accuracy", "macro_f1")
+      }
+      summary[key] = {
+        metric: {
+          "mean": float(np.mean(v)),
+          "std": float(np.std(v)),
+          "min": float(np.min(v)),
+          "max": float(np.max(v)),
+          "runs": len(v),
+        }
+        for metric, v in values.items()
+      }
+  result = {
+    "model": model_path,
+    "step": step,
+    "split": options.split,
+    "examples": len(labels),
+    "templates": list(options.templates),
+    "label_words": label_words,
+    "score": options.score,
+    "metrics": table,
+    "spread": summary,
+    "runs": per_run,
+    "conventions": _conventions(experiment),
+  }
   spread = ["| setting | accuracy mean ± std [min, max] | macro-F1 mean ± std [min, max] |", "|---|---|---|"]
-  spread += [f"| {key} | " + " | ".join(f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f} [{s[m]['min']:.4f}, "
-                                         f"{s[m]['max']:.4f}]" for m in ("accuracy", "macro_f1")) + " |"
-             for key, s in summary.items()]
-  markdown = (f"# Prompted classification of {experiment.config.data.name}/{options.split} ({len(labels)} examples) "
-              f"by {model_path} step {step}\n\n{len(options.templates)} templates, label words scored by their "
-              f"{options.score} log-probability. Metrics averaged over the runs (templates x demonstration draws); "
-              f"{_conventions(experiment)}\n\n" + report.markdown_table(table) + "\n\nSpread across runs:\n\n"
-              + "\n".join(spread))
+  spread += [
+    f"| {key} | "
+    + " | ".join(
+      f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f} [{s[m]['min']:.4f}, {s[m]['max']:.4f}]" for m in ("accuracy", "macro_f1")
+    )
+    + " |"
+    for key, s in summary.items()
+  ]
+  markdown = (
+    f"# Prompted classification of {experiment.config.data.name}/{options.split} ({len(labels)} examples) "
+    f"by {model_path} step {step}\n\n{len(options.templates)} templates, label words scored by their "
+    f"{options.score} log-probability. Metrics averaged over the runs (templates x demonstration draws); "
+    f"{_conventions(experiment)}\n\n" + report.markdown_table(table) + "\n\nSpread across runs:\n\n" + "\n".join(spread)
+  )
   report.write_report(os.path.join(experiment.workdir, CALIBRATION_DIR), result, markdown)
   return result
 

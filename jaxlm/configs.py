@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 4096  # size of a tokenizer trained here (model.vocab_size must be >= it)
   config.data.seq_len = 256  # tokens per packed row
   config.data.shuffle_window = 1024  # packed training rows shuffled together (spreads long documents)
-  config.data.num_streams = 0  # document streams per batch; 0 = one per process (fix it: same data on any process count)
+  config.data.num_streams = (
+    0  # document streams per batch; 0 = one per process (fix it: same data on any process count)
+  )
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000  # optimizer steps
@@ -180,8 +182,10 @@ def from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a jaxlm workdir (train one with --mode=train, "
-                            "or pass --config=experiments/X.py).")
+    raise FileNotFoundError(
+      f"{path} does not exist: {workdir} is not a jaxlm workdir (train one with --mode=train, "
+      "or pass --config=experiments/X.py)."
+    )
   with open(path) as f:
     values = json.load(f)
   config = base_config()
@@ -195,8 +199,10 @@ def experiment_config(name: str, arg: str | None = None) -> ml_collections.Confi
   `--config=experiments/NAME.py:ARG` loads it: a typo in a later `config.a.b = ...` is an error."""
   path = name if name.endswith(".py") else os.path.join(EXPERIMENTS_DIR, f"{name}.py")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist. Experiment configs live in the experiments/ folder of a jaxlm "
-                            "checkout: clone the repository and `pip install -e` it (or pass a path to the file).")
+    raise FileNotFoundError(
+      f"{path} does not exist. Experiment configs live in the experiments/ folder of a jaxlm "
+      "checkout: clone the repository and `pip install -e` it (or pass a path to the file)."
+    )
   spec = importlib.util.spec_from_file_location(f"experiments_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

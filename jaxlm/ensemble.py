@@ -38,8 +38,10 @@ class Ensemble:
       if first is None:
         first = predictions
       elif not np.array_equal(predictions.labels, first.labels):
-        raise ValueError(f"{member.workdir} read other examples of {split!r} than {self.members[0].workdir}: the "
-                         "runs must share the task's data settings.")
+        raise ValueError(
+          f"{member.workdir} read other examples of {split!r} than {self.members[0].workdir}: the "
+          "runs must share the task's data settings."
+        )
       value = predictions.probabilities() if self.average == "probabilities" else predictions.logits.astype(np.float64)
       total = value if total is None else total + value
     mean = total / len(self.members)
@@ -53,7 +55,9 @@ class Ensemble:
     weights = predictions.weights.astype(np.float64)
     labels = predictions.labels.astype(np.int64)
     chosen = np.take_along_axis(probabilities, labels[..., None], axis=-1)[..., 0]
-    correct = (probabilities.argmax(axis=-1) == labels)
+    correct = probabilities.argmax(axis=-1) == labels
     total = max(weights.sum(), 1.0)
-    return {"loss": float(-(np.log(np.maximum(chosen, 1e-300)) * weights).sum() / total),
-            "accuracy": float((correct * weights).sum() / total)}
+    return {
+      "loss": float(-(np.log(np.maximum(chosen, 1e-300)) * weights).sum() / total),
+      "accuracy": float((correct * weights).sum() / total),
+    }

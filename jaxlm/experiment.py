@@ -45,8 +45,20 @@ from jaxlm.training import checkpoint, loop, optim, steps
 
 TOKENIZER_FILE = "tokenizer.model"  # the workdir's copy of its tokenizer
 EVAL_ORDER_SEED = 0  # fixed, so every run and seed evaluates on the same documents
-SECTIONS = ("model", "data", "train", "eval", "sample", "decode", "mesh", "classification", "distill", "calibration",
-            "prompt", "corruption")
+SECTIONS = (
+  "model",
+  "data",
+  "train",
+  "eval",
+  "sample",
+  "decode",
+  "mesh",
+  "classification",
+  "distill",
+  "calibration",
+  "prompt",
+  "corruption",
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -70,18 +82,32 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   prompting.check_config(config.prompt)
 
   data, train = config.data, config.train
-  check(data.seq_len <= model_config.max_len, "data.seq_len",
-        f"{data.seq_len} exceeds model.max_len={model_config.max_len}; raise model.max_len or lower data.seq_len.")
-  check(bool(data.tokenizer) or data.vocab_size <= model_config.vocab_size, "data.vocab_size",
-        f"{data.vocab_size} exceeds model.vocab_size={model_config.vocab_size}; the embedding table needs a "
-        "row per token.")
-  check(train.trainable != "head" or task_class.new_params is not None, "train.trainable",
-        f"'head' trains only a task's new head, and task {config.task!r} adds none; use 'all', 'lora' or train.frozen.")
-  check(train.trainable != "lora" or model_config.lora_rank > 0, "train.trainable",
-        "'lora' needs adapters: set model.lora_rank > 0 (and model.lora_targets).")
+  check(
+    data.seq_len <= model_config.max_len,
+    "data.seq_len",
+    f"{data.seq_len} exceeds model.max_len={model_config.max_len}; raise model.max_len or lower data.seq_len.",
+  )
+  check(
+    bool(data.tokenizer) or data.vocab_size <= model_config.vocab_size,
+    "data.vocab_size",
+    f"{data.vocab_size} exceeds model.vocab_size={model_config.vocab_size}; the embedding table needs a row per token.",
+  )
+  check(
+    train.trainable != "head" or task_class.new_params is not None,
+    "train.trainable",
+    f"'head' trains only a task's new head, and task {config.task!r} adds none; use 'all', 'lora' or train.frozen.",
+  )
+  check(
+    train.trainable != "lora" or model_config.lora_rank > 0,
+    "train.trainable",
+    "'lora' needs adapters: set model.lora_rank > 0 (and model.lora_targets).",
+  )
   check(config.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {config.eval.batch_size}.")
-  check(config.eval.num_batches == -1 or config.eval.num_batches > 0, "eval.num_batches",
-        f"must be positive or -1 (whole split), got {config.eval.num_batches}.")
+  check(
+    config.eval.num_batches == -1 or config.eval.num_batches > 0,
+    "eval.num_batches",
+    f"must be positive or -1 (whole split), got {config.eval.num_batches}.",
+  )
   check(config.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0.")
   check(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
   return model_config
@@ -153,10 +179,15 @@ class Experiment:
     """The run's tokenizer: the one resolver (see `tokenizer_path`)."""
     tokenizer = Tokenizer(self.tokenizer_path())
     if tokenizer.vocab_size > self.model_config.vocab_size:
-      fix = ("use the model.* settings of the init_from run (its config.json): its model and tokenizer go together"
-             if self.config.init_from and not self.config.data.tokenizer else "raise model.vocab_size")
-      raise ConfigError(f"model.vocab_size: {self.model_config.vocab_size} rows cannot embed the tokenizer's "
-                        f"{tokenizer.vocab_size} pieces ({tokenizer.path}); {fix}.")
+      fix = (
+        "use the model.* settings of the init_from run (its config.json): its model and tokenizer go together"
+        if self.config.init_from and not self.config.data.tokenizer
+        else "raise model.vocab_size"
+      )
+      raise ConfigError(
+        f"model.vocab_size: {self.model_config.vocab_size} rows cannot embed the tokenizer's "
+        f"{tokenizer.vocab_size} pieces ({tokenizer.path}); {fix}."
+      )
     return tokenizer
 
   def tokenizer_path(self) -> str:
@@ -170,13 +201,16 @@ class Experiment:
     if _hf_dir(self.config.init_from):
       path = hf.tokenizer_path(_hf_dir(self.config.init_from))
       if path is None:
-        raise ConfigError(f"init_from: {self.config.init_from} holds no tokenizer.json or tokenizer.model; set "
-                          "data.tokenizer to the checkpoint's tokenizer.")
+        raise ConfigError(
+          f"init_from: {self.config.init_from} holds no tokenizer.json or tokenizer.model; set "
+          "data.tokenizer to the checkpoint's tokenizer."
+        )
       return path
     if self.config.init_from:
       return _run_tokenizer_path(checkpoint.split_checkpoint_path(self.config.init_from)[0])
-    return pipeline.tokenizer_for(self.config.data, self.source(self.config.data.train_split),
-                                  self.task.reserved_pieces).path
+    return pipeline.tokenizer_for(
+      self.config.data, self.source(self.config.data.train_split), self.task.reserved_pieces
+    ).path
 
   def save_tokenizer(self) -> None:
     """Copies the tokenizer into the workdir (process 0), so the workdir holds everything needed to use it."""
@@ -194,11 +228,14 @@ class Experiment:
       return self.task
     teacher = Experiment.from_workdir(checkpoint.split_checkpoint_path(self.config.distill.teacher)[0])
     if teacher.config.task != self.config.task:
-      raise ConfigError(f"distill.teacher: the teacher was trained for task {teacher.config.task!r}, the student "
-                        f"for {self.config.task!r}; distillation needs the same task.")
+      raise ConfigError(
+        f"distill.teacher: the teacher was trained for task {teacher.config.task!r}, the student "
+        f"for {self.config.task!r}; distillation needs the same task."
+      )
     teacher_params = teacher.load_params(path=self.config.distill.teacher, mesh=self.mesh)
-    return distillation.Distillation(self.task, teacher.model, teacher_params, self.config.distill.weight,
-                                     self.config.distill.temperature)
+    return distillation.Distillation(
+      self.task, teacher.model, teacher_params, self.config.distill.weight, self.config.distill.temperature
+    )
 
   # ---------------------------------------------------------------------------------------------- data
 
@@ -214,13 +251,17 @@ class Experiment:
     streams = config.data.num_streams or processes
     if streams % processes:
       raise ConfigError(f"data.num_streams={streams} must be a multiple of the {processes} processes.")
-    for key, size in (("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
-                      ("eval.batch_size", config.eval.batch_size)):
+    for key, size in (
+      ("train.batch_size", config.train.batch_size // config.train.grad_accum_steps),
+      ("eval.batch_size", config.eval.batch_size),
+    ):
       per = "per micro-batch " if key.startswith("train") and config.train.grad_accum_steps > 1 else ""
       if size % parallel or size % streams:
-        raise ConfigError(f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
-                          f"shards (mesh.data x mesh.fsdp) and the {streams} data streams (data.num_streams, "
-                          f"one per process by default).")
+        raise ConfigError(
+          f"{key}: the batch {per}({size} rows) must divide over the {parallel} data-parallel "
+          f"shards (mesh.data x mesh.fsdp) and the {streams} data streams (data.num_streams, "
+          f"one per process by default)."
+        )
 
   def train_batches(self):
     """This process's rows of every training batch, endless and checkpointable: one batch of each of its streams,
@@ -229,10 +270,20 @@ class Experiment:
     self.check_batch_sizes()
     num_streams, streams = self._streams()
     source = self.source(config.data.train_split)
-    return pipeline.zip_streams([
-        self.task.batches(source, self.tokenizer, batch_size=config.train.batch_size // num_streams,
-                          shuffle_seed=config.seed, repeat=True, stream_index=index, stream_count=num_streams)
-        for index in streams])
+    return pipeline.zip_streams(
+      [
+        self.task.batches(
+          source,
+          self.tokenizer,
+          batch_size=config.train.batch_size // num_streams,
+          shuffle_seed=config.seed,
+          repeat=True,
+          stream_index=index,
+          stream_count=num_streams,
+        )
+        for index in streams
+      ]
+    )
 
   def eval_batches(self, split: str | None = None, num_batches: int | None = None) -> list[dict]:
     """This process's rows of the first `num_batches` eval batches of `split` (defaults: `data.eval_split`,
@@ -250,17 +301,33 @@ class Experiment:
     source = self.source(split)
     num_streams, streams = self._streams()
     rows = config.eval.batch_size // num_streams
-    eval_streams = [list(itertools.islice(
-        self.task.batches(source, self.tokenizer, batch_size=rows, shuffle_seed=EVAL_ORDER_SEED, repeat=False,
-                          stream_index=index, stream_count=num_streams), limit)) for index in streams]
+    eval_streams = [
+      list(
+        itertools.islice(
+          self.task.batches(
+            source,
+            self.tokenizer,
+            batch_size=rows,
+            shuffle_seed=EVAL_ORDER_SEED,
+            repeat=False,
+            stream_index=index,
+            stream_count=num_streams,
+          ),
+          limit,
+        )
+      )
+      for index in streams
+    ]
     num_eval = max(len(batches) for batches in eval_streams)
     if jax.process_count() > 1:
       num_eval = int(np.max(multihost_utils.process_allgather(np.int32(num_eval))))
     if not num_eval:
       raise ValueError(f"The {split!r} split of {config.data.name!r} gave no eval batch.")
     empty = pipeline.padding_batch(self.task.batch_shapes(rows))
-    return [pipeline.concat_rows(batches) for batches in
-            zip(*[batches + [empty] * (num_eval - len(batches)) for batches in eval_streams])]
+    return [
+      pipeline.concat_rows(batches)
+      for batches in zip(*[batches + [empty] * (num_eval - len(batches)) for batches in eval_streams])
+    ]
 
   # ---------------------------------------------------------------------------------------- parameters
 
@@ -276,15 +343,18 @@ class Experiment:
     init_rng = jax.random.split(jax.random.key(self.config.seed))[0]
     params = params_lib.init_params(self.model, init_rng, self.mesh)
     if _hf_dir(self.config.init_from):
-      logging.info("Starting from the Hugging Face checkpoint %s; new parameters from seed %d", self.config.init_from,
-                   self.config.seed)
+      logging.info(
+        "Starting from the Hugging Face checkpoint %s; new parameters from seed %d",
+        self.config.init_from,
+        self.config.seed,
+      )
       _, imported, _, _ = hf.load_pretrained(_hf_dir(self.config.init_from), self.mesh, self.model_config.param_dtype)
-      params, _ = checkpoint.place_params(params_lib.flatten(imported), params, self.task.new_params,
-                                          allow_adapters=True, origin=self.config.init_from)
+      params, _ = checkpoint.place_params(
+        params_lib.flatten(imported), params, self.task.new_params, allow_adapters=True, origin=self.config.init_from
+      )
     elif self.config.init_from:
       ref = checkpoint.find_checkpoint(self.config.init_from)
-      logging.info("Starting from %s (step %d); new parameters from seed %d", ref.workdir, ref.step,
-                   self.config.seed)
+      logging.info("Starting from %s (step %d); new parameters from seed %d", ref.workdir, ref.step, self.config.seed)
       params, _ = checkpoint.restore_params(ref.state_dir, params, self.task.new_params, allow_adapters=True)
     return params
 
@@ -325,9 +395,11 @@ class Experiment:
   @functools.cached_property
   def _predict_step(self):
     task, model = self.task, self.model
-    return jax.jit(lambda params, batch: task.predictions(task.logits(model, params, batch, train=False), batch),
-                   in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh)),
-                   out_shardings=sharding.replicated(self.mesh))
+    return jax.jit(
+      lambda params, batch: task.predictions(task.logits(model, params, batch, train=False), batch),
+      in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh)),
+      out_shardings=sharding.replicated(self.mesh),
+    )
 
   def predict(self, params, split: str | None = None, num_batches: int | None = -1) -> Predictions:
     """Per-example logits, labels and weights of `params` on `split` (default: the whole eval split), on the host:
@@ -361,8 +433,9 @@ class Experiment:
       model = self.task.build_model(model_config)
       params = quantize.convert_params(params, self.abstract_params(model=model), decode_config.quantize)
     settings = decode.DecodeSettings.from_config(decode_config)
-    return generate_lib.generate(model, params, self.tokenizer, prompts, settings,
-                                 rng=jax.random.key(decode_config.seed), mesh=self.mesh)
+    return generate_lib.generate(
+      model, params, self.tokenizer, prompts, settings, rng=jax.random.key(decode_config.seed), mesh=self.mesh
+    )
 
   def plan(self, num_devices: int | None = None) -> plan.MemoryPlan:
     """Per-device memory of training this experiment on `num_devices` (default: this machine's), with no
@@ -374,7 +447,7 @@ def _hf_dir(init_from: str) -> str | None:
   """The Hugging Face directory of `init_from = "hf:PATH"`, else None."""
   if not init_from.startswith(hf.INIT_FROM_PREFIX):
     return None
-  return os.path.abspath(os.path.expanduser(init_from[len(hf.INIT_FROM_PREFIX):]))
+  return os.path.abspath(os.path.expanduser(init_from[len(hf.INIT_FROM_PREFIX) :]))
 
 
 def _run_tokenizer_path(workdir: str) -> str:
@@ -386,8 +459,10 @@ def _run_tokenizer_path(workdir: str) -> str:
   reserved = tasks.task_class(run_config.task).from_config(run_config).reserved_pieces
   path = run_config.data.tokenizer or pipeline.cached_tokenizer_path(run_config.data, reserved)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"The tokenizer of the run in {workdir} ({path}) is gone; set data.tokenizer to a copy "
-                            "of it (the model's embeddings only fit the tokenizer it was trained with).")
+    raise FileNotFoundError(
+      f"The tokenizer of the run in {workdir} ({path}) is gone; set data.tokenizer to a copy "
+      "of it (the model's embeddings only fit the tokenizer it was trained with)."
+    )
   return path
 
 

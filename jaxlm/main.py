@@ -33,18 +33,29 @@ from ml_collections import config_flags
 from jaxlm.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (experiments/*.py[:arg]); modes other than train default to "
-    "WORKDIR/config.json.", lock_config=True)
+  "config",
+  None,
+  "Experiment config file (experiments/*.py[:arg]); modes other than train default to WORKDIR/config.json.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "eval", "calibrate", "generate"], "What to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "--mode=generate: a prompt to continue (repeat for a batch).")
-_SPLIT = flags.DEFINE_string("split", "", "--mode=eval: split to evaluate ('' = data.test_split, else data.eval_split).")
-_STEP = flags.DEFINE_string("step", "", "--mode=eval/calibrate: checkpoint: best, latest or a step number ('' = best "
-                            "for classifiers and eval, latest for a language model's prompted calibration).")
+_SPLIT = flags.DEFINE_string(
+  "split", "", "--mode=eval: split to evaluate ('' = data.test_split, else data.eval_split)."
+)
+_STEP = flags.DEFINE_string(
+  "step",
+  "",
+  "--mode=eval/calibrate: checkpoint: best, latest or a step number ('' = best "
+  "for classifiers and eval, latest for a language model's prompted calibration).",
+)
 _CALIBRATOR = flags.DEFINE_string("calibrator", "", "--mode=eval: apply this calibrator saved by --mode=calibrate.")
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = this machine's).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", 0, "Processes in a multi-process run (with --coordinator_address)."
+)
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error (also JAXLM_VERBOSE=1).")
 flags.mark_flags_as_required(["workdir"])
@@ -62,6 +73,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_library_logs)
   from jaxlm import runtime  # jax is imported only after the XLA flags are set
+
   added = runtime.set_recommended_xla_flags()
   if added:
     logging.info("Added XLA flags for the GPU: %s", " ".join(added))
@@ -82,9 +94,11 @@ def main(argv):
     experiment.train()
   elif mode == "plan":
     from jaxlm import plan
+
     print(plan.format_plan(experiment.plan(_PLAN_DEVICES.value or None)), flush=True)
   elif mode in ("eval", "calibrate"):
     from jaxlm import calibrate
+
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value or None
     if mode == "eval":
       calibrate.evaluate_checkpoint(experiment, _SPLIT.value or None, step or "best", _CALIBRATOR.value)

@@ -70,9 +70,16 @@ def _tree_rows(abstract_tree, mesh: dict) -> list[ParamRow]:
       continue
     logical = tuple(leaf.names) if boxed else (None,) * len(value.shape)
     mesh_spec = tuple(nn.logical_to_mesh_axes(logical, sharding.LOGICAL_AXIS_RULES))
-    rows.append(ParamRow(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(value.shape),
-                         str(value.dtype), logical, mesh_spec,
-                         _per_device_bytes(value.shape, value.dtype, mesh_spec, mesh)))
+    rows.append(
+      ParamRow(
+        jax.tree_util.keystr(path, simple=True, separator="/"),
+        tuple(value.shape),
+        str(value.dtype),
+        logical,
+        mesh_spec,
+        _per_device_bytes(value.shape, value.dtype, mesh_spec, mesh),
+      )
+    )
   return rows
 
 
@@ -101,8 +108,11 @@ def activation_bytes_per_device(config, model_config, mesh: dict) -> int:
   scores = m.num_heads * config.data.seq_len / tp if m.attention not in ("cudnn", "pallas") else 0
   full_layer = 4 * m.embed_dim + heads + mlp + scores
   per_layer = {"none": full_layer, "save_dots": 2 * m.embed_dim + heads + mlp / 2, "full": m.embed_dim}[m.remat]
-  cross = {"none": 2 * m.embed_dim + 2 * m.num_heads * m.head_dim / tp + scores,
-           "save_dots": m.embed_dim + 2 * m.num_heads * m.head_dim / tp, "full": 0}[m.remat]
+  cross = {
+    "none": 2 * m.embed_dim + 2 * m.num_heads * m.head_dim / tp + scores,
+    "save_dots": m.embed_dim + 2 * m.num_heads * m.head_dim / tp,
+    "full": 0,
+  }[m.remat]
   kept = (m.encoder_layers + m.decoder_layers) * per_layer + m.cross_attention_layers * cross
   kept += full_layer if m.remat == "full" else 0
   logit_tokens = rows * min(m.loss_chunk_size or config.data.seq_len, config.data.seq_len)
@@ -120,8 +130,9 @@ def device_memory() -> tuple[int | None, str]:
   return None, "unknown"
 
 
-def memory_plan(config, model_config, model: nn.Module, new_params: str | None = None,
-                num_devices: int | None = None) -> MemoryPlan:
+def memory_plan(
+  config, model_config, model: nn.Module, new_params: str | None = None, num_devices: int | None = None
+) -> MemoryPlan:
   """The per-device memory plan of training `model` (the task's module) as `config` says, over `num_devices`
   (default: this machine's devices). The optimizer is the training one, trainable mask included: frozen
   parameters hold no Adam moments."""
@@ -147,22 +158,33 @@ def _mib(num_bytes: int) -> str:
 
 def format_plan(plan: MemoryPlan) -> str:
   """A table of the parameters and the per-device totals, ending with the verdict."""
-  lines = [f"mesh {plan.mesh} ({int(np.prod(list(plan.mesh.values())))} devices)", "",
-           f"{'parameter':<44} {'shape':<22} {'logical axes':<46} {'mesh axes':<34} {'per device':>12}"]
+  lines = [
+    f"mesh {plan.mesh} ({int(np.prod(list(plan.mesh.values())))} devices)",
+    "",
+    f"{'parameter':<44} {'shape':<22} {'logical axes':<46} {'mesh axes':<34} {'per device':>12}",
+  ]
   for row in plan.params:
-    lines.append(f"{row.path:<44} {str(row.shape):<22} {str(row.logical_axes):<46} {str(row.mesh_axes):<34} "
-                 f"{_mib(row.bytes_per_device):>12}")
-  lines += ["",
-            f"{'parameters':<24}{_mib(plan.param_bytes):>14}",
-            f"{'gradients':<24}{_mib(plan.gradient_bytes):>14}",
-            f"{'optimizer state':<24}{_mib(plan.optimizer_bytes):>14}",
-            f"{'activations (estimate)':<24}{_mib(plan.activation_bytes):>14}",
-            f"{'total per device':<24}{_mib(plan.total_bytes):>14}"]
+    lines.append(
+      f"{row.path:<44} {str(row.shape):<22} {str(row.logical_axes):<46} {str(row.mesh_axes):<34} "
+      f"{_mib(row.bytes_per_device):>12}"
+    )
+  lines += [
+    "",
+    f"{'parameters':<24}{_mib(plan.param_bytes):>14}",
+    f"{'gradients':<24}{_mib(plan.gradient_bytes):>14}",
+    f"{'optimizer state':<24}{_mib(plan.optimizer_bytes):>14}",
+    f"{'activations (estimate)':<24}{_mib(plan.activation_bytes):>14}",
+    f"{'total per device':<24}{_mib(plan.total_bytes):>14}",
+  ]
   if plan.device_memory_bytes:
     verdict = "fits" if plan.total_bytes <= plan.device_memory_bytes else "DOES NOT FIT"
-    lines.append(f"{'device memory':<24}{_mib(plan.device_memory_bytes):>14}  ({plan.device_memory_source}): "
-                 f"{verdict}, {100 * plan.total_bytes / plan.device_memory_bytes:.0f}% used")
+    lines.append(
+      f"{'device memory':<24}{_mib(plan.device_memory_bytes):>14}  ({plan.device_memory_source}): "
+      f"{verdict}, {100 * plan.total_bytes / plan.device_memory_bytes:.0f}% used"
+    )
     if verdict != "fits":
-      lines.append("To fit: more fsdp ways (mesh.fsdp), model.remat=full, a smaller train.batch_size per device or "
-                   "train.grad_accum_steps > 1.")
+      lines.append(
+        "To fit: more fsdp ways (mesh.fsdp), model.remat=full, a smaller train.batch_size per device or "
+        "train.grad_accum_steps > 1."
+      )
   return "\n".join(lines)

@@ -11,8 +11,8 @@ import os
 # XLA flags for NVIDIA GPUs, added to XLA_FLAGS unless already set there (values as MaxText and the
 # JAX GPU performance guide recommend): overlap collectives with compute, and keep matmuls on cuBLAS.
 RECOMMENDED_GPU_XLA_FLAGS = (
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-    "--xla_gpu_enable_triton_gemm=false",
+  "--xla_gpu_enable_latency_hiding_scheduler=true",
+  "--xla_gpu_enable_triton_gemm=false",
 )
 
 # Environment variables that mean "this process is one of several" for a cluster jax can detect itself.

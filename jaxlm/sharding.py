@@ -35,16 +35,16 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # drops a repeat, so activations `(batch, length, embed)` shard batch over
 # data+fsdp and leave embed whole, while parameters shard embed over fsdp.
 LOGICAL_AXIS_RULES = (
-    (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
-    (EMBED, "fsdp"),
-    (HEADS, "tensor"),
-    (KV_HEADS, "tensor"),
-    (HEAD_DIM, None),
-    (MLP, "tensor"),
-    (VOCAB, "tensor"),
-    (LAYERS, None),
-    (POSITION, None),
+  (BATCH, ("data", "fsdp")),
+  (LENGTH, None),
+  (EMBED, "fsdp"),
+  (HEADS, "tensor"),
+  (KV_HEADS, "tensor"),
+  (HEAD_DIM, None),
+  (MLP, "tensor"),
+  (VOCAB, "tensor"),
+  (LAYERS, None),
+  (POSITION, None),
 )
 
 
@@ -63,8 +63,9 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise ConfigError(
-        f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices; "
-        "set one of mesh.data, mesh.fsdp, mesh.tensor to -1.")
+      f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices; "
+      "set one of mesh.data, mesh.fsdp, mesh.tensor to -1."
+    )
   return tuple(sizes)
 
 
@@ -112,11 +113,11 @@ def check_model_fits_mesh(model_config, mesh_axis_sizes: dict) -> None:
   (e.g. heads over `tensor`, the width over `fsdp`). `mesh_axis_sizes`: e.g. `mesh.shape`.
   """
   sizes = {
-      HEADS: ("model.num_heads", model_config.num_heads),
-      KV_HEADS: ("model.num_kv_heads", model_config.num_kv_heads),
-      MLP: ("model.mlp_dim", model_config.mlp_dim),
-      VOCAB: ("model.vocab_size", model_config.vocab_size),
-      EMBED: ("model.embed_dim", model_config.embed_dim),
+    HEADS: ("model.num_heads", model_config.num_heads),
+    KV_HEADS: ("model.num_kv_heads", model_config.num_kv_heads),
+    MLP: ("model.mlp_dim", model_config.mlp_dim),
+    VOCAB: ("model.vocab_size", model_config.vocab_size),
+    EMBED: ("model.embed_dim", model_config.embed_dim),
   }
   rules = dict(LOGICAL_AXIS_RULES)
   for logical, (key, size) in sizes.items():
@@ -125,5 +126,7 @@ def check_model_fits_mesh(model_config, mesh_axis_sizes: dict) -> None:
     ways = int(np.prod([mesh_axis_sizes[axis] for axis in axes]))
     if size % ways:
       names = " x ".join(f"mesh.{axis}" for axis in axes)
-      raise ConfigError(f"{key}={size} does not split over {names} = {ways} devices; choose a size divisible "
-                        f"by {ways} or a smaller {names}.")
+      raise ConfigError(
+        f"{key}={size} does not split over {names} = {ways} devices; choose a size divisible "
+        f"by {ways} or a smaller {names}."
+      )

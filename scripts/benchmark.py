@@ -56,8 +56,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jaxlm import runtime  # noqa: E402  (sets XLA flags before jax starts)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/quickstart.py", "Experiment config (model, batch, mesh).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "experiments/quickstart.py", "Experiment config (model, batch, mesh).", lock_config=True
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
@@ -68,26 +69,35 @@ _DECODE_BATCH_SIZES = flags.DEFINE_list("decode_batch_sizes", ["1", "16"], "--de
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "--decode: prompt tokens per row.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "--decode: tokens generated per row.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads; 0 = its default.")
-_DECODE_VARIANTS = flags.DEFINE_list("decode_variants", [], "--decode: weights to time: float32, bfloat16, int8 "
-                                     "(weight-only, activations in the config dtype); default: the config's dtype.")
+_DECODE_VARIANTS = flags.DEFINE_list(
+  "decode_variants",
+  [],
+  "--decode: weights to time: float32, bfloat16, int8 "
+  "(weight-only, activations in the config dtype); default: the config's dtype.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "", "--decode: a trained run (its config and weights); '' = random weights.")
-_PERPLEXITY_BATCHES = flags.DEFINE_integer("perplexity_batches", 0,
-                                           "--decode: eval batches of the validation split scored per variant.")
-_SWEEP = flags.DEFINE_enum("sweep", "none", ["none", "seq_len", "batch", "model"],
-                           "Time the train step at each point of a sweep; one JSON line per point, then a PNG.")
+_PERPLEXITY_BATCHES = flags.DEFINE_integer(
+  "perplexity_batches", 0, "--decode: eval batches of the validation split scored per variant."
+)
+_SWEEP = flags.DEFINE_enum(
+  "sweep",
+  "none",
+  ["none", "seq_len", "batch", "model"],
+  "Time the train step at each point of a sweep; one JSON line per point, then a PNG.",
+)
 _SWEEP_POINTS = flags.DEFINE_list("sweep_points", [], "--sweep: the points (default: SWEEP_POINTS of the sweep).")
 _PLOT = flags.DEFINE_string("plot", "", "--sweep: PNG path; '' = sweep_<sweep>.png.")
 
 # Datasheet dense bf16 peaks (FLOP/s) by device kind prefix.
 DATASHEET_PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
+  "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+  "NVIDIA H100 PCIe": 756e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
 }
 
 
@@ -135,7 +145,6 @@ def time_steps(run_step, steps: int, warmup: int, repeats: int, synchronize) -> 
 def measured_matmul_flops(dtype) -> float:
   """FLOP/s of a large square matmul on the first device (best of 5), the ceiling a model can reach."""
   import jax
-  import jax.numpy as jnp
 
   size = 8192 if jax.default_backend() in ("gpu", "tpu") else 1024
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
@@ -169,14 +178,23 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
   abstract, shardings = state_lib.state_shardings(model, optimizer, mesh)
   state = state_lib.create_train_state(experiment.init_params(), optimizer, shardings, mesh)
-  train_step = steps_lib.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
-                                        dropout_rng=jax.random.key(1), grad_accum_steps=config.train.grad_accum_steps,
-                                        state_sharding=shardings, mesh=mesh)
+  train_step = steps_lib.jit_train_step(
+    model=model,
+    task=task,
+    optimizer=optimizer,
+    schedule=schedule,
+    dropout_rng=jax.random.key(1),
+    grad_accum_steps=config.train.grad_accum_steps,
+    state_sharding=shardings,
+    mesh=mesh,
+  )
   eval_step = steps_lib.jit_eval_step(model=model, task=task, param_sharding=shardings.params, mesh=mesh)
   rng = np.random.default_rng(0)
-  host_batch = {"tokens": rng.integers(4, model_config.vocab_size, (batch_size, seq_len), dtype=np.int32),
-                "segment_ids": np.ones((batch_size, seq_len), np.int32),
-                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
+  host_batch = {
+    "tokens": rng.integers(4, model_config.vocab_size, (batch_size, seq_len), dtype=np.int32),
+    "segment_ids": np.ones((batch_size, seq_len), np.int32),
+    "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+  }
   batch = {key: jax.device_put(value, sharding.batch_sharding(mesh)) for key, value in host_batch.items()}
 
   with sharding.mesh_context(mesh):
@@ -194,8 +212,13 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
 
   step_time = time_steps(train, steps, warmup, repeats, synchronize)
   forward = {}
-  forward_time = time_steps(lambda: forward.update(out=eval_step(state.params, batch)), steps, warmup, repeats,
-                            lambda: jax.block_until_ready(forward["out"]))
+  forward_time = time_steps(
+    lambda: forward.update(out=eval_step(state.params, batch)),
+    steps,
+    warmup,
+    repeats,
+    lambda: jax.block_until_ready(forward["out"]),
+  )
 
   causal, palm = flops_per_token(model_config, state.params, seq_len)
   tokens_per_sec = batch_size * seq_len / step_time
@@ -206,23 +229,40 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
   memory = device.memory_stats() or {}
   compiled_memory = train_step.memory_analysis()
   return {
-      "backend": jax.default_backend(), "device_kind": device.device_kind, "devices": mesh.size,
-      "mesh": dict(mesh.shape), "params": params_lib.count(state.params),
-      "matmul_params": matmul_params(state.params), "batch_size": batch_size, "seq_len": seq_len,
-      "dtype": model_config.dtype, "remat": model_config.remat, "attention": model_config.attention,
-      "compile_s": round(compile_s, 3), "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
-      "forward_step_time_s": forward_time, "forward_tokens_per_sec": batch_size * seq_len / forward_time,
-      "model_tflops_per_sec": causal * tokens_per_sec / 1e12,
-      "mfu": causal * tokens_per_sec / peak_per_run, "mfu_palm": palm * tokens_per_sec / peak_per_run,
-      "peak_tflops_per_device": (peak or measured) / 1e12,
-      "peak_source": "datasheet bf16 dense" if peak else "measured matmul",
-      "measured_matmul_tflops": measured / 1e12,
-      "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
-      # XLA's buffer assignment of the train step per device (arguments + outputs + temporaries, donated state
-      # counted once): the peak memory where the device keeps no statistics (CPU).
-      "compiled_memory_gib": (compiled_memory.argument_size_in_bytes + compiled_memory.output_size_in_bytes
-                              - compiled_memory.alias_size_in_bytes + compiled_memory.temp_size_in_bytes) / 2**30
-                             if compiled_memory is not None else None,
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "devices": mesh.size,
+    "mesh": dict(mesh.shape),
+    "params": params_lib.count(state.params),
+    "matmul_params": matmul_params(state.params),
+    "batch_size": batch_size,
+    "seq_len": seq_len,
+    "dtype": model_config.dtype,
+    "remat": model_config.remat,
+    "attention": model_config.attention,
+    "compile_s": round(compile_s, 3),
+    "step_time_s": step_time,
+    "tokens_per_sec": tokens_per_sec,
+    "forward_step_time_s": forward_time,
+    "forward_tokens_per_sec": batch_size * seq_len / forward_time,
+    "model_tflops_per_sec": causal * tokens_per_sec / 1e12,
+    "mfu": causal * tokens_per_sec / peak_per_run,
+    "mfu_palm": palm * tokens_per_sec / peak_per_run,
+    "peak_tflops_per_device": (peak or measured) / 1e12,
+    "peak_source": "datasheet bf16 dense" if peak else "measured matmul",
+    "measured_matmul_tflops": measured / 1e12,
+    "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
+    # XLA's buffer assignment of the train step per device (arguments + outputs + temporaries, donated state
+    # counted once): the peak memory where the device keeps no statistics (CPU).
+    "compiled_memory_gib": (
+      compiled_memory.argument_size_in_bytes
+      + compiled_memory.output_size_in_bytes
+      - compiled_memory.alias_size_in_bytes
+      + compiled_memory.temp_size_in_bytes
+    )
+    / 2**30
+    if compiled_memory is not None
+    else None,
   }
 
 
@@ -233,19 +273,41 @@ def hf_model(model_config):
   m = model_config
   if m.position == "learned" and m.norm == "layernorm" and m.mlp == "gelu":
     config = transformers.GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.embed_dim, n_layer=m.num_layers, n_head=m.num_heads,
-        n_inner=m.mlp_dim, activation_function="gelu_new", layer_norm_epsilon=m.norm_eps, resid_pdrop=m.dropout_rate,
-        embd_pdrop=m.dropout_rate, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings)
+      vocab_size=m.vocab_size,
+      n_positions=m.max_len,
+      n_embd=m.embed_dim,
+      n_layer=m.num_layers,
+      n_head=m.num_heads,
+      n_inner=m.mlp_dim,
+      activation_function="gelu_new",
+      layer_norm_epsilon=m.norm_eps,
+      resid_pdrop=m.dropout_rate,
+      embd_pdrop=m.dropout_rate,
+      attn_pdrop=0.0,
+      tie_word_embeddings=m.tie_embeddings,
+    )
     return transformers.GPT2LMHeadModel(config)
   if m.position == "rotary" and m.norm == "rmsnorm" and m.mlp == "swiglu":
     config = transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.embed_dim, intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
-        max_position_embeddings=m.max_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=m.use_bias, mlp_bias=m.use_bias)
+      vocab_size=m.vocab_size,
+      hidden_size=m.embed_dim,
+      intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers,
+      num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads,
+      head_dim=m.head_dim,
+      max_position_embeddings=m.max_len,
+      rms_norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta,
+      tie_word_embeddings=m.tie_embeddings,
+      attention_bias=m.use_bias,
+      mlp_bias=m.use_bias,
+    )
     return transformers.LlamaForCausalLM(config)
-  raise ValueError(f"No transformers peer for position={m.position}, norm={m.norm}, mlp={m.mlp}: the peer covers "
-                   "GPT-2 (learned, layernorm, gelu) and Llama (rotary, rmsnorm, swiglu).")
+  raise ValueError(
+    f"No transformers peer for position={m.position}, norm={m.norm}, mlp={m.mlp}: the peer covers "
+    "GPT-2 (learned, layernorm, gelu) and Llama (rotary, rmsnorm, swiglu)."
+  )
 
 
 def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model: bool) -> dict:
@@ -262,8 +324,13 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
   model = hf_model(model_config).to(device)
   model.config.attn_implementation = "sdpa"
   train = config.train
-  optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, betas=(train.b1, train.b2), eps=train.eps,
-                                weight_decay=train.weight_decay)
+  optimizer = torch.optim.AdamW(
+    model.parameters(),
+    lr=train.learning_rate,
+    betas=(train.b1, train.b2),
+    eps=train.eps,
+    weight_decay=train.weight_decay,
+  )
   tokens = torch.randint(4, model_config.vocab_size, (train.batch_size, config.data.seq_len), device=device)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=model_config.dtype == "bfloat16")
 
@@ -293,11 +360,13 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
   synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   step_time = time_steps(step, steps, warmup, repeats, synchronize)
   peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-  result = {"peer": f"transformers {type(model).__name__} (torch {torch.__version__}, {device}, "
-                    f"{'torch.compile' if compiled else 'eager'}, {torch.get_num_threads()} threads)",
-            "peer_step_time_s": step_time,
-            "peer_tokens_per_sec": train.batch_size * config.data.seq_len / step_time,
-            "peer_peak_memory_gib": peak_memory}
+  result = {
+    "peer": f"transformers {type(model).__name__} (torch {torch.__version__}, {device}, "
+    f"{'torch.compile' if compiled else 'eager'}, {torch.get_num_threads()} threads)",
+    "peer_step_time_s": step_time,
+    "peer_tokens_per_sec": train.batch_size * config.data.seq_len / step_time,
+    "peer_peak_memory_gib": peak_memory,
+  }
   if compiled:
     result["peer_compile_s"] = round(compile_s, 3)
   return result
@@ -319,9 +388,12 @@ def median_seconds(run, repeats: int) -> float:
 
 
 def decode_row(batch: int, new_tokens: int, prefill_s: float, one_token_s: float, total_s: float) -> dict:
-  return {"batch": batch, "prefill_ms": 1e3 * prefill_s,
-          "per_token_ms": 1e3 * (total_s - one_token_s) / max(new_tokens - 1, 1),
-          "tokens_per_sec": batch * new_tokens / total_s}
+  return {
+    "batch": batch,
+    "prefill_ms": 1e3 * prefill_s,
+    "per_token_ms": 1e3 * (total_s - one_token_s) / max(new_tokens - 1, 1),
+    "tokens_per_sec": batch * new_tokens / total_s,
+  }
 
 
 def decode_variant(model_config, variant: str):
@@ -334,8 +406,16 @@ def decode_variant(model_config, variant: str):
   return dataclasses.replace(model_config, dtype=variant, param_dtype=variant)
 
 
-def benchmark_decode_jaxlm(config, variants: list[str], batch_sizes: list[int], prompt_len: int, new_tokens: int,
-                           repeats: int, workdir: str = "", perplexity_batches: int = 0) -> list:
+def benchmark_decode_jaxlm(
+  config,
+  variants: list[str],
+  batch_sizes: list[int],
+  prompt_len: int,
+  new_tokens: int,
+  repeats: int,
+  workdir: str = "",
+  perplexity_batches: int = 0,
+) -> list:
   """Rows of (variant, batch): decode timings, bytes read per generated token and the roofline fraction; with
   `perplexity_batches`, the variant's perplexity on that many batches of the validation split."""
   import jax
@@ -364,8 +444,9 @@ def benchmark_decode_jaxlm(config, variants: list[str], batch_sizes: list[int], 
     params = quantize.convert_params(float_params, abstract, model_config.quantize)
     perplexity = None
     if perplexity_batches:  # on the experiment's mesh, as Experiment.evaluate
-      eval_step = steps_lib.jit_eval_step(model=model, task=experiment.task, mesh=mesh,
-                                          param_sharding=jax.tree.map(lambda x: x.sharding, abstract))
+      eval_step = steps_lib.jit_eval_step(
+        model=model, task=experiment.task, mesh=mesh, param_sharding=jax.tree.map(lambda x: x.sharding, abstract)
+      )
       batches = experiment.eval_batches(experiment.config.data.eval_split, perplexity_batches)
       perplexity = experiment.task.summarize(steps_lib.evaluate(eval_step, params, batches, mesh))["perplexity"]
     params = jax.device_put(params, device)  # decoding runs on one device, like the peer
@@ -381,27 +462,43 @@ def benchmark_decode_jaxlm(config, variants: list[str], batch_sizes: list[int], 
         settings = DecodeSettings(max_new_tokens=count)
         jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
 
-      row = decode_row(batch, new_tokens, median_seconds(lambda: jax.block_until_ready(
-          prefill(params, tokens, start)), repeats), median_seconds(lambda: decode(1), repeats),
-          median_seconds(lambda: decode(new_tokens), repeats))
+      row = decode_row(
+        batch,
+        new_tokens,
+        median_seconds(lambda: jax.block_until_ready(prefill(params, tokens, start)), repeats),
+        median_seconds(lambda: decode(1), repeats),
+        median_seconds(lambda: decode(new_tokens), repeats),
+      )
       # Each step reads every weight once and every cache slot (the cache has prompt_len + new_tokens slots).
-      cache_bytes = (2 * model_config.num_layers * batch * model_config.num_kv_heads * slots * model_config.head_dim
-                     * np.dtype(model_config.compute_dtype).itemsize)
+      cache_bytes = (
+        2
+        * model_config.num_layers
+        * batch
+        * model_config.num_kv_heads
+        * slots
+        * model_config.head_dim
+        * np.dtype(model_config.compute_dtype).itemsize
+      )
       step_bytes = weight_bytes + cache_bytes
-      row.update(variant=variant, weight_bytes=weight_bytes, bytes_per_step=step_bytes, perplexity=perplexity,
-                 roofline_fraction=step_bytes / (row["per_token_ms"] / 1e3) / bandwidth if bandwidth else None,
-                 bandwidth_source=bandwidth_source)
+      row.update(
+        variant=variant,
+        weight_bytes=weight_bytes,
+        bytes_per_step=step_bytes,
+        perplexity=perplexity,
+        roofline_fraction=step_bytes / (row["per_token_ms"] / 1e3) / bandwidth if bandwidth else None,
+        bandwidth_source=bandwidth_source,
+      )
       rows.append(row)
   return rows
 
 
 # Datasheet memory bandwidths (bytes/s) by device kind prefix: the decode roofline.
 DATASHEET_BANDWIDTH = {
-    "NVIDIA H100 80GB HBM3": 3.35e12,  # H100 SXM
-    "NVIDIA H100 PCIe": 2.0e12,
-    "NVIDIA H200": 4.8e12,
-    "NVIDIA A100-SXM4-80GB": 2.04e12,
-    "NVIDIA A100": 1.56e12,
+  "NVIDIA H100 80GB HBM3": 3.35e12,  # H100 SXM
+  "NVIDIA H100 PCIe": 2.0e12,
+  "NVIDIA H200": 4.8e12,
+  "NVIDIA A100-SXM4-80GB": 2.04e12,
+  "NVIDIA A100": 1.56e12,
 }
 
 
@@ -447,13 +544,27 @@ def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_
 
     @torch.inference_mode()
     def decode(count):
-      model.generate(ids, attention_mask=mask, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                     use_cache=True, pad_token_id=0, eos_token_id=None)
+      model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=count,
+        min_new_tokens=count,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=None,
+      )
       synchronize()
 
-    rows.append(decode_row(batch, new_tokens, median_seconds(prefill, repeats),
-                           median_seconds(lambda: decode(1), repeats), median_seconds(lambda: decode(new_tokens),
-                                                                                      repeats)))
+    rows.append(
+      decode_row(
+        batch,
+        new_tokens,
+        median_seconds(prefill, repeats),
+        median_seconds(lambda: decode(1), repeats),
+        median_seconds(lambda: decode(new_tokens), repeats),
+      )
+    )
   return rows
 
 
@@ -466,22 +577,34 @@ def decode_main(config) -> dict:
     config = configs.from_workdir(_WORKDIR.value)
   batch_sizes = [int(size) for size in _DECODE_BATCH_SIZES.value]
   common = (batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value)
-  result = {"mode": "decode", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "dtype": config.model.dtype, "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
-            "weights": _WORKDIR.value or "random",
-            "jaxlm": benchmark_decode_jaxlm(config, _DECODE_VARIANTS.value or [config.model.dtype], *common,
-                                            workdir=_WORKDIR.value,
-                                            perplexity_batches=_PERPLEXITY_BATCHES.value)}
+  result = {
+    "mode": "decode",
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "dtype": config.model.dtype,
+    "prompt_len": _PROMPT_LEN.value,
+    "new_tokens": _NEW_TOKENS.value,
+    "weights": _WORKDIR.value or "random",
+    "jaxlm": benchmark_decode_jaxlm(
+      config,
+      _DECODE_VARIANTS.value or [config.model.dtype],
+      *common,
+      workdir=_WORKDIR.value,
+      perplexity_batches=_PERPLEXITY_BATCHES.value,
+    ),
+  }
   if _PEER.value == "torch":
     import torch
     import transformers
 
-    result["peer"] = (f"transformers {transformers.__version__} generate (torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads)")
+    result["peer"] = (
+      f"transformers {transformers.__version__} generate (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
     result["peer_rows"] = benchmark_decode_torch(config, *common)
     same_dtype = [row for row in result["jaxlm"] if row["variant"] == config.model.dtype]
-    result["vs_peer"] = {row["batch"]: row["tokens_per_sec"] / peer["tokens_per_sec"]
-                         for row, peer in zip(same_dtype, result["peer_rows"])}
+    result["vs_peer"] = {
+      row["batch"]: row["tokens_per_sec"] / peer["tokens_per_sec"] for row, peer in zip(same_dtype, result["peer_rows"])
+    }
   return result
 
 
@@ -489,9 +612,9 @@ def decode_main(config) -> dict:
 # Scaling sweeps (--sweep)
 
 SWEEP_POINTS = {
-    "seq_len": ["256", "512", "1024", "2048", "4096"],
-    "batch": ["1", "2", "4", "8", "16", "32"],
-    "model": ["tiny", "small", "gpt2_124m", "gpt2_350m"],
+  "seq_len": ["256", "512", "1024", "2048", "4096"],
+  "batch": ["1", "2", "4", "8", "16", "32"],
+  "model": ["tiny", "small", "gpt2_124m", "gpt2_350m"],
 }
 
 
@@ -522,8 +645,11 @@ def sweep_main(config, sweep: str, points: list[str], plot_path: str) -> list[di
   rows = []
   for point in points:
     point_config = sweep_config(config, sweep, point)
-    row = {"sweep": sweep, "point": point,
-           **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured)}
+    row = {
+      "sweep": sweep,
+      "point": point,
+      **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured),
+    }
     if _PEER.value == "torch":
       row.update(benchmark_torch(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))
       row["vs_peer"] = row["tokens_per_sec"] / row["peer_tokens_per_sec"]
@@ -542,12 +668,15 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> None:
   import matplotlib.pyplot as plt
 
   points = [row["point"] for row in rows]
-  memory = [row["peak_memory_gib"] if row["peak_memory_gib"] is not None else row["compiled_memory_gib"]
-            for row in rows]
+  memory = [
+    row["peak_memory_gib"] if row["peak_memory_gib"] is not None else row["compiled_memory_gib"] for row in rows
+  ]
   memory_label = "peak" if rows[0]["peak_memory_gib"] is not None else "compiled (XLA buffers)"
-  panels = [("tokens/s", "tokens_per_sec", "peer_tokens_per_sec", None),
-            ("MFU (causal)", "mfu", "peer_mfu", None),
-            (f"memory per device, GiB ({memory_label})", None, "peer_peak_memory_gib", memory)]
+  panels = [
+    ("tokens/s", "tokens_per_sec", "peer_tokens_per_sec", None),
+    ("MFU (causal)", "mfu", "peer_mfu", None),
+    (f"memory per device, GiB ({memory_label})", None, "peer_peak_memory_gib", memory),
+  ]
   figure, axes = plt.subplots(1, 3, figsize=(15, 4))
   for axis, (title, key, peer_key, values) in zip(axes, panels):
     axis.plot(points, values if values is not None else [row[key] for row in rows], "o-", label="jaxlm")
@@ -576,8 +705,12 @@ def main(argv):
     print(json.dumps(decode_main(config)), flush=True)
     return
   if _SWEEP.value != "none":
-    sweep_main(config, _SWEEP.value, _SWEEP_POINTS.value or SWEEP_POINTS[_SWEEP.value],
-               _PLOT.value or f"sweep_{_SWEEP.value}.png")
+    sweep_main(
+      config,
+      _SWEEP.value,
+      _SWEEP_POINTS.value or SWEEP_POINTS[_SWEEP.value],
+      _PLOT.value or f"sweep_{_SWEEP.value}.png",
+    )
     return
   result = benchmark_jaxlm(config, _STEPS.value, _WARMUP.value, _REPEATS.value)
   if _PEER.value == "torch":

@@ -34,8 +34,15 @@ def directory_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
-def compress(workdir: str, out: str, step="latest", prune: str = "", scope: str = "layer", targets: str = r"kernel$",
-             quantize_scheme: str = "") -> dict:
+def compress(
+  workdir: str,
+  out: str,
+  step="latest",
+  prune: str = "",
+  scope: str = "layer",
+  targets: str = r"kernel$",
+  quantize_scheme: str = "",
+) -> dict:
   """Writes the compressed run of `workdir` to `out` (see the module docstring); returns compression.json."""
   import jax
 
@@ -74,9 +81,12 @@ def compress(workdir: str, out: str, step="latest", prune: str = "", scope: str 
     params = quantize.convert_params(params, target.abstract_params(), quantize_scheme)
   workdir_lib.write_config(out, config)
   checkpoint.save_params(out, params, ref.step)
-  record.update(total_params=params_lib.count(params), weight_bytes=quantize.kernel_bytes(params),
-                checkpoint_bytes=directory_bytes(os.path.join(out, "checkpoints")),
-                source_checkpoint_bytes=directory_bytes(os.path.join(workdir, "checkpoints", str(ref.step))))
+  record.update(
+    total_params=params_lib.count(params),
+    weight_bytes=quantize.kernel_bytes(params),
+    checkpoint_bytes=directory_bytes(os.path.join(out, "checkpoints")),
+    source_checkpoint_bytes=directory_bytes(os.path.join(workdir, "checkpoints", str(ref.step))),
+  )
   os.makedirs(os.path.join(out, "eval"), exist_ok=True)
   if prune:
     with open(os.path.join(out, "eval", "sparsity.json"), "w") as f:

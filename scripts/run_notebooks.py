@@ -28,9 +28,14 @@ CELL_TIMEOUT_S = 600
 def kernel_environment(notebook_dir: str) -> dict:
   """The environment of every notebook kernel (see the module docstring)."""
   env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu",
-          "JAXLM_NOTEBOOK_DIR": notebook_dir, "TQDM_DISABLE": "1",
-          "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+  return {
+    **env,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+    "JAX_PLATFORMS": "cpu",
+    "JAXLM_NOTEBOOK_DIR": notebook_dir,
+    "TQDM_DISABLE": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+  }
 
 
 def execute(path: str, notebook_dir: str, kernel_dir: str):
@@ -42,12 +47,20 @@ def execute(path: str, notebook_dir: str, kernel_dir: str):
   from jupyter_client.manager import KernelManager
 
   notebook = nbformat.read(path, as_version=4)
-  if not any(cell.cell_type == "code" and line.split("#")[0].strip() == "SMALL = True"
-             for cell in notebook.cells for line in cell.source.splitlines()):
+  if not any(
+    cell.cell_type == "code" and line.split("#")[0].strip() == "SMALL = True"
+    for cell in notebook.cells
+    for line in cell.source.splitlines()
+  ):
     raise ValueError(f"{path}: no `SMALL = True` line; notebooks are committed (and run in CI) in the small setting.")
   manager = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
-  client = nbclient.NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT_S, record_timing=False,
-                                   resources={"metadata": {"path": os.path.dirname(path)}})
+  client = nbclient.NotebookClient(
+    notebook,
+    km=manager,
+    timeout=CELL_TIMEOUT_S,
+    record_timing=False,
+    resources={"metadata": {"path": os.path.dirname(path)}},
+  )
   start = time.perf_counter()
   client.execute(env=kernel_environment(notebook_dir))
   return notebook, time.perf_counter() - start

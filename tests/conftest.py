@@ -6,7 +6,6 @@ model, a batch, a train step, or run the CLI. Test modules import the helpers wi
 (pytest puts this directory on `sys.path`, for `pytest` and `python -m pytest` alike).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,23 +24,24 @@ TINY_MODEL = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_di
 
 def tiny_model_config(**overrides):
   from jaxlm.models import ModelConfig
+
   return ModelConfig(**{**TINY_MODEL, **overrides})
 
 
 def train_config(**overrides):
   """The default `train` section with `overrides`."""
   from jaxlm import configs
+
   config = configs.base_config().train
   config.update(overrides)
   return config
 
 
 def experiment_config(name: str, arg: str | None = None):
-  """`get_config(arg)` of experiments/NAME.py, as `--config=experiments/NAME.py:ARG` loads it."""
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(REPO, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """`get_config(arg)` of experiments/NAME.py, as `--config=experiments/NAME.py:ARG` loads it (locked)."""
+  from jaxlm import configs
+
+  return configs.experiment_config(name, arg)
 
 
 def lm_batch(seed: int = 0, rows: int = 8, length: int = 16, vocab: int = 64) -> dict:
@@ -49,10 +49,13 @@ def lm_batch(seed: int = 0, rows: int = 8, length: int = 16, vocab: int = 64) ->
   rng = np.random.default_rng(seed)
   split = length * 5 // 8
   segment_ids = np.repeat([[1] * split + [2] * (length - split)], rows, axis=0).astype(np.int32)
-  segment_ids[3, length - 4:] = 0
+  segment_ids[3, length - 4 :] = 0
   positions = np.concatenate([np.arange(split), np.arange(length - split)])[None].repeat(rows, 0).astype(np.int32)
-  return {"tokens": rng.integers(4, vocab, size=(rows, length)).astype(np.int32), "segment_ids": segment_ids,
-          "positions": positions}
+  return {
+    "tokens": rng.integers(4, vocab, size=(rows, length)).astype(np.int32),
+    "segment_ids": segment_ids,
+    "positions": positions,
+  }
 
 
 def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devices=None):
@@ -70,22 +73,36 @@ def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devi
   mesh = sharding.create_mesh(mesh or dict(data=-1, fsdp=1, tensor=1), devices)
   optimizer, schedule, _ = optim.optimizer_for(train, task.new_params)
   _, shardings = state_lib.state_shardings(model, optimizer, mesh)
-  state = state_lib.create_train_state(params_lib.init_params(model, jax.random.key(seed), mesh), optimizer,
-                                       shardings, mesh)
-  train_step = steps.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
-                                    dropout_rng=jax.random.key(1), grad_accum_steps=train.grad_accum_steps,
-                                    state_sharding=shardings, mesh=mesh)
+  state = state_lib.create_train_state(
+    params_lib.init_params(model, jax.random.key(seed), mesh), optimizer, shardings, mesh
+  )
+  train_step = steps.jit_train_step(
+    model=model,
+    task=task,
+    optimizer=optimizer,
+    schedule=schedule,
+    dropout_rng=jax.random.key(1),
+    grad_accum_steps=train.grad_accum_steps,
+    state_sharding=shardings,
+    mesh=mesh,
+  )
   return state, train_step, mesh
 
 
-def run_cli(*args: str, devices: int = 2, check: bool = True, cwd: str = REPO, env: dict | None = None,
-            timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+  *args: str, devices: int = 2, check: bool = True, cwd: str = REPO, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
   """`python -m jaxlm.main ARGS` in a subprocess with `devices` CPU devices (cwd: the repository), importing this
   checkout's jaxlm from any `cwd` (not an installed copy)."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **(env or {})}
-  process = subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=timeout)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    **(env or {}),
+  }
+  process = subprocess.run(
+    [sys.executable, "-m", "jaxlm.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
   if check:
     assert process.returncode == 0, process.stderr[-3000:]
   return process
@@ -95,6 +112,7 @@ def run_cli(*args: str, devices: int = 2, check: bool = True, cwd: str = REPO, e
 def data_dir(tmp_path_factory):
   """A TFDS data directory holding the built `pystdlib_lm` corpus (built once per session)."""
   from jaxlm.data import sources
+
   directory = str(tmp_path_factory.mktemp("tfds"))
   sources.get_builder("pystdlib_lm", directory)
   return directory
@@ -105,8 +123,10 @@ def tokenizer(data_dir):
   """The tiny tokenizer the `tiny` configs train, cached in `data_dir`."""
   import ml_collections
   from jaxlm.data import pipeline, sources
-  data_config = ml_collections.ConfigDict(dict(tokenizer="", data_dir=data_dir, name="pystdlib_lm",
-                                               text_field="text", vocab_size=TINY_VOCAB))
+
+  data_config = ml_collections.ConfigDict(
+    dict(tokenizer="", data_dir=data_dir, name="pystdlib_lm", text_field="text", vocab_size=TINY_VOCAB)
+  )
   return pipeline.tokenizer_for(data_config, sources.get_source("pystdlib_lm", "train", data_dir))
 
 
@@ -114,6 +134,7 @@ def tokenizer(data_dir):
 def tiny_workdir(data_dir, tokenizer, tmp_path_factory):
   """A finished quickstart:tiny run (4 steps; checkpoints at 2 and 4), for tests that only read a workdir."""
   from jaxlm import Experiment
+
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   config = experiment_config("quickstart", "tiny")
   config.data.data_dir = data_dir

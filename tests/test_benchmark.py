@@ -41,14 +41,26 @@ def test_datasheet_peaks():
 @pytest.mark.e2e
 def test_benchmark_runs_against_the_torch_peer():
   pytest.importorskip("transformers")
-  out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
-                        "--steps=2", "--warmup=1", "--repeats=1", "--peer=torch", "--nopeer_compile"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "scripts/benchmark.py",
+      "--config=experiments/quickstart.py:tiny",
+      "--steps=2",
+      "--warmup=1",
+      "--repeats=1",
+      "--peer=torch",
+      "--nopeer_compile",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == 8 and result["mesh"]["data"] == 8  # the simulated devices of the test session
-  for key in ("tokens_per_sec", "forward_tokens_per_sec", "measured_matmul_tflops", "compile_s",
-              "peer_tokens_per_sec"):
+  for key in ("tokens_per_sec", "forward_tokens_per_sec", "measured_matmul_tflops", "compile_s", "peer_tokens_per_sec"):
     assert result[key] > 0, key
   # Every derived number follows from the measured step time and the model, computed here by hand for the
   # tiny config (D=64, L=2, 4 heads of 16, SwiGLU F=128, tied V=512, T=64): N = L (4 D^2 + 3 D F) + V D.
@@ -59,8 +71,9 @@ def test_benchmark_runs_against_the_torch_peer():
   assert result["matmul_params"] == n
   assert result["model_tflops_per_sec"] == pytest.approx((6 * n + 6 * attention) * result["tokens_per_sec"] / 1e12)
   peak = result["peak_tflops_per_device"] * 1e12 * result["devices"]
-  assert result["peak_source"] == "measured matmul" and result["peak_tflops_per_device"] == result[
-      "measured_matmul_tflops"]
+  assert (
+    result["peak_source"] == "measured matmul" and result["peak_tflops_per_device"] == result["measured_matmul_tflops"]
+  )
   assert result["mfu"] == pytest.approx(result["model_tflops_per_sec"] * 1e12 / peak)
   assert result["mfu_palm"] == pytest.approx((6 * n + 12 * attention) * result["tokens_per_sec"] / peak)
   assert result["vs_peer"] == pytest.approx(result["tokens_per_sec"] / result["peer_tokens_per_sec"])
@@ -69,9 +82,24 @@ def test_benchmark_runs_against_the_torch_peer():
 
 @pytest.mark.e2e
 def test_decode_benchmark_runs_against_the_torch_peer():
-  out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
-                        "--decode", "--decode_batch_sizes=2", "--prompt_len=8", "--new_tokens=4", "--repeats=1",
-                        "--peer=torch", "--torch_threads=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "scripts/benchmark.py",
+      "--config=experiments/quickstart.py:tiny",
+      "--decode",
+      "--decode_batch_sizes=2",
+      "--prompt_len=8",
+      "--new_tokens=4",
+      "--repeats=1",
+      "--peer=torch",
+      "--torch_threads=1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   ((row,), (peer,)) = result["jaxlm"], result["peer_rows"]
@@ -92,6 +120,7 @@ def test_sweep_points_change_one_thing():
 
 def test_decode_variants():
   from jaxlm.models.config import ModelConfig
+
   model_config = ModelConfig(dtype="bfloat16")
   assert benchmark.decode_variant(model_config, "int8").quantize == "int8"
   assert benchmark.decode_variant(model_config, "int8").dtype == "bfloat16"
@@ -101,10 +130,24 @@ def test_decode_variants():
 @pytest.mark.e2e
 def test_a_batch_sweep_prints_a_line_per_point_and_writes_the_plot(tmp_path):
   plot = tmp_path / "sweep.png"
-  out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=experiments/quickstart.py:tiny",
-                        "--sweep=batch", "--sweep_points=8,16", "--steps=1", "--warmup=1", "--repeats=1",
-                        f"--plot={plot}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "XLA_FLAGS": ""})
+  out = subprocess.run(
+    [
+      sys.executable,
+      "scripts/benchmark.py",
+      "--config=experiments/quickstart.py:tiny",
+      "--sweep=batch",
+      "--sweep_points=8,16",
+      "--steps=1",
+      "--warmup=1",
+      "--repeats=1",
+      f"--plot={plot}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "XLA_FLAGS": ""},
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert [row["point"] for row in rows[:2]] == ["8", "16"] and rows[1]["batch_size"] == 16

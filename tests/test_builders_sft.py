@@ -13,14 +13,17 @@ from jaxlm.data.builders import pystdlib_docstrings, pystdlib_lm, pystdlib_packa
 
 def _records(name, data_dir):
   sources.get_builder(name, data_dir)
-  return {split: [dict(r) for r in tfds.data_source(name, split=split, data_dir=data_dir)]
-          for split in stdlib_functions.SPLITS}
+  return {
+    split: [dict(r) for r in tfds.data_source(name, split=split, data_dir=data_dir)]
+    for split in stdlib_functions.SPLITS
+  }
 
 
 def test_packages_splits_labels_and_disjoint_files(data_dir):
   records = _records("pystdlib_packages", data_dir)
   assert tfds.builder("pystdlib_packages", data_dir=data_dir).info.features["label"].names == list(
-      pystdlib_packages.PACKAGES)
+    pystdlib_packages.PACKAGES
+  )
   paths = {split: {r["path"].decode() for r in rows} for split, rows in records.items()}
   assert not paths["train"] & paths["validation"] and not paths["train"] & paths["test"]
   assert not paths["validation"] & paths["test"]
@@ -62,19 +65,25 @@ def test_docstring_pairs_and_test_split_is_pystdlib_lm_validation(data_dir):
     (function,) = [node for node in ast.parse(prompt).body]  # the prompt is still one valid function
     body = function.body[0]
     # Its docstring is gone: the first statement is not a string constant, and the target is nowhere in it.
-    assert not (isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) and isinstance(body.value.value,
-                                                                                                  str))
+    assert not (
+      isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) and isinstance(body.value.value, str)
+    )
     assert target not in prompt
 
 
-@pytest.mark.parametrize("source, expected", [
-    ('def f(x):\n    """Add one.\n\n    More.\n    """\n    return x + 1\n',
-     ("def f(x):\n    return x + 1", "Add one.")),
+@pytest.mark.parametrize(
+  "source, expected",
+  [
+    (
+      'def f(x):\n    """Add one.\n\n    More.\n    """\n    return x + 1\n',
+      ("def f(x):\n    return x + 1", "Add one."),
+    ),
     ('def f():\n    """\n    Starts on line two.\n    """\n    pass\n', ("def f():\n    pass", "Starts on line two.")),
     ('def f(): "Same line."; return 1\n', "docstring on the def line"),
     ('def f():\n    "Only a docstring."\n', "docstring is the whole body"),
-    ('def f():\n    return 1\n', "no docstring"),
-])
+    ("def f():\n    return 1\n", "no docstring"),
+  ],
+)
 def test_prompt_and_target(source, expected):
   (function,) = stdlib_functions.functions_in("m.py", source)
   assert pystdlib_docstrings.prompt_and_target(function) == expected

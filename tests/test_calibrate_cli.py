@@ -33,20 +33,28 @@ def test_calibrate_a_tiny_classifier_then_eval_through_a_calibrator(tiny_workdir
   assert sorted(probs) == sorted(["uncalibrated"] + names) and len(labels) == result["test_examples"]
   for name in ("uncalibrated", "temperature", "isotonic"):
     assert float(expected_calibration_error(probs[name], labels, 15)) == pytest.approx(
-        result["metrics"][name]["ece"]["value"], rel=1e-5)
+      result["metrics"][name]["ece"]["value"], rel=1e-5
+    )
 
   run_cli(f"--workdir={tmp_path}", "--mode=eval", "--calibrator=temperature", "--step=best")
   evaluated = json.loads((tmp_path / "eval" / "test" / "report.json").read_text())
   assert evaluated["step"] == result["step"] and evaluated["calibrator"] == "temperature"
-  assert evaluated["metrics"]["nll"]["value"] == pytest.approx(result["metrics"]["temperature"]["nll"]["value"],
-                                                               rel=1e-5)
+  assert evaluated["metrics"]["nll"]["value"] == pytest.approx(
+    result["metrics"]["temperature"]["nll"]["value"], rel=1e-5
+  )
 
 
 @pytest.mark.e2e
 def test_prompted_classification_with_every_correction(tiny_workdir, data_dir, tmp_path):
-  run_cli("--config=experiments/prompted_packages.py:tiny", "--mode=calibrate", f"--workdir={tmp_path}",
-          f"--config.data.data_dir={data_dir}", f"--config.init_from={tiny_workdir}",
-          "--config.prompt.num_examples=8", "--config.prompt.orders=1")
+  run_cli(
+    "--config=experiments/prompted_packages.py:tiny",
+    "--mode=calibrate",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.init_from={tiny_workdir}",
+    "--config.prompt.num_examples=8",
+    "--config.prompt.orders=1",
+  )
   result = json.loads((tmp_path / "calibration" / "report.json").read_text())
   settings = [f"{shots}-shot {name}" for shots in (0, 1) for name in ("none", "contextual", "domain", "batch", "pmi")]
   assert sorted(result["metrics"]) == sorted(settings) == sorted(result["spread"])

@@ -64,7 +64,7 @@ def _reference_ece(confidences, correct, num_bins, norm, right_closed=True, binn
       gaps.append(abs(correct[inside].mean() - confidences[inside].mean()))
       fractions.append(inside.mean())
   gaps, fractions = np.array(gaps), np.array(fractions)
-  return {"l1": (fractions * gaps).sum(), "l2": np.sqrt((fractions * gaps ** 2).sum()), "max": gaps.max()}[norm]
+  return {"l1": (fractions * gaps).sum(), "l2": np.sqrt((fractions * gaps**2).sum()), "max": gaps.max()}[norm]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -72,19 +72,22 @@ def _reference_ece(confidences, correct, num_bins, norm, right_closed=True, binn
 def test_ece_matches_a_float64_reference(seed, binning, right_closed):
   probs, labels = _probs(seed, n=499)  # N not a multiple of the bin count
   confidences, correct = probs.max(-1), (probs.argmax(-1) == labels)
-  ece = jax.jit(calibration.expected_calibration_error, static_argnames=("num_bins", "norm", "binning",
-                                                                          "classwise", "right_closed"))
+  ece = jax.jit(
+    calibration.expected_calibration_error, static_argnames=("num_bins", "norm", "binning", "classwise", "right_closed")
+  )
   for num_bins in (5, 15):
     for norm in ("l1", "l2", "max"):
       ours = ece(probs, labels, num_bins=num_bins, norm=norm, binning=binning, right_closed=right_closed)
       expected = _reference_ece(confidences, correct, num_bins, norm, right_closed, binning)
       assert float(ours) == pytest.approx(expected, rel=1e-5, abs=1e-7)
     classwise = ece(probs, labels, num_bins=num_bins, binning=binning, right_closed=right_closed, classwise=True)
-    expected = np.mean([_reference_ece(probs[:, k], labels == k, num_bins, "l1", right_closed, binning)
-                        for k in range(probs.shape[1])])
+    expected = np.mean(
+      [_reference_ece(probs[:, k], labels == k, num_bins, "l1", right_closed, binning) for k in range(probs.shape[1])]
+    )
     assert float(classwise) == pytest.approx(expected, rel=1e-5)
   assert float(calibration.max_calibration_error(probs, labels, binning=binning)) == pytest.approx(
-      _reference_ece(confidences, correct, 15, "max", True, binning), rel=1e-5)
+    _reference_ece(confidences, correct, 15, "max", True, binning), rel=1e-5
+  )
 
 
 def test_bin_edges_zero_one_and_empty_bins():
@@ -95,7 +98,8 @@ def test_bin_edges_zero_one_and_empty_bins():
   probs = np.array([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]], np.float32)
   labels = np.array([0, 1, 0])
   assert float(calibration.expected_calibration_error(probs, labels, num_bins=4)) == pytest.approx(
-      2 / 3 * 0.5 + 1 / 3 * 0.5)
+    2 / 3 * 0.5 + 1 / 3 * 0.5
+  )
   assert float(calibration.max_calibration_error(probs, labels, num_bins=4)) == pytest.approx(0.5)
   curve = calibration.reliability_curve(*calibration.top_label(probs, labels), num_bins=4)
   np.testing.assert_array_equal(curve["bin_count"], [0, 1, 0, 2])
@@ -119,8 +123,13 @@ def test_confidences_on_bin_edges_for_every_bin_count(right_closed):
     ours = calibration.equal_width_bin_ids(confidences, num_bins, right_closed=right_closed)
     np.testing.assert_array_equal(ours, expected, err_msg=f"{num_bins} bins, {dtype.__name__}")
   # The cases of issue 13 (float32 linspace put these edges at 0.8000001 and 0.049999997).
-  for c, num_bins, right, left in [(0.8, 15, 11, 12), (0.05, 100, 4, 5), (1 / 3, 3, 0, 1), (0.0, 5, 0, 0),
-                                   (1.0, 5, 4, 4)]:
+  for c, num_bins, right, left in [
+    (0.8, 15, 11, 12),
+    (0.05, 100, 4, 5),
+    (1 / 3, 3, 0, 1),
+    (0.0, 5, 0, 0),
+    (1.0, 5, 4, 4),
+  ]:
     bin_id = calibration.equal_width_bin_ids(np.float32(c), num_bins, right_closed=right_closed)
     assert int(bin_id) == (right if right_closed else left), (c, num_bins)
 
@@ -149,13 +158,16 @@ def test_interior_edges_are_correctly_rounded():
         reference = [_nearest(fractions.Fraction(k, num_bins), dtype) for k in range(1, num_bins)]
       np.testing.assert_array_equal(calibration.interior_edges(num_bins, dtype), np.array(reference, dtype))
 
+
 def test_weighted_bin_sums_stream_over_batches():
   """Bin sums of two weighted batches add up to the weighted ECE of the whole set (float64 reference)."""
   probs, labels = _probs(5, n=400)
   confidences, correct = probs.max(-1), (probs.argmax(-1) == labels)
   weights = np.random.default_rng(5).uniform(0, 2, size=400).astype(np.float32)
-  sums = [calibration.calibration_bin_sums(confidences[part], correct[part], weights[part])
-          for part in (slice(0, 150), slice(150, None))]
+  sums = [
+    calibration.calibration_bin_sums(confidences[part], correct[part], weights[part])
+    for part in (slice(0, 150), slice(150, None))
+  ]
   total = jax.tree.map(lambda a, b: a + b, *sums)
   ids = _reference_bins(confidences, 15, True, "equal_width")
   expected = 0.0
@@ -184,26 +196,31 @@ def test_brier_and_nll_match_sklearn():
   probs, labels = _probs(3)
   probs = probs.astype(np.float64) / probs.astype(np.float64).sum(-1, keepdims=True)
   assert float(calibration.brier_score(probs, labels)) == pytest.approx(
-      sk.brier_score_loss(labels, probs, labels=range(4), scale_by_half=False), rel=1e-6)
+    sk.brier_score_loss(labels, probs, labels=range(4), scale_by_half=False), rel=1e-6
+  )
   assert float(calibration.negative_log_likelihood(probs, labels)) == pytest.approx(
-      sk.log_loss(labels, probs, labels=range(4)), rel=1e-6)
+    sk.log_loss(labels, probs, labels=range(4)), rel=1e-6
+  )
   # Binary: twice scikit-learn's default binary Brier; one class absent from the labels still fine.
   binary = np.stack([1 - probs[:, 0], probs[:, 0]], -1)
   ones = np.ones(len(probs), int)
   assert float(calibration.brier_score(binary, ones)) == pytest.approx(
-      2 * sk.brier_score_loss(ones, binary[:, 1], pos_label=1), rel=1e-6)
+    2 * sk.brier_score_loss(ones, binary[:, 1], pos_label=1), rel=1e-6
+  )
   # Probabilities of exactly 0 and 1: +inf by default, scikit-learn's clipping on request.
   hard = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
   hard_labels = np.array([0, 1, 1])
   assert np.isinf(float(calibration.negative_log_likelihood(hard, hard_labels)))
   eps = np.finfo(np.float64).eps
   assert float(calibration.negative_log_likelihood(hard, hard_labels, min_prob=eps)) == pytest.approx(
-      sk.log_loss(hard_labels, hard), rel=1e-6)
+    sk.log_loss(hard_labels, hard), rel=1e-6
+  )
   assert float(calibration.brier_score(hard, hard_labels)) == pytest.approx(2 / 3)
 
 
 def test_ece_of_perfectly_calibrated_data_tends_to_zero():
   """Confidence c ~ U(0.5, 1), correct ~ Bernoulli(c): the binned gap is pure sampling noise, O(sqrt(B / N))."""
+
   def ece_of(n, seed):
     rng = np.random.default_rng(seed)
     confidence = rng.uniform(0.5, 1.0, size=n)
@@ -233,7 +250,8 @@ def test_selective_prediction_against_numpy_and_sklearn():
   expected = np.mean([1 - hits[order[:k]].mean() for k in range(1, 51)])
   assert calibration.area_under_risk_coverage(distinct, hits) == pytest.approx(expected)
   assert float(calibration.confidence_auroc(confidences, correct)) == pytest.approx(
-      sk.roc_auc_score(correct, confidences), rel=1e-6)
+    sk.roc_auc_score(correct, confidences), rel=1e-6
+  )
 
 
 def test_in_step_sharded_ece_equals_the_offline_ece():
@@ -255,17 +273,20 @@ def test_in_step_sharded_ece_equals_the_offline_ece():
   params = jax.tree.map(lambda x: x * 4.0, params_lib.init_params(model, jax.random.key(0), mesh))
   rng = np.random.default_rng(0)
   segment_ids = np.repeat([[1] * 9 + [2] * 5 + [0] * 2], 16, axis=0).astype(np.int32)
-  batch = {"tokens": rng.integers(1, 64, size=(16, 16)).astype(np.int32), "segment_ids": segment_ids,
-           "positions": np.concatenate([np.arange(9), np.arange(5), [0, 0]])[None].repeat(16, 0).astype(np.int32)}
+  batch = {
+    "tokens": rng.integers(1, 64, size=(16, 16)).astype(np.int32),
+    "segment_ids": segment_ids,
+    "positions": np.concatenate([np.arange(9), np.arange(5), [0, 0]])[None].repeat(16, 0).astype(np.int32),
+  }
   batch_sharding = sharding.batch_sharding(mesh)
   batch = jax.device_put(batch, batch_sharding)
+
   # One compiled program returns the eval step's sums and the logits (gathered), to compile only once.
   def eval_step_and_logits(params, batch):
     logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
     return steps.eval_step(params, batch, model=model, task=causal_lm.CausalLm()), logits
 
-  run = jax.jit(eval_step_and_logits, in_shardings=(shardings, batch_sharding),
-                out_shardings=sharding.replicated(mesh))
+  run = jax.jit(eval_step_and_logits, in_shardings=(shardings, batch_sharding), out_shardings=sharding.replicated(mesh))
   with sharding.mesh_context(mesh):
     sums, logits = jax.device_get(run(params, batch))
   weights = np.asarray(causal_lm.target_weights(np.asarray(batch["segment_ids"]))) > 0
@@ -285,8 +306,9 @@ def test_token_level_ece_of_a_padded_batch_needs_no_flattening():
   probs = scipy.special.softmax(logits, -1).astype(np.float32)
   targets = rng.integers(0, 9, size=(3, 11))
   mask = rng.uniform(size=(3, 11)) < 0.7
-  ece = jax.jit(calibration.expected_calibration_error, static_argnames=("num_bins", "norm", "binning",
-                                                                          "classwise", "right_closed"))
+  ece = jax.jit(
+    calibration.expected_calibration_error, static_argnames=("num_bins", "norm", "binning", "classwise", "right_closed")
+  )
   for binning in ("equal_width", "equal_mass"):
     for classwise in (False, True):
       for norm in ("l1", "max"):
@@ -295,10 +317,12 @@ def test_token_level_ece_of_a_padded_batch_needs_no_flattening():
         for weights in (mask, mask.astype(np.float32), mask.astype(np.int32)):
           assert float(ece(probs, targets, weights=weights, **kwargs)) == pytest.approx(float(expected), rel=1e-5)
   counts = rng.integers(0, 4, size=(3, 11))
-  repeated = calibration.expected_calibration_error(np.repeat(probs.reshape(33, 9), counts.ravel(), 0),
-                                                    np.repeat(targets.ravel(), counts.ravel()))
+  repeated = calibration.expected_calibration_error(
+    np.repeat(probs.reshape(33, 9), counts.ravel(), 0), np.repeat(targets.ravel(), counts.ravel())
+  )
   assert float(calibration.expected_calibration_error(probs, targets, weights=counts)) == pytest.approx(
-      float(repeated), rel=1e-5)
+    float(repeated), rel=1e-5
+  )
   # Equal-mass bins by weight: the float64 rule floor(W_before * B / W) on the sorted weighted examples.
   confidences = probs.max(-1).ravel()
   weights = rng.uniform(0, 2, size=33).astype(np.float32)

@@ -36,7 +36,8 @@ def test_temperature_scaling_recovers_a_known_temperature():
   for other in (t * 0.99, t * 1.01):
     assert _nll(scipy.special.softmax(logits / other, -1), labels) > best
   assert float(calibration.expected_calibration_error(probs, labels)) < float(
-      calibration.expected_calibration_error(scipy.special.softmax(logits, -1), labels))
+    calibration.expected_calibration_error(scipy.special.softmax(logits, -1), labels)
+  )
 
 
 def _float64_temperature(logits, labels, min_temperature=1e-3, max_temperature=1e3):
@@ -49,7 +50,7 @@ def _float64_temperature(logits, labels, min_temperature=1e-3, max_temperature=1
     probs = scipy.special.softmax(beta * logits, axis=-1)
     mean = np.sum(probs * logits, axis=-1)
     gradient = np.mean(mean - label_logits)
-    curvature = np.mean(np.sum(probs * logits ** 2, axis=-1) - mean ** 2)
+    curvature = np.mean(np.sum(probs * logits**2, axis=-1) - mean**2)
     high, low = (beta, low) if gradient > 0 else (high, beta)
     step = beta - gradient / curvature if curvature > 0 else np.inf
     new_beta = step if low < step < high else 0.5 * (low + high)
@@ -71,7 +72,8 @@ def test_device_temperature_fit_agrees_with_a_float64_fit(chunk_size):
   rounded = jnp.asarray(logits, jnp.bfloat16)
   bf16 = calibrators.TemperatureScaling(chunk_size=chunk_size).fit(rounded, labels)
   assert float(bf16.params["temperature"]) == pytest.approx(
-      _float64_temperature(np.asarray(rounded, np.float64), labels), rel=2e-6)
+    _float64_temperature(np.asarray(rounded, np.float64), labels), rel=2e-6
+  )
 
 
 def test_temperature_scaling_hits_the_bound_on_separable_data():
@@ -80,8 +82,9 @@ def test_temperature_scaling_hits_the_bound_on_separable_data():
   assert float(calibrator.params["temperature"]) == pytest.approx(1e-2)
 
 
-@pytest.mark.parametrize("kind,features", [("matrix", lambda z: z),
-                                           ("dirichlet", lambda z: scipy.special.log_softmax(z, -1))])
+@pytest.mark.parametrize(
+  "kind,features", [("matrix", lambda z: z), ("dirichlet", lambda z: scipy.special.log_softmax(z, -1))]
+)
 def test_matrix_and_dirichlet_equal_unpenalised_multinomial_logistic_regression(kind, features):
   logits, labels = _synthetic(1, n=1500, c=3)
   ours = calibrators.CALIBRATORS[kind]().fit(logits, labels)(logits)
@@ -102,8 +105,9 @@ def test_platt_scaling_matches_sklearn_logistic_regression():
   logits, labels = _synthetic(3, n=1000, c=2)
   margin = (logits[:, 1] - logits[:, 0])[:, None]
   reference = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(margin, labels)
-  np.testing.assert_allclose(calibrators.PlattScaling().fit(logits, labels)(logits), reference.predict_proba(margin),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    calibrators.PlattScaling().fit(logits, labels)(logits), reference.predict_proba(margin), atol=1e-6
+  )
   with pytest.raises(ValueError, match="binary"):
     calibrators.PlattScaling().fit(np.zeros((3, 3)), np.array([0, 1, 2]))
 
@@ -111,7 +115,7 @@ def test_platt_scaling_matches_sklearn_logistic_regression():
 def test_pool_adjacent_violators_matches_sklearn_isotonic_regression():
   rng = np.random.default_rng(4)
   x = np.round(rng.uniform(size=500), 2)  # ties in x
-  y = (rng.uniform(size=500) < x ** 2).astype(float)
+  y = (rng.uniform(size=500) < x**2).astype(float)
   xs, fitted = calibrators.isotonic_fit(x, y)
   reference = IsotonicRegression(out_of_bounds="clip").fit(x, y)
   queries = np.concatenate([rng.uniform(-0.1, 1.1, size=200), [0.0, 1.0]])
@@ -128,8 +132,11 @@ def test_isotonic_and_histogram_calibrators_one_vs_rest(num_classes):
   columns = []
   for k in classes:
     columns.append(IsotonicRegression(out_of_bounds="clip").fit(probs[:, k], labels == k).predict(probs[:, k]))
-  expected = np.stack([1 - columns[0], columns[0]], -1) if num_classes == 2 else \
-      np.stack(columns, -1) / np.stack(columns, -1).sum(-1, keepdims=True)
+  expected = (
+    np.stack([1 - columns[0], columns[0]], -1)
+    if num_classes == 2
+    else np.stack(columns, -1) / np.stack(columns, -1).sum(-1, keepdims=True)
+  )
   np.testing.assert_allclose(isotonic, expected, atol=1e-12)
   # Histogram binning: a float64 loop over right-closed bins (lo, hi].
   edges = np.linspace(0, 1, 11)
@@ -138,8 +145,11 @@ def test_isotonic_and_histogram_calibrators_one_vs_rest(num_classes):
     bin_ids = np.array([next(b for b in range(10) if p <= edges[b + 1]) for p in probs[:, k]])
     values = [np.mean(labels[bin_ids == b] == k) if np.any(bin_ids == b) else (b + 0.5) / 10 for b in range(10)]
     columns.append(np.array(values)[bin_ids])
-  expected = np.stack([1 - columns[0], columns[0]], -1) if num_classes == 2 else \
-      np.stack(columns, -1) / np.stack(columns, -1).sum(-1, keepdims=True)
+  expected = (
+    np.stack([1 - columns[0], columns[0]], -1)
+    if num_classes == 2
+    else np.stack(columns, -1) / np.stack(columns, -1).sum(-1, keepdims=True)
+  )
   np.testing.assert_allclose(histogram, expected, atol=1e-12)
   for result in (isotonic, histogram):
     np.testing.assert_allclose(result.sum(-1), 1.0, atol=1e-12)

@@ -43,7 +43,10 @@ def test_quantized_pruned_workdir_is_smaller_and_loads_as_such(tiny_workdir, int
   groups = np.moveaxis(np.asarray(kernel, np.int8), 1, -1).reshape(-1, 4)  # pruned zeros stay zero as integers
   assert ((groups != 0).sum(axis=1) <= 2).all()
   source = Experiment.from_workdir(tiny_workdir)
-  original, compressed = source.evaluate(source.load_params(), num_batches=1), experiment.evaluate(params, num_batches=1)
+  original, compressed = (
+    source.evaluate(source.load_params(), num_batches=1),
+    experiment.evaluate(params, num_batches=1),
+  )
   assert np.isfinite(compressed["loss"]) and compressed["loss"] != original["loss"]
   assert experiment.generate(params, ["def "], max_new_tokens=4)[0].text is not None
 

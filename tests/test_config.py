@@ -13,13 +13,27 @@ from jaxlm.experiment import validate
 from jaxlm.errors import ConfigError
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
-VARIANTS = {"quickstart.py": [None, "tiny"], "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"],
-            "finetune_packages.py": [None, "head_only", "lora", "distill", "scratch", "encoder", "tiny", "tiny,lora",
-                                     "tiny,encoder"],
-            "pretrain_mlm.py": [None, "tiny", "bert_base"], "pretrain_t5.py": [None, "tiny", "t5_base"],
-            "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"],
-            "calibrate_packages.py": [None, "tiny", "tiny,lora"], "prompted_packages.py": [None, "tiny"],
-            "workdir.py": []}  # its argument is a workdir: test_workdir_config_file_reads_config_json
+VARIANTS = {
+  "quickstart.py": [None, "tiny"],
+  "pretrain.py": ["gpt2_124m", "gpt2_350m", "llama_1b", "small"],
+  "finetune_packages.py": [
+    None,
+    "head_only",
+    "lora",
+    "distill",
+    "scratch",
+    "encoder",
+    "tiny",
+    "tiny,lora",
+    "tiny,encoder",
+  ],
+  "pretrain_mlm.py": [None, "tiny", "bert_base"],
+  "pretrain_t5.py": [None, "tiny", "t5_base"],
+  "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"],
+  "calibrate_packages.py": [None, "tiny", "tiny,lora"],
+  "prompted_packages.py": [None, "tiny"],
+  "workdir.py": [],
+}  # its argument is a workdir: test_workdir_config_file_reads_config_json
 
 
 def load(path, arg=None, overrides=()):
@@ -75,7 +89,9 @@ def tiny_config() -> ml_collections.ConfigDict:
   return config
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("model.num_heads", 3, "model.num_heads: 3 heads do not divide embed_dim=64"),
     ("data.seq_len", 4096, "data.seq_len: 4096 exceeds model.max_len=128"),
     ("train.grad_accum_steps", 5, "train.grad_accum_steps: 5 micro-batches do not divide"),
@@ -88,8 +104,13 @@ def tiny_config() -> ml_collections.ConfigDict:
     ("train.best_mode", "best", "train.best_mode: must be 'min' or 'max'"),
     ("classification.pooling", "max", "classification.pooling: 'max' is not one of"),
     ("classification.class_weights", (1.0, 3.0), "classification.class_weights: has 2 weights for 3 classes"),
-    ("train.best_metric", "eval_loss", "train.best_metric: name the metric as in metrics.jsonl's eval rows, e.g. 'loss'"),
-])
+    (
+      "train.best_metric",
+      "eval_loss",
+      "train.best_metric: name the metric as in metrics.jsonl's eval rows, e.g. 'loss'",
+    ),
+  ],
+)
 def test_invalid_values_fail_with_the_key(key, value, message):
   config = tiny_config()
   if key.startswith("classification."):  # a task's section is checked when that task runs
@@ -108,21 +129,27 @@ def test_unknown_model_key_is_refused():
     validate(config)
 
 
-@pytest.mark.parametrize("mesh, devices, expected", [
+@pytest.mark.parametrize(
+  "mesh, devices, expected",
+  [
     (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
     (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
     (dict(data=1, fsdp=1, tensor=-1), 4, (1, 1, 4)),
-])
+  ],
+)
 def test_mesh_shape(mesh, devices, expected):
   assert sharding.mesh_shape(mesh, devices) == expected
 
 
-@pytest.mark.parametrize("mesh, message", [
+@pytest.mark.parametrize(
+  "mesh, message",
+  [
     (dict(data=-1, fsdp=-1, tensor=1), "at most one"),
     (dict(data=3, fsdp=-1, tensor=1), "do not divide"),
     (dict(data=2, fsdp=2, tensor=1), "set one of"),
     (dict(data=0, fsdp=1, tensor=-1), "mesh.data"),
-])
+  ],
+)
 def test_bad_mesh_is_a_clear_error(mesh, message):
   with pytest.raises(ConfigError, match=message):
     sharding.mesh_shape(mesh, 8)

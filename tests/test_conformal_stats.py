@@ -25,7 +25,7 @@ def test_aps_scores_match_a_loop_and_threshold_matches_the_quantile_formula():
   for i in range(len(probs)):
     order = sorted(range(4), key=lambda k: (-probs[i, k], k))
     for position, k in enumerate(order):
-      assert scores[i, k] == pytest.approx(sum(probs[i, j] for j in order[:position + 1]), abs=1e-6)
+      assert scores[i, k] == pytest.approx(sum(probs[i, j] for j in order[: position + 1]), abs=1e-6)
   np.testing.assert_allclose(conformal.class_scores(probs, "lac"), 1 - probs)
   for alpha in (0.1, 0.2, 0.5):
     label_scores = scores[np.arange(50), labels]
@@ -76,8 +76,9 @@ def test_bootstrap_of_a_jax_metric():
   rng = np.random.default_rng(4)
   probs = scipy.special.softmax(rng.normal(size=(200, 3)) * 3, -1)
   labels = rng.integers(0, 3, size=200)
-  interval = stats.bootstrap_ci(lambda p, y: calibration.expected_calibration_error(p, y, num_bins=10),
-                                [probs, labels], num_resamples=50)
+  interval = stats.bootstrap_ci(
+    lambda p, y: calibration.expected_calibration_error(p, y, num_bins=10), [probs, labels], num_resamples=50
+  )
   assert interval["low"] < interval["value"] < interval["high"]
 
 
@@ -106,8 +107,12 @@ def test_paired_comparison():
 
 
 def test_score_dump_round_trip(tmp_path):
-  columns = {"id": np.arange(3), "probs": np.array([[0.1, 0.9], [0.5, 0.5], [1.0, 0.0]]),
-             "nll": np.array([0.1, 0.7, np.inf]), "text": ["a", "b", "c"]}
+  columns = {
+    "id": np.arange(3),
+    "probs": np.array([[0.1, 0.9], [0.5, 0.5], [1.0, 0.0]]),
+    "nll": np.array([0.1, 0.7, np.inf]),
+    "text": ["a", "b", "c"],
+  }
   path = str(tmp_path / "scores.jsonl")
   stats.dump_scores(path, columns)
   loaded = stats.load_scores(path)

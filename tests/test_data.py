@@ -26,7 +26,9 @@ def test_builder_is_deterministic_and_splits_are_disjoint(data_dir, tmp_path):
   first = {split: tfds.data_source("pystdlib_lm", split=split, data_dir=data_dir) for split in ("train", "validation")}
   rebuilt_dir = str(tmp_path / "again")
   sources.get_builder("pystdlib_lm", rebuilt_dir)
-  second = {split: tfds.data_source("pystdlib_lm", split=split, data_dir=rebuilt_dir) for split in ("train", "validation")}
+  second = {
+    split: tfds.data_source("pystdlib_lm", split=split, data_dir=rebuilt_dir) for split in ("train", "validation")
+  }
   for split in first:
     assert len(first[split]) == len(second[split]) > 0
     assert [first[split][i] for i in range(len(first[split]))] == [second[split][i] for i in range(len(second[split]))]
@@ -77,8 +79,9 @@ def test_record_text_errors_name_the_record():
 
 def test_non_utf8_record_fails_the_pipeline_with_its_index(tokenizer):
   source = [{"text": b"fine"}, {"text": b"bad \xff"}]
-  batches = pipeline.lm_batches(source, tokenizer, text_field="text", seq_len=8, batch_size=1,
-                                dataset_name="toy", shuffle_seed=None, repeat=False)
+  batches = pipeline.lm_batches(
+    source, tokenizer, text_field="text", seq_len=8, batch_size=1, dataset_name="toy", shuffle_seed=None, repeat=False
+  )
   with pytest.raises(ValueError, match="toy record 1"):
     list(batches)
 
@@ -96,13 +99,25 @@ def test_packing_keeps_documents_apart(tokenizer):
   texts = ["a = 1", "def f():\n    pass\n" * 6, "x", "import os\nprint(os.sep)\n" * 3, "y = [1, 2]"]
   source = [{"text": t.encode()} for t in texts]
   seq_len, batch_size = 16, 3
-  batches = list(pipeline.lm_batches(source, tokenizer, text_field="text", seq_len=seq_len, batch_size=batch_size,
-                                     dataset_name="toy", shuffle_seed=None, repeat=False))
+  batches = list(
+    pipeline.lm_batches(
+      source,
+      tokenizer,
+      text_field="text",
+      seq_len=seq_len,
+      batch_size=batch_size,
+      dataset_name="toy",
+      shuffle_seed=None,
+      repeat=False,
+    )
+  )
   documents = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
   stream = sum(documents, [])
   pieces = []
   for batch in batches:
-    assert {k: v.shape for k, v in batch.items()} == {k: (batch_size, seq_len) for k in ("tokens", "segment_ids", "positions")}
+    assert {k: v.shape for k, v in batch.items()} == {
+      k: (batch_size, seq_len) for k in ("tokens", "segment_ids", "positions")
+    }
     # Positions count from 0 within each segment of a row.
     for positions, segments in zip(batch["positions"], batch["segment_ids"]):
       for segment in set(segments.tolist()) - {0}:
@@ -133,9 +148,19 @@ def test_training_stream_resumes_exactly_from_a_checkpoint(data_dir, tokenizer, 
   from jaxlm.training.checkpoint import Checkpointer
 
   source = sources.get_source("pystdlib_lm", "validation", data_dir)
-  make = lambda: iter(pipeline.lm_batches(source, tokenizer, text_field="text", seq_len=32, batch_size=4,
-                                          dataset_name="pystdlib_lm", shuffle_seed=3, repeat=True,
-                                          shuffle_window=16))
+  make = lambda: iter(
+    pipeline.lm_batches(
+      source,
+      tokenizer,
+      text_field="text",
+      seq_len=32,
+      batch_size=4,
+      dataset_name="pystdlib_lm",
+      shuffle_seed=3,
+      repeat=True,
+      shuffle_window=16,
+    )
+  )
   reference = make()
   expected = [next(reference) for _ in range(12)]
   iterator = make()
@@ -148,8 +173,9 @@ def test_training_stream_resumes_exactly_from_a_checkpoint(data_dir, tokenizer, 
     next(iterator)  # reading goes on while the save completes
   checkpointer.wait()
   restarted = make()
-  checkpointer.restore(3, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state),
-                       restarted)
+  checkpointer.restore(
+    3, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), restarted
+  )
   checkpointer.close()
   for want in expected[3:]:
     got = next(restarted)

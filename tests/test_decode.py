@@ -45,11 +45,11 @@ def uncached_greedy(model, params, prompt, steps):
   """Reference: each step runs the whole prefix through the model (no cache) and takes the argmax."""
   apply = jax.jit(model.apply)
   buffer = np.zeros((1, 16 + steps), np.int32)  # one size for every prompt: one compilation
-  buffer[0, :len(prompt)] = prompt
+  buffer[0, : len(prompt)] = prompt
   for position in range(len(prompt), len(prompt) + steps):
     logits = apply({"params": params}, buffer)  # causal: the zeros after `position` do not matter
     buffer[0, position] = int(jnp.argmax(logits[0, position - 1]))
-  return buffer[0, len(prompt):len(prompt) + steps].tolist()
+  return buffer[0, len(prompt) : len(prompt) + steps].tolist()
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
@@ -105,9 +105,9 @@ def test_eos_stops_a_row_while_the_others_continue(llama):
   stop = free.tokens[0].tolist().index(eos)
   stopped = run(model, params, PROMPTS, eos_id=eos)
   assert stopped.lengths[0] == stop + 1
-  assert stopped.tokens[0, :stop + 1].tolist() == free.tokens[0, :stop + 1].tolist()
-  assert stopped.tokens[0, stop + 1:].tolist() == [0] * (NEW_TOKENS - stop - 1)  # pad_id after EOS
-  assert np.all(stopped.log_probs[0, stop + 1:] == 0)
+  assert stopped.tokens[0, : stop + 1].tolist() == free.tokens[0, : stop + 1].tolist()
+  assert stopped.tokens[0, stop + 1 :].tolist() == [0] * (NEW_TOKENS - stop - 1)  # pad_id after EOS
+  assert np.all(stopped.log_probs[0, stop + 1 :] == 0)
   for row in (1, 2):  # the others go on to their own EOS or to max_new_tokens
     row_tokens = free.tokens[row].tolist()
     length = row_tokens.index(eos) + 1 if eos in row_tokens else NEW_TOKENS
@@ -137,10 +137,10 @@ def test_beam_search_ends_hypotheses_at_eos_and_applies_the_length_penalty(llama
     for row in range(len(PROMPTS)):
       length = int(output.lengths[row])
       tokens = output.tokens[row].tolist()
-      assert eos not in tokens[:length - 1]
+      assert eos not in tokens[: length - 1]
       assert length == NEW_TOKENS or tokens[length - 1] == eos
       assert tokens[length:] == [0] * (NEW_TOKENS - length)
-      np.testing.assert_allclose(output.scores[row], output.log_probs[row].sum() / length ** penalty, rtol=1e-5)
+      np.testing.assert_allclose(output.scores[row], output.log_probs[row].sum() / length**penalty, rtol=1e-5)
     assert np.any(output.lengths < NEW_TOKENS)
 
 
@@ -164,8 +164,16 @@ def test_sharded_bfloat16_decoding_matches_one_device_and_shards_the_cache():
   sharded_params = jax.device_put(params, sharding.logical_to_sharding(specs, mesh)["params"])
   tokens, start = generate.left_pad(prompts, pad_id=0)
   with sharding.mesh_context(mesh):
-    output = jax.device_get(generate.decode(CachedDecoder(model), sharded_params, tokens, start, jax.random.key(0),
-                                            DecodeSettings(max_new_tokens=NEW_TOKENS)))
+    output = jax.device_get(
+      generate.decode(
+        CachedDecoder(model),
+        sharded_params,
+        tokens,
+        start,
+        jax.random.key(0),
+        DecodeSettings(max_new_tokens=NEW_TOKENS),
+      )
+    )
     cache = jax.jit(lambda: KVCache.create(model.config, jnp.zeros(4, jnp.int32), 16))()
   # bfloat16 sums in another order may flip a near-tie: compare the first tokens, which carry no earlier flip.
   assert output.tokens[:, :4].tolist() == expected.tokens[:, :4].tolist()
@@ -202,8 +210,12 @@ def test_two_steps_of_beam_search_equal_a_brute_force_search_over_the_kept_beams
   output = run(model, params, [prompt], strategy="beam", beam_size=beams, max_new_tokens=2)
   first = _uncached_log_probs(model, params, prompt)
   kept = np.argsort(first)[-beams:]
-  totals = {(a, b): first[a] + second[b] for a in kept
-            for second in [_uncached_log_probs(model, params, prompt + [int(a)])] for b in range(32)}
+  totals = {
+    (a, b): first[a] + second[b]
+    for a in kept
+    for second in [_uncached_log_probs(model, params, prompt + [int(a)])]
+    for b in range(32)
+  }
   best = max(totals, key=totals.get)
   assert output.tokens[0].tolist() == [int(best[0]), int(best[1])]
   assert output.scores[0] == pytest.approx(totals[best], abs=1e-4)

@@ -18,14 +18,30 @@ from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import Encoder, backbone
 from jaxlm.tasks import masked_lm
 
-BERT_LIKE = dict(family="encoder", vocab_size=128, embed_dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_len=16,
-                 position="learned", norm="layernorm", norm_position="post", embed_norm=True, mlp="gelu_exact",
-                 use_bias=True, type_vocab_size=2, pooler=True)
+BERT_LIKE = dict(
+  family="encoder",
+  vocab_size=128,
+  embed_dim=64,
+  num_layers=2,
+  num_heads=8,
+  mlp_dim=128,
+  max_len=16,
+  position="learned",
+  norm="layernorm",
+  norm_position="post",
+  embed_norm=True,
+  mlp="gelu_exact",
+  use_bias=True,
+  type_vocab_size=2,
+  pooler=True,
+)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(position="rotary", norm="rmsnorm", norm_position="pre",
-                                                embed_norm=False, mlp="swiglu", use_bias=False)],
-                         ids=["bert", "rotary_prenorm"])
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, dict(position="rotary", norm="rmsnorm", norm_position="pre", embed_norm=False, mlp="swiglu", use_bias=False)],
+  ids=["bert", "rotary_prenorm"],
+)
 def test_encoder_sees_later_tokens_and_ignores_padding(overrides):
   model = Encoder(ModelConfig(**{**BERT_LIKE, **overrides}))
   params = params_lib.init_params(model, jax.random.key(0))
@@ -49,8 +65,9 @@ def test_mask_tokens_statistics_on_a_large_sample():
   tokens = rng.choice(np.concatenate([ordinary, special]), size=(256, 512)).astype(np.int32)
   segment_ids = np.ones_like(tokens)
   segment_ids[:, 400:] = 0
-  out = masked_lm.mask_tokens(tokens, segment_ids, np.random.default_rng(1), rate=0.15, mask_id=4,
-                              ordinary_ids=ordinary)
+  out = masked_lm.mask_tokens(
+    tokens, segment_ids, np.random.default_rng(1), rate=0.15, mask_id=4, ordinary_ids=ordinary
+  )
   chosen = out["masked"].astype(bool)
   candidates = (segment_ids != 0) & np.isin(tokens, ordinary)
   assert not (chosen & ~candidates).any()  # never a special token, never padding
@@ -69,8 +86,9 @@ def test_mask_tokens_statistics_on_a_large_sample():
 
 
 def test_tokenizer_reserves_mask_and_caches_apart(data_dir, tokenizer):
-  data_config = ml_collections.ConfigDict(dict(tokenizer="", data_dir=data_dir, name="pystdlib_lm", text_field="text",
-                                               vocab_size=512))
+  data_config = ml_collections.ConfigDict(
+    dict(tokenizer="", data_dir=data_dir, name="pystdlib_lm", text_field="text", vocab_size=512)
+  )
   plain = pipeline.cached_tokenizer_path(data_config)
   assert tokenizer.path == plain  # the decoder's tokenizer keeps its cache path
   assert pipeline.cached_tokenizer_path(data_config, ("[MASK]",)) != plain
@@ -85,6 +103,7 @@ def test_masked_batches_resume_with_the_same_masks(data_dir):
   config = experiment_config("pretrain_mlm", "tiny")
   config.data.data_dir = data_dir
   from jaxlm import Experiment
+
   experiment = Experiment.from_config(config)
   iterator = iter(experiment.train_batches())
   next(iterator)
@@ -104,13 +123,17 @@ def _mlm_batches(steps=3, rows=8, length=16):
     tokens = rng.integers(5, 128, size=(rows, length)).astype(np.int32)
     segment_ids = np.repeat([[1] * 9 + [2] * 5 + [0] * 2], rows, axis=0).astype(np.int32)
     positions = np.concatenate([np.arange(9), np.arange(5), [0, 0]])[None].repeat(rows, 0).astype(np.int32)
-    yield {"segment_ids": segment_ids, "positions": positions,
-           **masked_lm.mask_tokens(tokens, segment_ids, rng, rate=0.3, mask_id=4, ordinary_ids=np.arange(5, 128))}
+    yield {
+      "segment_ids": segment_ids,
+      "positions": positions,
+      **masked_lm.mask_tokens(tokens, segment_ids, rng, rate=0.3, mask_id=4, ordinary_ids=np.arange(5, 128)),
+    }
 
 
 def _train(mesh, devices):
-  state, train_step, mesh = make_trainer(Encoder(ModelConfig(**BERT_LIKE)), task=masked_lm.MaskedLm(), mesh=mesh,
-                                         devices=devices)
+  state, train_step, mesh = make_trainer(
+    Encoder(ModelConfig(**BERT_LIKE)), task=masked_lm.MaskedLm(), mesh=mesh, devices=devices
+  )
   losses = []
   with sharding.mesh_context(mesh):
     for batch in _mlm_batches():
@@ -140,9 +163,14 @@ def test_mlm_pretraining_then_encoder_finetuning_from_the_cli(data_dir, tmp_path
   assert evals[-1]["loss"] < 0.75 * evals[0]["loss"]
 
   finetuned = str(tmp_path / "packages")
-  run_cli("--config=experiments/finetune_packages.py:tiny,encoder", f"--workdir={finetuned}",
-          f"--config.init_from={pretrained}", f"--config.data.data_dir={data_dir}", "--config.train.steps=3",
-          "--config.classification.pooling=pooler")
+  run_cli(
+    "--config=experiments/finetune_packages.py:tiny,encoder",
+    f"--workdir={finetuned}",
+    f"--config.init_from={pretrained}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.train.steps=3",
+    "--config.classification.pooling=pooler",
+  )
   report = json.load(open(os.path.join(finetuned, "eval", "report.json")))
   assert report["split"] == "test" and {"accuracy", "macro_f1"} <= set(report["metrics"])
   saved = json.load(open(os.path.join(finetuned, "config.json")))

@@ -20,18 +20,33 @@ from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import EncoderDecoder, backbone
 from jaxlm.tasks import span_corruption
 
-T5_LIKE = dict(family="encoder_decoder", vocab_size=128, embed_dim=64, num_layers=2, num_decoder_layers=3, num_heads=8,
-               mlp_dim=128, max_len=32, position="relative", relative_buckets=8, relative_max_distance=16, mlp="relu",
-               scale_attention=False, tied_logits_scale=True)
+T5_LIKE = dict(
+  family="encoder_decoder",
+  vocab_size=128,
+  embed_dim=64,
+  num_layers=2,
+  num_decoder_layers=3,
+  num_heads=8,
+  mlp_dim=128,
+  max_len=32,
+  position="relative",
+  relative_buckets=8,
+  relative_max_distance=16,
+  mlp="relu",
+  scale_attention=False,
+  tied_logits_scale=True,
+)
 
 
 def _apply(model, params, tokens, encoder_tokens, encoder_segment_ids):
-  return np.asarray(model.apply({"params": params}, tokens, encoder_tokens=encoder_tokens,
-                                encoder_segment_ids=encoder_segment_ids))
+  return np.asarray(
+    model.apply({"params": params}, tokens, encoder_tokens=encoder_tokens, encoder_segment_ids=encoder_segment_ids)
+  )
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(position="rotary", tie_embeddings=False, scale_attention=True)],
-                         ids=["t5", "rotary_untied"])
+@pytest.mark.parametrize(
+  "overrides", [{}, dict(position="rotary", tie_embeddings=False, scale_attention=True)], ids=["t5", "rotary_untied"]
+)
 def test_decoder_is_causal_and_cross_attention_ignores_encoder_padding(overrides):
   model = EncoderDecoder(ModelConfig(**{**T5_LIKE, **overrides}))
   params = params_lib.init_params(model, jax.random.key(0))
@@ -55,8 +70,9 @@ def test_relative_buckets_match_transformers_t5():
   t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
   relative = np.arange(-300, 300)[None, :]
   for bidirectional in (True, False):
-    want = t5.T5Attention._relative_position_bucket(torch.tensor(relative), bidirectional=bidirectional,
-                                                    num_buckets=32, max_distance=128).numpy()
+    want = t5.T5Attention._relative_position_bucket(
+      torch.tensor(relative), bidirectional=bidirectional, num_buckets=32, max_distance=128
+    ).numpy()
     got = layers.relative_buckets(jnp.asarray(relative), bidirectional, 32, 128)
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -77,8 +93,9 @@ def test_span_corruption_statistics_on_a_large_sample():
     np.testing.assert_array_equal(targets[np.isin(targets, sentinels)], sentinels[:num_spans])
     # Recover the chunk: each sentinel of the inputs is replaced by the tokens after it in the targets.
     pieces = np.split(targets, np.flatnonzero(np.isin(targets, sentinels)))[1:]
-    restored = np.concatenate([pieces[np.flatnonzero(sentinels == t)[0]][1:] if t in sentinels else [t]
-                               for t in inputs])
+    restored = np.concatenate(
+      [pieces[np.flatnonzero(sentinels == t)[0]][1:] if t in sentinels else [t] for t in inputs]
+    )
     np.testing.assert_array_equal(restored, tokens)
     noise_total += noise.sum()
     starts = np.flatnonzero(noise & ~np.concatenate([[False], noise[:-1]]))
@@ -93,8 +110,13 @@ def _uncached_greedy(model, params, prompt, start, steps, start_id):
   positions = np.maximum(np.arange(prompt.shape[1])[None] - start[:, None], 0)
   out = np.full((prompt.shape[0], 1), start_id, np.int32)
   for _ in range(steps):
-    logits = model.apply({"params": params}, jnp.asarray(out), encoder_tokens=jnp.asarray(prompt),
-                         encoder_positions=jnp.asarray(positions), encoder_segment_ids=jnp.asarray(segments))
+    logits = model.apply(
+      {"params": params},
+      jnp.asarray(out),
+      encoder_tokens=jnp.asarray(prompt),
+      encoder_positions=jnp.asarray(positions),
+      encoder_segment_ids=jnp.asarray(segments),
+    )
     out = np.concatenate([out, np.argmax(np.asarray(logits[:, -1]), axis=-1)[:, None].astype(np.int32)], axis=1)
   return out[:, 1:]
 
@@ -113,8 +135,14 @@ def test_cached_greedy_equals_uncached_reference(overrides):
   want = _uncached_greedy(model, params, prompt, start, 10, 2)
   np.testing.assert_array_equal(np.asarray(output.tokens), want)
   assert len(set(map(tuple, want))) > 1  # the rows differ: the encoder output matters
-  beam = run_decode(step_model, params, jnp.asarray(prompt), jnp.asarray(start), jax.random.key(0),
-                    decode.DecodeSettings(max_new_tokens=10, strategy="beam", beam_size=3))
+  beam = run_decode(
+    step_model,
+    params,
+    jnp.asarray(prompt),
+    jnp.asarray(start),
+    jax.random.key(0),
+    decode.DecodeSettings(max_new_tokens=10, strategy="beam", beam_size=3),
+  )
   assert np.all(np.asarray(beam.scores) >= np.asarray(output.scores) - 1e-4)  # beam finds at least greedy's score
 
 
@@ -123,14 +151,20 @@ def _batches(steps=3, rows=8):
   for _ in range(steps):
     segments = np.repeat([[1] * 7 + [2] * 5 + [0] * 4], rows, axis=0).astype(np.int32)
     positions = np.concatenate([np.arange(7), np.arange(5), [0] * 4])[None].repeat(rows, 0).astype(np.int32)
-    yield {"tokens": rng.integers(4, 128, size=(rows, 16)).astype(np.int32), "segment_ids": segments,
-           "positions": positions, "encoder_tokens": rng.integers(4, 128, size=(rows, 16)).astype(np.int32),
-           "encoder_segment_ids": segments[:, ::-1].copy(), "encoder_positions": positions[:, ::-1].copy()}
+    yield {
+      "tokens": rng.integers(4, 128, size=(rows, 16)).astype(np.int32),
+      "segment_ids": segments,
+      "positions": positions,
+      "encoder_tokens": rng.integers(4, 128, size=(rows, 16)).astype(np.int32),
+      "encoder_segment_ids": segments[:, ::-1].copy(),
+      "encoder_positions": positions[:, ::-1].copy(),
+    }
 
 
 def _train(mesh, devices):
-  state, train_step, mesh = make_trainer(EncoderDecoder(ModelConfig(**T5_LIKE)), task=span_corruption.SpanCorruption(),
-                                         mesh=mesh, devices=devices)
+  state, train_step, mesh = make_trainer(
+    EncoderDecoder(ModelConfig(**T5_LIKE)), task=span_corruption.SpanCorruption(), mesh=mesh, devices=devices
+  )
   losses = []
   with sharding.mesh_context(mesh):
     for batch in _batches():
@@ -158,6 +192,12 @@ def test_span_corruption_pretraining_then_generation_from_the_cli(data_dir, tmp_
   evals = [row for row in rows if row["split"] == "eval"]
   assert all({"loss", "token_accuracy"} <= set(row) for row in evals)
   assert evals[-1]["loss"] < 0.75 * evals[0]["loss"]
-  process = run_cli("--mode=generate", f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}",
-                    "--prompt=def f(x):", "--config.decode.strategy=beam", "--config.decode.max_new_tokens=8")
+  process = run_cli(
+    "--mode=generate",
+    f"--config=experiments/workdir.py:{workdir}",
+    f"--workdir={workdir}",
+    "--prompt=def f(x):",
+    "--config.decode.strategy=beam",
+    "--config.decode.max_new_tokens=8",
+  )
   assert process.stdout.count("\n") == 1  # one generation printed per prompt

@@ -17,4 +17,3 @@ def test_ensemble_of_identical_workdirs_equals_one_of_them(tiny_workdir):
   metrics = Ensemble([tiny_workdir]).evaluate(num_batches=1)
   reference = single.evaluate(single.load_params(), num_batches=1)
   np.testing.assert_allclose(metrics["loss"], reference["loss"], rtol=1e-4)
-

@@ -29,13 +29,14 @@ def _log_softmax(x):
 
 
 def test_sft_example_puts_the_mask_on_target_and_eos(tokenizer):
-  row = pipeline.sft_example(tokenizer, "def f(x):\n    return x" * 20, "Return x.", seq_len=48, truncation="right",
-                             separator='\n"""')
+  row = pipeline.sft_example(
+    tokenizer, "def f(x):\n    return x" * 20, "Return x.", seq_len=48, truncation="right", separator='\n"""'
+  )
   tokens, mask = row["tokens"], row["loss_mask"]
   assert tokens[0] == tokenizer.bos_id and row["segment_ids"].sum() == 48  # the prompt was cut to fit
   assert tokenizer.decode(tokens[mask == 1]) == "Return x." and tokens[mask == 1][-1] == tokenizer.eos_id
-  assert tokenizer.decode(tokens[:int(mask.argmax())]).startswith("def f(x):")  # right truncation keeps the start
-  assert tokenizer.decode(tokens[:int(mask.argmax())]).endswith('\n"""')  # the separator is never cut
+  assert tokenizer.decode(tokens[: int(mask.argmax())]).startswith("def f(x):")  # right truncation keeps the start
+  assert tokenizer.decode(tokens[: int(mask.argmax())]).endswith('\n"""')  # the separator is never cut
   left = pipeline.sft_example(tokenizer, "first " + "x" * 200, "t", 32, "left", "")
   assert "first" not in tokenizer.decode(left["tokens"])
 
@@ -50,8 +51,12 @@ def test_sft_loss_ignores_prompt_tokens():
   loss_mask[1, 5:16] = 1
   segment_ids = np.ones((2, 16), np.int32)
   segment_ids[0, 13:] = 0
-  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
-           "loss_mask": loss_mask}
+  batch = {
+    "tokens": tokens,
+    "segment_ids": segment_ids,
+    "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+    "loss_mask": loss_mask,
+  }
   params = params_lib.init_params(model, jax.random.key(0))
   task = seq2seq.Seq2Seq(seq_len=16)
   loss_sum, sums = task.loss_and_metrics(model, params, batch, train=False)
@@ -74,11 +79,13 @@ def test_classification_losses_against_numpy():
   smooth = -(0.9 * log_p[np.arange(6), labels] + 0.1 / 5 * log_p.sum(-1))
   np.testing.assert_allclose(classification.example_losses(logits, labels), ce, rtol=1e-5)
   np.testing.assert_allclose(classification.example_losses(logits, labels, label_smoothing=0.1), smooth, rtol=1e-5)
-  np.testing.assert_allclose(classification.example_losses(logits, labels, focal_gamma=2.0), (1 - p_label) ** 2 * ce,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    classification.example_losses(logits, labels, focal_gamma=2.0), (1 - p_label) ** 2 * ce, rtol=1e-5
+  )
   gamma = np.where(p_label < 0.2, 5.0, 3.0)
-  np.testing.assert_allclose(classification.example_losses(logits, labels, focal_adaptive=True),
-                             (1 - p_label) ** gamma * ce, rtol=1e-5)
+  np.testing.assert_allclose(
+    classification.example_losses(logits, labels, focal_adaptive=True), (1 - p_label) ** gamma * ce, rtol=1e-5
+  )
 
 
 def test_macro_f1_and_accuracy_match_sklearn():
@@ -107,13 +114,20 @@ def _changed_after_training(trainable: str, frozen: str = "") -> set[str]:
   state, train_step, mesh = make_trainer(task.build_model(TINY), task=task, train=train)
   before = jax.device_get(state.params)
   rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32), "segment_ids": np.ones((8, 16), np.int32),
-           "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)), "label": rng.integers(0, 3, 8).astype(np.int32)}
+  batch = {
+    "tokens": rng.integers(4, 64, (8, 16)).astype(np.int32),
+    "segment_ids": np.ones((8, 16), np.int32),
+    "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+    "label": rng.integers(0, 3, 8).astype(np.int32),
+  }
   with sharding.mesh_context(mesh):
     state, _ = train_step(state, batch)
   flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
-  return {params_lib.path_name(p) for (p, a), b in zip(flat_before, jax.tree.leaves(jax.device_get(state.params)))
-          if not np.array_equal(a, b)}
+  return {
+    params_lib.path_name(p)
+    for (p, a), b in zip(flat_before, jax.tree.leaves(jax.device_get(state.params)))
+    if not np.array_equal(a, b)
+  }
 
 
 def test_head_only_changes_only_the_head():
@@ -148,9 +162,11 @@ def test_init_from_mismatch_lists_the_offending_parameters(tiny_workdir):
   with pytest.raises(CheckpointError) as error:
     checkpoint.restore_params(state_dir, _classifier_params(other), r"^head/")
   message = str(error.value)
-  for line in ("backbone/layers/mlp/up/kernel: shape (2, 64, 128) in the checkpoint, (2, 64, 96) in the model",
-               "backbone/layers/mlp/down/kernel: shape", "backbone/position_embed/embedding (128, 64): in the model, "
-               "not in the checkpoint"):
+  for line in (
+    "backbone/layers/mlp/up/kernel: shape (2, 64, 128) in the checkpoint, (2, 64, 96) in the model",
+    "backbone/layers/mlp/down/kernel: shape",
+    "backbone/position_embed/embedding (128, 64): in the model, not in the checkpoint",
+  ):
     assert line in message
   assert "head/kernel" not in message  # new by declaration, not a mismatch
 
@@ -158,8 +174,12 @@ def test_init_from_mismatch_lists_the_offending_parameters(tiny_workdir):
 @pytest.mark.e2e
 def test_finetune_cli_from_a_tiny_workdir_writes_the_report(tiny_workdir, data_dir, tmp_path):
   """The real CLI: LoRA fine-tuning of the tiny classifier; eval every 3 steps, best checkpoint, test report."""
-  run_cli("--config=experiments/finetune_packages.py:tiny,lora", f"--workdir={tmp_path}",
-          f"--config.data.data_dir={data_dir}", f"--config.init_from={tiny_workdir}")
+  run_cli(
+    "--config=experiments/finetune_packages.py:tiny,lora",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.init_from={tiny_workdir}",
+  )
   report = json.load(open(tmp_path / "eval" / "report.json"))
   eval_rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
   assert [row["step"] for row in eval_rows] == [3, 6]
@@ -171,8 +191,7 @@ def test_finetune_cli_from_a_tiny_workdir_writes_the_report(tiny_workdir, data_d
 
 
 @pytest.mark.e2e
-def test_sft_from_a_pretrained_run_reports_generation_and_generates_from_its_workdir(tiny_workdir, data_dir,
-                                                                                       tmp_path):
+def test_sft_from_a_pretrained_run_reports_generation_and_generates_from_its_workdir(tiny_workdir, data_dir, tmp_path):
   """quickstart -> SFT with init_from -> --mode=generate on the SFT workdir (once broken: generation looked for
   a tokenizer trained on the SFT data, which does not exist; the run uses init_from's)."""
   config = experiment_config("sft_docstrings", "tiny")
@@ -192,18 +211,25 @@ def test_sft_from_a_pretrained_run_reports_generation_and_generates_from_its_wor
 def test_distillation_loss_against_numpy():
   """(1 - w) task loss + w tau^2 KL(teacher_tau || student_tau), on the rows the task scores."""
   from jaxlm.tasks import distillation
+
   task = classification.Classification(num_classes=3, seq_len=16)
   student, teacher = task.build_model(TINY), task.build_model(dataclasses.replace(TINY, mlp_dim=32))
   rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(4, 64, (4, 16)).astype(np.int32), "segment_ids": np.ones((4, 16), np.int32),
-           "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)), "label": np.array([0, 1, 2, 0], np.int32)}
+  batch = {
+    "tokens": rng.integers(4, 64, (4, 16)).astype(np.int32),
+    "segment_ids": np.ones((4, 16), np.int32),
+    "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+    "label": np.array([0, 1, 2, 0], np.int32),
+  }
   batch["segment_ids"][3] = 0  # a padding row: not scored
   init = lambda model, seed: params_lib.init_params(model, jax.random.key(seed))
   student_params, teacher_params = init(student, 0), init(teacher, 1)
   distill = distillation.Distillation(task, teacher, teacher_params, weight=0.3, temperature=2.0)
   loss, sums = distill.loss_and_metrics(student, student_params, batch, train=False)
-  logits = [np.asarray(task.logits(m, p, batch, train=False), np.float64)
-            for m, p in ((student, student_params), (teacher, teacher_params))]
+  logits = [
+    np.asarray(task.logits(m, p, batch, train=False), np.float64)
+    for m, p in ((student, student_params), (teacher, teacher_params))
+  ]
   task_loss = -sum(_log_softmax(logits[0])[i, batch["label"][i]] for i in range(3))
   log_s, log_t = _log_softmax(logits[0] / 2.0), _log_softmax(logits[1] / 2.0)
   kl = (np.exp(log_t) * (log_t - log_s)).sum(-1)[:3].sum() * 4.0

@@ -27,18 +27,36 @@ from jaxlm.models.transformer import Decoder
 
 VOCAB = 320
 TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, hello jaxlm.", "for i in range(10): print(i)"] * 20
-LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=16, rope_theta=10000.0)
+LLAMA = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+  rms_norm_eps=1e-5,
+)
+LLAMA3_ROPE = dict(
+  rope_type="llama3",
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=16,
+  rope_theta=10000.0,
+)
 GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
 VARIANTS = {
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)),
-    "gpt2_untied": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, tie_word_embeddings=False)),
-    "llama_gqa_tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **LLAMA, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
-    "llama_gqa_untied_llama3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **LLAMA, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
+  "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)),
+  "gpt2_untied": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, tie_word_embeddings=False)),
+  "llama_gqa_tied": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      **LLAMA, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500000.0)
+    )
+  ),
+  "llama_gqa_untied_llama3": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(**LLAMA, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+  ),
 }
 
 
@@ -47,12 +65,17 @@ def save_hf_tokenizer(directory: str, gpt2: bool) -> None:
   (GPT-2: one <|endoftext|> token for bos and eos, no pad; Llama: <s> and </s>)."""
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
+
   specials = ["<|endoftext|>"] if gpt2 else ["<unk>", "<s>", "</s>"]
   tokenizer = tokenizers.Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+    TEXTS,
+    trainers.BpeTrainer(
+      vocab_size=VOCAB - 8, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   roles = dict(bos_token=specials[0], eos_token=specials[0]) if gpt2 else dict(bos_token="<s>", eos_token="</s>")
   transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles).save_pretrained(directory)
 
@@ -105,11 +128,18 @@ def test_greedy_generation_matches_transformers(hf_model):
   prompts = np.random.default_rng(2).integers(1, VOCAB, (2, 7))
   settings = DecodeSettings(strategy="greedy", max_new_tokens=12)
   eos = reference.generation_config.eos_token_id  # both stop a row at eos, then pad with 0
-  output = decode(CachedDecoder(model), params, prompts, np.zeros(2, np.int32), jax.random.key(0), settings,
-                  eos_id=eos, pad_id=0)
+  output = decode(
+    CachedDecoder(model), params, prompts, np.zeros(2, np.int32), jax.random.key(0), settings, eos_id=eos, pad_id=0
+  )
   with torch.no_grad():
-    expected = reference.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 7, dtype=torch.long),
-                                  max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    expected = reference.generate(
+      torch.tensor(prompts),
+      attention_mask=torch.ones(2, 7, dtype=torch.long),
+      max_new_tokens=12,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=0,
+    )
   expected = np.pad(expected[:, 7:].numpy(), ((0, 0), (0, 12 - expected.shape[1] + 7)))
   np.testing.assert_array_equal(np.asarray(output.tokens), expected)
 
@@ -128,12 +158,16 @@ def test_import_then_export_reproduces_the_checkpoint(hf_model, tmp_path):
   assert config_again == model_config
   jax.tree.map(np.testing.assert_array_equal, again, params)
   assert (tokenizer_again.bos_id, tokenizer_again.eos_id, tokenizer_again.pad_id) == (
-      tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    tokenizer.bos_id,
+    tokenizer.eos_id,
+    tokenizer.pad_id,
+  )
   # transformers reads the exported directory as the same model
   loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 20))
-  np.testing.assert_array_equal(torch_logits(loaded, tokens, np.ones_like(tokens)),
-                                torch_logits(reference, tokens, np.ones_like(tokens)))
+  np.testing.assert_array_equal(
+    torch_logits(loaded, tokens, np.ones_like(tokens)), torch_logits(reference, tokens, np.ones_like(tokens))
+  )
 
 
 def test_hf_tokenizer_behind_jaxlm_interface(tmp_path):
@@ -147,18 +181,26 @@ def test_hf_tokenizer_behind_jaxlm_interface(tmp_path):
   tokenizer.save(str(tmp_path / "copy.model"))  # a workdir's copy carries its special tokens inside
   os.remove(tmp_path / "tokenizer_config.json")
   from jaxlm.data.tokenizer import Tokenizer
+
   copy = Tokenizer(str(tmp_path / "copy.model"))
   assert (copy.kind, copy.vocab_size, copy.eos_id, copy.encode(text)) == (
-      "tokenizers", tokenizer.vocab_size, tokenizer.eos_id, tokenizer.encode(text))
+    "tokenizers",
+    tokenizer.vocab_size,
+    tokenizer.eos_id,
+    tokenizer.encode(text),
+  )
 
 
-@pytest.mark.parametrize("change, key", [
+@pytest.mark.parametrize(
+  "change, key",
+  [
     (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "rope_type"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(sliding_window=128), "sliding_window"),
     (dict(model_type="mistral"), "model_type"),
-])
+  ],
+)
 def test_unsupported_config_is_a_clear_error(change, key):
   config = {**transformers.LlamaConfig(**LLAMA).to_dict(), **change}
   with pytest.raises(ConfigError, match=key):
@@ -193,16 +235,28 @@ def test_convert_cli_workdir_generates_plans_and_initialises(tmp_path):
   save_hf_tokenizer(hf_dir, gpt2=False)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   convert = [sys.executable, os.path.join(REPO, "scripts", "convert_hf.py")]
-  subprocess.run([*convert, f"--hf_dir={hf_dir}", f"--workdir={workdir}"], check=True, cwd=REPO, env=env,
-                 capture_output=True, timeout=300)
+  subprocess.run(
+    [*convert, f"--hf_dir={hf_dir}", f"--workdir={workdir}"],
+    check=True,
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    timeout=300,
+  )
 
-  text = run_cli(f"--workdir={workdir}", "--mode=generate", "--prompt=def add",
-                 f"--config=experiments/workdir.py:{workdir}", "--config.decode.max_new_tokens=6")
+  text = run_cli(
+    f"--workdir={workdir}",
+    "--mode=generate",
+    "--prompt=def add",
+    f"--config=experiments/workdir.py:{workdir}",
+    "--config.decode.max_new_tokens=6",
+  )
   _, params, tokenizer, model_config = hf.load_pretrained(hf_dir)
   ids = [tokenizer.bos_id, *tokenizer.encode("def add")]
   with torch.no_grad():
-    expected = reference.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                  eos_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    expected = reference.generate(
+      torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.eos_id
+    )[0, len(ids) :].tolist()
   assert text.stdout.strip() == tokenizer.decode(expected).strip()
   plan = run_cli(f"--workdir={workdir}", "--mode=plan")
   assert "layers/attention/query/kernel" in plan.stdout
@@ -213,10 +267,18 @@ def test_convert_cli_workdir_generates_plans_and_initialises(tmp_path):
   started = Experiment.from_config(config, str(tmp_path / "finetune")).init_params()
   jax.tree.map(np.testing.assert_array_equal, started, params)
 
-  subprocess.run([*convert, f"--workdir={workdir}", f"--export_hf_dir={export}"], check=True, cwd=REPO, env=env,
-                 capture_output=True, timeout=300)
-  original, exported = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(export,
-                                                                                                   "model.safetensors"))
+  subprocess.run(
+    [*convert, f"--workdir={workdir}", f"--export_hf_dir={export}"],
+    check=True,
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    timeout=300,
+  )
+  original, exported = (
+    load_file(os.path.join(hf_dir, "model.safetensors")),
+    load_file(os.path.join(export, "model.safetensors")),
+  )
   assert sorted(original) == sorted(exported)
   for name in original:
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)

@@ -23,10 +23,24 @@ from jaxlm.interop import hf
 from jaxlm.models import params as params_lib
 
 VOCAB = 320
-BERT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            max_position_embeddings=64)
-T5 = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-          relative_attention_num_buckets=16, relative_attention_max_distance=20)
+BERT = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=96,
+  max_position_embeddings=64,
+)
+T5 = dict(
+  vocab_size=VOCAB,
+  d_model=64,
+  d_kv=16,
+  d_ff=96,
+  num_layers=2,
+  num_heads=4,
+  relative_attention_num_buckets=16,
+  relative_attention_max_distance=20,
+)
 
 
 def untied_t5_v11():
@@ -41,14 +55,24 @@ def untied_t5_v11():
 
 
 VARIANTS = {
-    "bert": lambda: transformers.BertForPreTraining(transformers.BertConfig(**BERT, type_vocab_size=2)),
-    "roberta": lambda: transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        **{**BERT, "max_position_embeddings": 66}, type_vocab_size=1, pad_token_id=1, hidden_act="gelu_new")),
-    "minilm": lambda: transformers.BertModel(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, num_attention_heads=12, intermediate_size=96,
-        max_position_embeddings=64)),
-    "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, num_decoder_layers=3)),
-    "t5_v11": untied_t5_v11,
+  "bert": lambda: transformers.BertForPreTraining(transformers.BertConfig(**BERT, type_vocab_size=2)),
+  "roberta": lambda: transformers.RobertaForMaskedLM(
+    transformers.RobertaConfig(
+      **{**BERT, "max_position_embeddings": 66}, type_vocab_size=1, pad_token_id=1, hidden_act="gelu_new"
+    )
+  ),
+  "minilm": lambda: transformers.BertModel(
+    transformers.BertConfig(
+      vocab_size=VOCAB,
+      hidden_size=48,
+      num_hidden_layers=3,
+      num_attention_heads=12,
+      intermediate_size=96,
+      max_position_embeddings=64,
+    )
+  ),
+  "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, num_decoder_layers=3)),
+  "t5_v11": untied_t5_v11,
 }
 
 
@@ -71,7 +95,7 @@ def padded_inputs(seed: int, length: int, low: int = 0, pad: int = 0):
   """tokens [3, length] in [low, VOCAB) (pad where the mask is 0), mask [3, length] (rows 1, 2 right-padded)."""
   rng = np.random.default_rng(seed)
   mask = np.ones((3, length), np.int64)
-  mask[1, length - 7:] = 0
+  mask[1, length - 7 :] = 0
   mask[2, 9:] = 0
   return np.where(mask == 1, rng.integers(low, VOCAB, (3, length)), pad), mask
 
@@ -85,8 +109,12 @@ def outputs(variant: str, model, params, reference) -> dict:
     tokens, mask = padded_inputs(2, 17)
     ours = apply(variables, tokens, segment_ids=mask, encoder_tokens=encoder_tokens, encoder_segment_ids=encoder_mask)
     with torch.no_grad():
-      theirs = reference(input_ids=torch.tensor(encoder_tokens), attention_mask=torch.tensor(encoder_mask),
-                         decoder_input_ids=torch.tensor(tokens), decoder_attention_mask=torch.tensor(mask)).logits
+      theirs = reference(
+        input_ids=torch.tensor(encoder_tokens),
+        attention_mask=torch.tensor(encoder_mask),
+        decoder_input_ids=torch.tensor(tokens),
+        decoder_attention_mask=torch.tensor(mask),
+      ).logits
     return {"logits": (ours, theirs, mask)}
   pad = reference.config.pad_token_id or 0
   tokens, mask = padded_inputs(3, 29, low=pad + 1, pad=pad)  # RoBERTa numbers positions past its pad tokens
@@ -95,11 +123,19 @@ def outputs(variant: str, model, params, reference) -> dict:
   with torch.no_grad():
     inputs = dict(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
     base_output = base(**inputs)
-    result = {"hidden": (apply(variables, tokens, segment_ids=mask, token_types=types, return_hidden=True),
-                         base_output.last_hidden_state, mask)}
+    result = {
+      "hidden": (
+        apply(variables, tokens, segment_ids=mask, token_types=types, return_hidden=True),
+        base_output.last_hidden_state,
+        mask,
+      )
+    }
     if base.pooler is not None:
-      result["pooled"] = (apply(variables, tokens, segment_ids=mask, token_types=types, return_pooled=True),
-                          base_output.pooler_output, np.ones(3))
+      result["pooled"] = (
+        apply(variables, tokens, segment_ids=mask, token_types=types, return_pooled=True),
+        base_output.pooler_output,
+        np.ones(3),
+      )
     if base is not reference:
       logits = reference(**inputs)
       logits = logits.prediction_logits if variant == "bert" else logits.logits
@@ -108,8 +144,10 @@ def outputs(variant: str, model, params, reference) -> dict:
 
 
 def max_differences(variant, model, params, reference) -> dict:
-  return {name: float(np.abs(np.asarray(ours) - theirs.numpy())[where == 1].max())
-          for name, (ours, theirs, where) in outputs(variant, model, params, reference).items()}
+  return {
+    name: float(np.abs(np.asarray(ours) - theirs.numpy())[where == 1].max())
+    for name, (ours, theirs, where) in outputs(variant, model, params, reference).items()
+  }
 
 
 def test_outputs_match_transformers_with_padding(hf_model, mesh):
@@ -118,8 +156,13 @@ def test_outputs_match_transformers_with_padding(hf_model, mesh):
   assert params["token_embed"]["embedding"].sharding.mesh.shape == mesh.shape  # placed sharded
   differences = max_differences(variant, model, params, reference)
   print(f"{variant}: max |jaxlm - transformers| = {differences}")
-  expected = {"bert": {"hidden", "pooled", "mlm_logits"}, "roberta": {"hidden", "mlm_logits"},
-              "minilm": {"hidden", "pooled"}, "t5": {"logits"}, "t5_v11": {"logits"}}[variant]
+  expected = {
+    "bert": {"hidden", "pooled", "mlm_logits"},
+    "roberta": {"hidden", "mlm_logits"},
+    "minilm": {"hidden", "pooled"},
+    "t5": {"logits"},
+    "t5_v11": {"logits"},
+  }[variant]
   assert set(differences) == expected
   assert max(differences.values()) < 1e-4
   if variant == "roberta":
@@ -137,10 +180,19 @@ def test_import_then_export_reproduces_the_checkpoint(hf_model, tmp_path):
   if variant == "minilm":  # a bare BertModel leaves in the BertForMaskedLM layout, with the (fresh) MLM head
     original = {f"bert.{name}": value for name, value in original.items()}
     assert sorted(set(exported) - set(original)) == sorted(
-        f"cls.predictions.{name}" for name in ("bias", "transform.LayerNorm.bias", "transform.LayerNorm.weight",
-                                               "transform.dense.bias", "transform.dense.weight"))
-  left_out = {"bert": ["cls.seq_relationship.bias", "cls.seq_relationship.weight"],  # no next-sentence head in jaxlm
-              "t5_v11": ["decoder.embed_tokens.weight", "encoder.embed_tokens.weight"]}.get(variant, [])
+      f"cls.predictions.{name}"
+      for name in (
+        "bias",
+        "transform.LayerNorm.bias",
+        "transform.LayerNorm.weight",
+        "transform.dense.bias",
+        "transform.dense.weight",
+      )
+    )
+  left_out = {
+    "bert": ["cls.seq_relationship.bias", "cls.seq_relationship.weight"],  # no next-sentence head in jaxlm
+    "t5_v11": ["decoder.embed_tokens.weight", "encoder.embed_tokens.weight"],
+  }.get(variant, [])
   assert sorted(set(original) - set(exported)) == left_out
   for name in left_out:  # copies of the shared embedding (checked equal on import)
     if name.endswith("embed_tokens.weight"):
@@ -157,13 +209,16 @@ def test_import_then_export_reproduces_the_checkpoint(hf_model, tmp_path):
     assert difference < 1e-4, (name, difference)
 
 
-@pytest.mark.parametrize("family, change, key", [
+@pytest.mark.parametrize(
+  "family, change, key",
+  [
     ("bert", dict(position_embedding_type="relative_key"), "position_embedding_type"),
     ("bert", dict(hidden_act="silu"), "hidden_act"),
     ("bert", dict(is_decoder=True), "is_decoder"),
     ("t5", dict(feed_forward_proj="gated-silu"), "feed_forward_proj"),
     ("t5", dict(some_new_switch=1), "some_new_switch"),
-])
+  ],
+)
 def test_unsupported_config_is_a_clear_error(family, change, key):
   config = (transformers.BertConfig(**BERT) if family == "bert" else transformers.T5Config(**T5)).to_dict()
   with pytest.raises(ConfigError, match=key):
@@ -179,6 +234,7 @@ def stdlib_lines(count: int) -> list[str]:
   """The first `count` non-empty lines of a few standard-library modules (local text, no download)."""
   import email
   import json as json_module
+
   lines = []
   for module in (os, json_module, email):
     path = module.__file__
@@ -192,15 +248,19 @@ def save_wordpiece_tokenizer(directory: str, vocab_size: int) -> None:
   tokenizer_config.json naming [CLS]/[SEP]/[PAD]/[MASK] (no bos/eos: jaxlm maps [CLS] -> bos, [SEP] -> eos)."""
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
   tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
   tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
   tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   tokenizer.decoder = decoders.WordPiece()
-  tokenizer.train_from_iterator(stdlib_lines(3000), trainers.WordPieceTrainer(
-      vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+  tokenizer.train_from_iterator(
+    stdlib_lines(3000),
+    trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
+  )
   cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-  tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+  tokenizer.post_processor = processors.TemplateProcessing(
+    single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+  )
   transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIALS).save_pretrained(directory)
 
 
@@ -211,16 +271,25 @@ def bert_dir(tmp_path_factory):
   save_wordpiece_tokenizer(directory, vocab_size=512)
   vocab_size = hf.load_tokenizer(directory).vocab_size
   torch.manual_seed(0)
-  transformers.BertForPreTraining(transformers.BertConfig(
-      vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-      max_position_embeddings=64)).save_pretrained(directory)
+  transformers.BertForPreTraining(
+    transformers.BertConfig(
+      vocab_size=vocab_size,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=128,
+      max_position_embeddings=64,
+    )
+  ).save_pretrained(directory)
   return directory
 
 
 def finetune_config(variant: str):
   import importlib.util
-  spec = importlib.util.spec_from_file_location("finetune_packages", os.path.join(REPO, "experiments",
-                                                                                  "finetune_packages.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "finetune_packages", os.path.join(REPO, "experiments", "finetune_packages.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
@@ -230,7 +299,10 @@ def test_bert_tokenizer_maps_cls_and_sep_to_bos_and_eos(bert_dir):
   tokenizer = hf.load_tokenizer(bert_dir)
   reference = transformers.AutoTokenizer.from_pretrained(bert_dir)
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
-      reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
+    reference.cls_token_id,
+    reference.sep_token_id,
+    reference.pad_token_id,
+  )
   assert tokenizer.piece_id("[MASK]") == reference.mask_token_id
   assert reference.mask_token_id not in tokenizer.ordinary_ids() and len(tokenizer.ordinary_ids()) == 507
   text = "def load(fp, *, cls=None):\n    return loads(fp.read())"
@@ -257,16 +329,25 @@ def test_init_from_hf_imports_model_section_params_and_tokenizer(bert_dir, tmp_p
 def test_finetune_imported_bert_through_the_cli(bert_dir, data_dir, tmp_path):
   """`--config.init_from=hf:DIR`: the tiny BERT fine-tuned with a classification head on its pooler; the workdir
   keeps the checkpoint's architecture and a copy of its tokenizer, and evaluates."""
-  run_cli("--config=experiments/finetune_packages.py:tiny,encoder", f"--workdir={tmp_path}",
-          f"--config.data.data_dir={data_dir}", f"--config.init_from=hf:{bert_dir}",
-          "--config.classification.pooling=pooler")
+  run_cli(
+    "--config=experiments/finetune_packages.py:tiny,encoder",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.init_from=hf:{bert_dir}",
+    "--config.classification.pooling=pooler",
+  )
   report = json.load(open(tmp_path / "eval" / "report.json"))
   assert report["split"] == "test" and 0 <= report["metrics"]["accuracy"] <= 1
   with open(tmp_path / "config.json") as f:
     model = json.load(f)["model"]
   assert (model["family"], model["norm_position"], model["mlp"], model["pooler"]) == (
-      "encoder", "post", "gelu_exact", True)
+    "encoder",
+    "post",
+    "gelu_exact",
+    True,
+  )
   copy = hf.load_tokenizer(bert_dir)
   from jaxlm.data.tokenizer import Tokenizer
+
   saved = Tokenizer(str(tmp_path / "tokenizer.model"))
   assert (saved.bos_id, saved.eos_id, saved.encode("import os")) == (copy.bos_id, copy.eos_id, copy.encode("import os"))

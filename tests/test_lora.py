@@ -26,9 +26,12 @@ def test_adapters_sit_on_the_targets_only_and_start_as_the_base_model():
   assert attention["out"]["lora_a"].shape == (2, 4, 8, 4) and attention["out"]["lora_b"].shape == (2, 4, 32)
   base_model = Decoder(dataclasses.replace(CONFIG, lora_rank=0))
   tokens = lm_batch()["tokens"]
-  np.testing.assert_allclose(Decoder(CONFIG).apply({"params": params}, tokens),
-                             base_model.apply({"params": lora.merge_lora(params, CONFIG.lora_alpha)}, tokens),
-                             rtol=1e-6, atol=1e-6)  # B = 0 at init: the merge adds nothing
+  np.testing.assert_allclose(
+    Decoder(CONFIG).apply({"params": params}, tokens),
+    base_model.apply({"params": lora.merge_lora(params, CONFIG.lora_alpha)}, tokens),
+    rtol=1e-6,
+    atol=1e-6,
+  )  # B = 0 at init: the merge adds nothing
 
 
 def test_merged_weights_give_the_same_logits_as_base_plus_adapters():
@@ -36,9 +39,13 @@ def test_merged_weights_give_the_same_logits_as_base_plus_adapters():
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   rng = np.random.default_rng(0)
   # Non-zero adapters, as after training.
-  params = jax.tree_util.tree_unflatten(treedef, [
+  params = jax.tree_util.tree_unflatten(
+    treedef,
+    [
       rng.normal(0, 0.3, x.shape).astype(np.float32) if params_lib.path_name(p).endswith("lora_b") else x
-      for p, x in leaves])
+      for p, x in leaves
+    ],
+  )
   merged = lora.merge_lora(params, CONFIG.lora_alpha)
   assert not any("lora" in params_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
   batch = lm_batch(3)
@@ -58,8 +65,14 @@ def test_only_adapters_change_during_training():
     for seed in range(3):
       state, _ = train_step(state, lm_batch(seed))
   after = jax.device_get(state.params)
-  changed = {params_lib.path_name(p) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0],
-                                                      jax.tree.leaves(after)) if not np.array_equal(a, b)}
-  adapters = {params_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]
-              if params_lib.path_name(p).rsplit("/", 1)[-1] in lora.ADAPTER_NAMES}
+  changed = {
+    params_lib.path_name(p)
+    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after))
+    if not np.array_equal(a, b)
+  }
+  adapters = {
+    params_lib.path_name(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]
+    if params_lib.path_name(p).rsplit("/", 1)[-1] in lora.ADAPTER_NAMES
+  }
   assert changed == adapters  # every adapter moved, nothing else did (bit for bit)

@@ -24,10 +24,12 @@ def test_accuracy_top_k_and_confusion_match_sklearn(seed):
   predictions = scores.argmax(-1)
   assert float(metrics.accuracy(scores, labels)) == pytest.approx(sk.accuracy_score(labels, predictions))
   assert float(metrics.accuracy(scores, labels, weights)) == pytest.approx(
-      sk.accuracy_score(labels, predictions, sample_weight=weights), rel=1e-5)
+    sk.accuracy_score(labels, predictions, sample_weight=weights), rel=1e-5
+  )
   for k in (1, 2, 3):
     assert float(metrics.top_k_accuracy(scores, labels, k)) == pytest.approx(
-        sk.top_k_accuracy_score(labels, scores, k=k, labels=range(5)))
+      sk.top_k_accuracy_score(labels, scores, k=k, labels=range(5))
+    )
   confusion = jax.jit(metrics.confusion_matrix, static_argnums=2)(predictions, labels, 5)
   np.testing.assert_array_equal(confusion, sk.confusion_matrix(labels, predictions, labels=range(5)))
   # Streaming: the sum of per-batch matrices is the matrix of the whole set.
@@ -37,8 +39,9 @@ def test_accuracy_top_k_and_confusion_match_sklearn(seed):
 
 def test_top_k_breaks_ties_toward_the_lower_class_index():
   scores = np.array([[1.0, 1.0, 1.0, 0.0]] * 3, np.float32)
-  np.testing.assert_array_equal([float(metrics.top_k_accuracy(scores[:1], [label], 2)) for label in range(4)],
-                                [1.0, 1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(
+    [float(metrics.top_k_accuracy(scores[:1], [label], 2)) for label in range(4)], [1.0, 1.0, 0.0, 0.0]
+  )
 
 
 @pytest.mark.parametrize("absent_class", [False, True])
@@ -66,13 +69,15 @@ def test_roc_auc_and_average_precision_match_sklearn(ties):
     scores = np.round(scores * 2) / 2
   assert float(jax.jit(metrics.roc_auc)(scores, labels)) == pytest.approx(sk.roc_auc_score(labels, scores), rel=1e-6)
   assert float(jax.jit(metrics.average_precision)(scores, labels)) == pytest.approx(
-      sk.average_precision_score(labels, scores), rel=1e-6)
+    sk.average_precision_score(labels, scores), rel=1e-6
+  )
   # Edge cases: probabilities of exactly 0 and 1, all tied, perfect separation.
   edge = np.array([0.0, 1.0, 1.0, 0.0, 0.5, 0.5], np.float32)
   edge_labels = np.array([0, 1, 0, 0, 1, 1])
   assert float(metrics.roc_auc(edge, edge_labels)) == pytest.approx(sk.roc_auc_score(edge_labels, edge))
   assert float(metrics.average_precision(edge, edge_labels)) == pytest.approx(
-      sk.average_precision_score(edge_labels, edge))
+    sk.average_precision_score(edge_labels, edge)
+  )
   assert float(metrics.roc_auc(np.full(6, 0.3), edge_labels)) == 0.5
   assert float(metrics.roc_auc(edge_labels * 1.0, edge_labels)) == 1.0
   assert np.isnan(float(metrics.roc_auc(edge, np.zeros(6))))
@@ -83,7 +88,8 @@ def test_one_vs_rest_auc_matches_sklearn():
   probs = np.asarray(jax.nn.softmax(scores, axis=-1), np.float64)
   for average in ("macro", "weighted"):
     assert float(metrics.roc_auc_ovr(probs, labels, average)) == pytest.approx(
-        sk.roc_auc_score(labels, probs, multi_class="ovr", average=average), rel=1e-6)
+      sk.roc_auc_score(labels, probs, multi_class="ovr", average=average), rel=1e-6
+    )
   per_class = metrics.roc_auc_ovr(probs, np.where(labels == 3, 0, labels), None)  # class 3 absent: undefined
   assert np.isnan(per_class[3]) and not np.isnan(per_class[:3]).any()
 
@@ -97,7 +103,8 @@ def test_perplexity_and_bits_per_token_match_numpy():
   nll = -(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights).sum() / weights.sum()
   assert float(metrics.perplexity(logits.astype(np.float32), targets, weights)) == pytest.approx(np.exp(nll), rel=1e-5)
   assert float(metrics.bits_per_token(logits.astype(np.float32), targets, weights)) == pytest.approx(
-      nll / np.log(2), rel=1e-5)
+    nll / np.log(2), rel=1e-5
+  )
 
 
 def test_exact_match():
@@ -131,6 +138,7 @@ def _lcs_brute_force(a, b):
     if i == len(a) or j == len(b):
       return 0
     return 1 + lcs(i + 1, j + 1) if a[i] == b[j] else max(lcs(i + 1, j), lcs(i, j + 1))
+
   return lcs(0, 0)
 
 
@@ -150,7 +158,24 @@ def test_rouge_l_matches_a_brute_force_reference():
 def test_13a_tokenizer_on_hand_tokenised_examples():
   """mteval-v13a: punctuation split off except inside numbers; apostrophes and in-word dashes stay."""
   assert metrics.tokenize_13a("Hello, world! It's 3.5-4 km (approx.) &amp; 1,000 <skipped>items.") == [
-      "Hello", ",", "world", "!", "It's", "3.5", "-", "4", "km", "(", "approx", ".", ")", "&", "1,000", "items", "."]
+    "Hello",
+    ",",
+    "world",
+    "!",
+    "It's",
+    "3.5",
+    "-",
+    "4",
+    "km",
+    "(",
+    "approx",
+    ".",
+    ")",
+    "&",
+    "1,000",
+    "items",
+    ".",
+  ]
   assert metrics.tokenize_13a('a-b "q"; e.g. x/y') == ["a-b", '"', "q", '"', ";", "e", ".", "g", ".", "x", "/", "y"]
 
 
@@ -159,15 +184,16 @@ def test_sentence_bleu_smoothing_on_hand_computed_examples():
   hypothesis, reference = "a b c d e", "a b x d e y"
   brevity = np.exp(1 - 6 / 5)
   expected = {
-      "none": 0.0,
-      "floor": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.1 / 3, 0.1 / 2]))),  # zero counts -> 0.1
-      "add-k": brevity * np.exp(np.mean(np.log([4 / 5, 3 / 5, 1 / 4, 1 / 3]))),  # +1 to orders 2..4
-      "exp": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 1 / (2 * 3), 1 / (4 * 2)]))),  # 1 / (2^i count)
+    "none": 0.0,
+    "floor": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.1 / 3, 0.1 / 2]))),  # zero counts -> 0.1
+    "add-k": brevity * np.exp(np.mean(np.log([4 / 5, 3 / 5, 1 / 4, 1 / 3]))),  # +1 to orders 2..4
+    "exp": brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 1 / (2 * 3), 1 / (4 * 2)]))),  # 1 / (2^i count)
   }
   for smooth, value in expected.items():
     assert metrics.sentence_bleu(hypothesis, reference, smooth=smooth) == pytest.approx(value, rel=1e-12), smooth
   assert metrics.sentence_bleu(hypothesis, [reference], smooth="floor", smooth_value=0.5) == pytest.approx(
-      brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.5 / 3, 0.5 / 2]))), rel=1e-12)
+    brevity * np.exp(np.mean(np.log([4 / 5, 2 / 4, 0.5 / 3, 0.5 / 2]))), rel=1e-12
+  )
   # "a b" vs "a b c": no 3-grams at all. Effective order: the mean over orders 1..2 (p = 1, 1), BP = exp(-1/2);
   # without it BLEU is 0 (add-k still counts 1/1 for the orders 3 and 4).
   assert metrics.sentence_bleu("a b", "a b c") == pytest.approx(np.exp(-0.5), rel=1e-12)
@@ -175,9 +201,11 @@ def test_sentence_bleu_smoothing_on_hand_computed_examples():
   assert metrics.sentence_bleu("a b", "a b c", smooth="add-k", effective_order=False) == pytest.approx(np.exp(-0.5))
   # Tokenizers: 13a splits the punctuation, so "mat." matches "mat"; whitespace tokens do not.
   assert metrics.sentence_bleu("the cat sat on the mat.", "the cat sat on the mat") == pytest.approx(
-      np.exp(np.mean(np.log([6 / 7, 5 / 6, 4 / 5, 3 / 4]))), rel=1e-12)  # c = 7 > r = 6, BP = 1
-  assert metrics.sentence_bleu("the cat sat on the mat.", "the cat sat on the mat", tokenize="whitespace") == \
-      pytest.approx(np.exp(np.mean(np.log([5 / 6, 4 / 5, 3 / 4, 2 / 3]))), rel=1e-12)
+    np.exp(np.mean(np.log([6 / 7, 5 / 6, 4 / 5, 3 / 4]))), rel=1e-12
+  )  # c = 7 > r = 6, BP = 1
+  assert metrics.sentence_bleu(
+    "the cat sat on the mat.", "the cat sat on the mat", tokenize="whitespace"
+  ) == pytest.approx(np.exp(np.mean(np.log([5 / 6, 4 / 5, 3 / 4, 2 / 3]))), rel=1e-12)
   # The corpus score smooths the pooled counts the same way; the default (whitespace, none) is unchanged.
   assert metrics.bleu([hypothesis], [reference], smooth="exp") == pytest.approx(expected["exp"], rel=1e-12)
   assert metrics.bleu([hypothesis], [reference]) == 0.0

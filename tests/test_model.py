@@ -93,8 +93,9 @@ def test_rotary_scores_depend_only_on_relative_position():
   assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
   # Position 0 is the identity; rotation preserves norms.
   np.testing.assert_allclose(layers.apply_rotary(q, jnp.array([[0]]), frequency), q, rtol=1e-6)
-  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rotary(q, jnp.array([[7]]), frequency)),
-                             jnp.linalg.norm(q), rtol=1e-5)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(layers.apply_rotary(q, jnp.array([[7]]), frequency)), jnp.linalg.norm(q), rtol=1e-5
+  )
 
 
 def _numpy_rotary(x, positions, theta):
@@ -177,13 +178,16 @@ def test_full_size_presets_through_eval_shape(preset):
     assert expected_param_count(config) == 124_475_904
 
 
-@pytest.mark.parametrize("overrides, key", [
+@pytest.mark.parametrize(
+  "overrides, key",
+  [
     (dict(num_heads=5), "model.num_heads"),
     (dict(num_kv_heads=3), "model.num_kv_heads"),
     (dict(norm="batchnorm"), "model.norm"),
     (dict(dtype="float8"), "model.dtype"),
     (dict(head_dim=15, position="rotary"), "model.head_dim"),
-])
+  ],
+)
 def test_invalid_model_config_names_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
     tiny(**overrides)

@@ -18,16 +18,28 @@ STEPS = 6
 
 
 def _command(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "jaxlm.main", "--config=experiments/quickstart.py:tiny", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}", "--config.train.eval_every=3",
-          "--config.train.checkpoint_every=3", "--config.data.num_streams=2", "--config.sample.max_new_tokens=4",
-          *extra]
+  return [
+    sys.executable,
+    "-m",
+    "jaxlm.main",
+    "--config=experiments/quickstart.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.train.steps={STEPS}",
+    "--config.train.eval_every=3",
+    "--config.train.checkpoint_every=3",
+    "--config.data.num_streams=2",
+    "--config.sample.max_new_tokens=4",
+    *extra,
+  ]
 
 
 def _run_all(commands, devices_per_process: int):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for command in commands]
+  processes = [
+    subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for command in commands
+  ]
   outputs = [process.communicate(timeout=400) for process in processes]
   for process, (_, err) in zip(processes, outputs):
     assert process.returncode == 0, err[-3000:]
@@ -40,15 +52,21 @@ def test_two_processes_match_one_process(data_dir, tokenizer, tmp_path):
 
   multi = tmp_path / "multi"
   address = f"localhost:{portpicker.pick_unused_port()}"
-  outputs = _run_all([_command(multi, data_dir, f"--coordinator_address={address}", "--num_processes=2",
-                               f"--process_id={index}") for index in range(2)], devices_per_process=2)
+  outputs = _run_all(
+    [
+      _command(multi, data_dir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}")
+      for index in range(2)
+    ],
+    devices_per_process=2,
+  )
 
   single_losses, multi_losses = train_losses(single), train_losses(multi)
   assert sorted(single_losses) == sorted(multi_losses) == list(range(1, STEPS + 1))
   for step, loss in single_losses.items():
     assert multi_losses[step] == pytest.approx(loss, rel=1e-5), step
-  evals = [[json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eval"' in line]
-           for workdir in (single, multi)]
+  evals = [
+    [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eval"' in line] for workdir in (single, multi)
+  ]
   assert [row["loss"] for row in evals[1]] == pytest.approx([row["loss"] for row in evals[0]], rel=1e-5)
 
   # One checkpoint directory written by both processes together, with each process's data position.

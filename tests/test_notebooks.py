@@ -25,9 +25,10 @@ def test_every_notebook_runs_top_to_bottom(tmp_path):
 @pytest.mark.parametrize("name", run_notebooks.NOTEBOOKS)
 def test_committed_notebooks_carry_a_small_run_with_its_plots(name):
   import nbformat
+
   notebook = nbformat.read(os.path.join(run_notebooks.COLAB, name), as_version=4)
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-  assert "find_spec(\"jaxlm\") is None" in code[0].source  # the install cell first, a no-op where jaxlm imports
+  assert 'find_spec("jaxlm") is None' in code[0].source  # the install cell first, a no-op where jaxlm imports
   assert any(line.startswith("SMALL = True") for line in code[1].source.splitlines())
   outputs = [output for cell in code for output in cell.outputs]
   assert all(cell.execution_count for cell in code), "not executed top to bottom by scripts/run_notebooks.py"
@@ -44,6 +45,7 @@ def test_notebook_kernels_run_on_cpu_with_this_checkout(tmp_path):
 
 def test_experiment_config_loads_a_file_of_experiments_locked():
   from jaxlm import configs
+
   config = configs.experiment_config("quickstart", "tiny")
   assert config.train.steps == 8 and config.model.embed_dim == 64
   assert configs.experiment_config("pretrain").model.embed_dim == 768  # get_config's own default (gpt2_124m)
@@ -57,6 +59,7 @@ def test_experiment_config_loads_a_file_of_experiments_locked():
 
 def test_class_names_of_a_built_in_corpus(tmp_path):
   from jaxlm.data import sources
+
   names = sources.class_names("pystdlib_packages", str(tmp_path))
   assert len(names) == 19 and names == sorted(names) and "json" in names
   with pytest.raises(Exception, match="label_field"):
@@ -65,6 +68,7 @@ def test_class_names_of_a_built_in_corpus(tmp_path):
 
 def test_reliability_figure_leaves_the_backend_alone():
   from jaxlm.evaluation import calibration, report
+
   backend = matplotlib.get_backend()
   rng = np.random.default_rng(0)
   probs = rng.dirichlet(np.ones(4), size=200)
@@ -79,11 +83,13 @@ def test_reliability_figure_leaves_the_backend_alone():
 @pytest.mark.parametrize("score", ["lac", "aps"])
 def test_split_conformal_against_numpy(score):
   from jaxlm.evaluation import conformal
+
   rng = np.random.default_rng(1)
   calibration_probs, test_probs = rng.dirichlet(np.ones(5), size=300), rng.dirichlet(np.ones(5), size=400)
   # Labels drawn from the probabilities (a calibrated model): the threshold falls inside, away from ties at 1.
-  calibration_labels, test_labels = ((rng.random((len(p), 1)) > np.cumsum(p, 1)).sum(1)
-                                     for p in (calibration_probs, test_probs))
+  calibration_labels, test_labels = (
+    (rng.random((len(p), 1)) > np.cumsum(p, 1)).sum(1) for p in (calibration_probs, test_probs)
+  )
   result = conformal.split_conformal(calibration_probs, calibration_labels, test_probs, test_labels, 0.1, score)
 
   def scores(probs):  # NumPy reference of the LAC and (non-randomized) APS scores

@@ -22,12 +22,21 @@ def test_plan_matches_the_compiled_train_step(remat):
   mesh = experiment.mesh
   optimizer, schedule, _ = optim.optimizer_for(config.train, experiment.task.new_params)
   abstract, shardings = state_lib.state_shardings(experiment.model, optimizer, mesh)
-  train_step = steps.jit_train_step(model=experiment.model, task=experiment.task, optimizer=optimizer,
-                                    schedule=schedule, dropout_rng=jax.random.key(0), grad_accum_steps=1,
-                                    state_sharding=shardings, mesh=mesh)
+  train_step = steps.jit_train_step(
+    model=experiment.model,
+    task=experiment.task,
+    optimizer=optimizer,
+    schedule=schedule,
+    dropout_rng=jax.random.key(0),
+    grad_accum_steps=1,
+    state_sharding=shardings,
+    mesh=mesh,
+  )
   batch_shape = (config.train.batch_size, config.data.seq_len)
-  batch = {key: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding.batch_sharding(mesh))
-           for key in ("tokens", "segment_ids", "positions")}
+  batch = {
+    key: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding.batch_sharding(mesh))
+    for key in ("tokens", "segment_ids", "positions")
+  }
   with sharding.mesh_context(mesh):
     compiled = train_step.lower(abstract, batch).compile().memory_analysis()
 
@@ -41,15 +50,26 @@ def test_plan_matches_the_compiled_train_step(remat):
 
 
 def test_plan_cli_prints_every_parameter_and_the_verdict(tmp_path):
-  out = run_cli("--config=experiments/pretrain.py:llama_1b", f"--workdir={tmp_path}", "--mode=plan",
-                "--plan_devices=64", "--config.mesh.data=1", "--config.mesh.fsdp=-1", devices=1, timeout=120)
+  out = run_cli(
+    "--config=experiments/pretrain.py:llama_1b",
+    f"--workdir={tmp_path}",
+    "--mode=plan",
+    "--plan_devices=64",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=-1",
+    devices=1,
+    timeout=120,
+  )
   assert "layers/mlp/gate/kernel" in out.stdout and "('layers', 'embed', 'mlp')" in out.stdout
   assert "(None, 'fsdp', 'tensor')" in out.stdout
   assert "total per device" in out.stdout and "device memory" in out.stdout
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, tensor=4),
-                                  dict(data=1, fsdp=8, tensor=1)], ids=["2x2x2", "tensor4", "fsdp8"])
+@pytest.mark.parametrize(
+  "mesh",
+  [dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=8, tensor=1)],
+  ids=["2x2x2", "tensor4", "fsdp8"],
+)
 def test_plan_bytes_of_every_parameter_are_its_real_shard(mesh):
   """Each parameter's planned bytes per device equal the shard the real sharding gives it (tensor and FSDP
   splits included), and frozen parameters hold no Adam moments."""

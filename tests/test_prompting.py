@@ -35,15 +35,17 @@ def test_multi_token_label_words_score_the_sum_or_mean_of_their_token_log_probs(
     logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
     return prompting.next_token_log_probs(logits, batch["tokens"])
 
-  scores = prompting.score_label_words(log_prob_fn, prompts, words, length=16, pad_id=0, reduce=reduce,
-                                       prompts_per_batch=2, row_multiple=4)
+  scores = prompting.score_label_words(
+    log_prob_fn, prompts, words, length=16, pad_id=0, reduce=reduce, prompts_per_batch=2, row_multiple=4
+  )
   assert calls == [(8, 16), (4, 16)]  # one forward pass per 2 prompts x 3 words, rows padded to a multiple of 4
   expected = np.zeros((3, 3))
   for p, prompt in enumerate(prompts):
     for c, word in enumerate(words):
       tokens = np.asarray([prompt + word], np.int32)
-      log_probs = _log_softmax(model.apply({"params": params}, tokens, np.arange(tokens.shape[1])[None],
-                                           np.ones_like(tokens)))[0]
+      log_probs = _log_softmax(
+        model.apply({"params": params}, tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
+      )[0]
       token_scores = [log_probs[len(prompt) - 1 + i, token] for i, token in enumerate(word)]
       expected[p, c] = np.sum(token_scores) if reduce == "sum" else np.mean(token_scores)
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
@@ -109,8 +111,13 @@ def test_prompts_demonstrations_and_domain_texts():
 
 
 def test_bad_prompt_configs_name_the_key():
-  for key, value in (("templates", ("no field here",)), ("score", "max"), ("corrections", ("none", "typo")),
-                     ("shots", (-1,)), ("num_examples", 0)):
+  for key, value in (
+    ("templates", ("no field here",)),
+    ("score", "max"),
+    ("corrections", ("none", "typo")),
+    ("shots", (-1,)),
+    ("num_examples", 0),
+  ):
     config = configs.base_config()
     config.prompt[key] = value
     with pytest.raises(ConfigError, match=f"prompt.{key}"):

@@ -73,7 +73,7 @@ def test_gradual_pruning_keeps_pruned_weights_exactly_zero_through_training():
         frozen_zeros = {n: np.asarray(v) == 0 for n, v in params_lib.flatten(state.params).items() if "kernel" in n}
   # The cubic schedule, masks updated at steps 0, 2, 4: 0, 0.5 (1 - 0.5^3), then the target, kept.
   assert reached[0] == reached[1] == 0
-  assert reached[2] == reached[3] == pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-3)
+  assert reached[2] == reached[3] == pytest.approx(0.5 * (1 - 0.5**3), abs=1e-3)
   assert reached[4] == pytest.approx(0.5, abs=1e-3)
   assert reached[7] == pytest.approx(0.5, abs=1e-3)
   for name, value in params_lib.flatten(state.params).items():  # masks frozen after end_step: same zeros

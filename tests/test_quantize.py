@@ -33,7 +33,7 @@ def test_round_trip_error_within_half_a_scale_of_each_group(name):
     np.testing.assert_allclose(scale, np.abs(groups).max(axis=1) / kind.max_int, rtol=1e-6)
     assert offset is None
   else:
-    np.testing.assert_allclose(scale, np.ptp(groups, axis=1) / (2 ** kind.bits - 1), rtol=1e-5)
+    np.testing.assert_allclose(scale, np.ptp(groups, axis=1) / (2**kind.bits - 1), rtol=1e-5)
   restored = np.asarray(quantize.dequantize(jnp.asarray(q), jnp.asarray(scale), offset)).reshape(groups.shape)
   error = np.abs(restored - groups)
   assert (error <= scale[:, None] / 2 * (1 + 1e-5) + 1e-7).all()

@@ -31,14 +31,25 @@ def message_lines(stderr: str) -> list[str]:
 
 
 def tiny(workdir, data_dir, *extra) -> list[str]:
-  return ["--config=experiments/quickstart.py:tiny", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.sample.max_new_tokens=0", *extra]
+  return [
+    "--config=experiments/quickstart.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.sample.max_new_tokens=0",
+    *extra,
+  ]
 
 
 def start(*args, devices: int = 2, env: dict | None = None) -> subprocess.Popen:
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-  return subprocess.Popen([sys.executable, "-m", "jaxlm.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "jaxlm.main", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def rows(workdir) -> list[dict]:
@@ -69,6 +80,7 @@ def state_is_finite(state_dir) -> bool:
   """Every float of the saved train state (parameters and optimizer moments) is finite."""
   import jax
   import orbax.checkpoint as ocp
+
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(state_dir).item_metadata
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
@@ -85,10 +97,16 @@ def file_digests(directory) -> dict:
   return digests
 
 
-def test_a_nonfinite_update_is_never_saved_and_the_rerun_resumes_from_the_last_finite_checkpoint(data_dir, tokenizer,
-                                                                                                 tmp_path):
-  args = tiny(tmp_path, data_dir, "--config.train.steps=6", "--config.train.learning_rate=1e9",
-              "--config.train.checkpoint_every=1")
+def test_a_nonfinite_update_is_never_saved_and_the_rerun_resumes_from_the_last_finite_checkpoint(
+  data_dir, tokenizer, tmp_path
+):
+  args = tiny(
+    tmp_path,
+    data_dir,
+    "--config.train.steps=6",
+    "--config.train.learning_rate=1e9",
+    "--config.train.checkpoint_every=1",
+  )
   failed = run_cli(*args, check=False)
   assert failed.returncode == 1
   message = message_lines(failed.stderr)
@@ -108,9 +126,16 @@ def test_a_nonfinite_update_is_never_saved_and_the_rerun_resumes_from_the_last_f
 
 def test_kill_9_ctrl_c_a_second_run_and_a_damaged_checkpoint_leave_one_consistent_run(data_dir, tokenizer, tmp_path):
   from jaxlm.training import workdir as workdir_lib
+
   workdir, steps = str(tmp_path), 40
-  args = tiny(workdir, data_dir, f"--config.train.steps={steps}", "--config.train.checkpoint_every=5",
-              "--config.train.eval_every=10", "--config.train.keep_checkpoints=2")
+  args = tiny(
+    workdir,
+    data_dir,
+    f"--config.train.steps={steps}",
+    "--config.train.checkpoint_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.keep_checkpoints=2",
+  )
   rng = np.random.default_rng(0)
   for _ in range(3):  # kill -9 at random steps, mid-save or not; each rerun resumes
     process = start(*args)
@@ -160,8 +185,14 @@ def test_a_failed_run_leaves_a_finished_workdir_unchanged_and_says_why_in_a_few_
   shutil.copytree(tiny_workdir, workdir)
   before = file_digests(workdir)
   # Train mode, with a relative --workdir (found, and named absolute in the message).
-  changed = run_cli(f"--config={REPO}/experiments/workdir.py:run", "--workdir=run", "--config.model.num_layers=1",
-                    "--config.train.learning_rate=0.1", check=False, cwd=str(tmp_path))
+  changed = run_cli(
+    f"--config={REPO}/experiments/workdir.py:run",
+    "--workdir=run",
+    "--config.model.num_layers=1",
+    "--config.train.learning_rate=0.1",
+    check=False,
+    cwd=str(tmp_path),
+  )
   message = message_lines(changed.stderr)
   assert changed.returncode == 1 and len(message) <= 8, message
   assert f"{workdir} holds checkpoints of a run with another config" in message[0]
@@ -169,8 +200,9 @@ def test_a_failed_run_leaves_a_finished_workdir_unchanged_and_says_why_in_a_few_
   after = file_digests(workdir)
   assert {name: after[name] for name in before} == before
 
-  typo = run_cli(f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}", "--config.train.stpes=3",
-                 check=False)
+  typo = run_cli(
+    f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}", "--config.train.stpes=3", check=False
+  )
   message = message_lines(typo.stderr)
   assert typo.returncode == 1 and len(message) <= 3 and 'Did you mean "steps"' in typo.stderr, message
 
@@ -179,9 +211,15 @@ def test_every_mode_accepts_relative_and_home_workdirs(tiny_workdir, tmp_path):
   home = tmp_path / "home"
   shutil.copytree(tiny_workdir, home / "run")
   env = {"HOME": str(home)}
-  generated = run_cli("--mode=generate", "--workdir=~/run", "--prompt=def ",
-                      f"--config={REPO}/experiments/workdir.py:~/run", "--config.decode.max_new_tokens=4", env=env,
-                      cwd=str(tmp_path))
+  generated = run_cli(
+    "--mode=generate",
+    "--workdir=~/run",
+    "--prompt=def ",
+    f"--config={REPO}/experiments/workdir.py:~/run",
+    "--config.decode.max_new_tokens=4",
+    env=env,
+    cwd=str(tmp_path),
+  )
   assert generated.stdout.count("\n") == 1
   planned = run_cli("--mode=plan", "--workdir=run", env=env, cwd=str(home))
   assert "MiB" in planned.stdout or "GiB" in planned.stdout
@@ -191,16 +229,19 @@ def test_every_mode_accepts_relative_and_home_workdirs(tiny_workdir, tmp_path):
 def test_a_full_disk_fails_at_the_save_with_a_clear_message_and_keeps_the_previous_checkpoint(tiny_workdir, tmp_path):
   disk = tmp_path / "disk"
   disk.mkdir()
-  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
-                                         capture_output=True).returncode:
+  if (
+    os.geteuid() != 0
+    or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode
+  ):
     pytest.skip("needs root and permission to mount a tmpfs")
   try:
     workdir = str(disk / "run")
     shutil.copytree(tiny_workdir, workdir)
     with open(disk / "ballast", "wb") as f:  # leaves 100 KiB: room for metrics, not for a checkpoint
       f.write(b"\0" * (shutil.disk_usage(disk).free - 100 * 1024))
-    full = run_cli(f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}", "--config.train.steps=6",
-                   check=False)
+    full = run_cli(
+      f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}", "--config.train.steps=6", check=False
+    )
     assert full.returncode == 1
     message = next(line for line in message_lines(full.stderr) if line.startswith("jaxlm: CheckpointError"))
     assert f"Saving a checkpoint in {workdir}/checkpoints failed" in message and "MiB free" in message
@@ -213,10 +254,22 @@ def test_a_full_disk_fails_at_the_save_with_a_clear_message_and_keeps_the_previo
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, tokenizer, tmp_path):
   address = f"localhost:{portpicker.pick_unused_port()}"
-  processes = [start(*tiny(tmp_path, data_dir, "--config.train.steps=400", "--config.train.checkpoint_every=1000",
-                           "--config.train.eval_every=0", "--config.data.num_streams=2",
-                           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"))
-               for index in range(2)]
+  processes = [
+    start(
+      *tiny(
+        tmp_path,
+        data_dir,
+        "--config.train.steps=400",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.eval_every=0",
+        "--config.data.num_streams=2",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={index}",
+      )
+    )
+    for index in range(2)
+  ]
   try:
     wait_for(lambda: last_step(tmp_path) >= 3, processes[0])
     processes[1].send_signal(signal.SIGTERM)  # only one process is told

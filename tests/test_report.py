@@ -29,8 +29,9 @@ def test_bootstrap_intervals_cover_the_truth_at_about_the_nominal_rate():
   trials = 100
   for trial in range(trials):
     probs, labels, _, _ = _simulate(rng, 150)
-    intervals = report.classification_intervals(probs, labels, num_resamples=100, confidence=0.9, seed=trial,
-                                                names=("accuracy", "nll", "brier"))
+    intervals = report.classification_intervals(
+      probs, labels, num_resamples=100, confidence=0.9, seed=trial, names=("accuracy", "nll", "brier")
+    )
     for name, value in (("accuracy", accuracy), ("nll", nll), ("brier", brier)):
       covered[name] += intervals[name]["low"] <= value <= intervals[name]["high"]
   for name, count in covered.items():
@@ -40,16 +41,19 @@ def test_bootstrap_intervals_cover_the_truth_at_about_the_nominal_rate():
 def test_report_files_and_reliability_diagram(tmp_path):
   rng = np.random.default_rng(1)
   probs, labels, _, _ = _simulate(rng, 120)
-  sharp = probs ** 3 / (probs ** 3).sum(-1, keepdims=True)
-  rows = {"a": report.classification_intervals(probs, labels, num_resamples=30),
-          "b": report.classification_intervals(sharp, labels, num_resamples=30)}
+  sharp = probs**3 / (probs**3).sum(-1, keepdims=True)
+  rows = {
+    "a": report.classification_intervals(probs, labels, num_resamples=30),
+    "b": report.classification_intervals(sharp, labels, num_resamples=30),
+  }
   comparisons = {"b": report.classification_comparisons(sharp, probs, labels, num_resamples=30)}
   for interval in rows["a"].values():
     assert interval["low"] <= interval["value"] <= interval["high"]
   assert comparisons["b"]["accuracy"]["difference"] == 0.0  # same argmax
   assert comparisons["b"]["ece"]["difference"] == rows["b"]["ece"]["value"] - rows["a"]["ece"]["value"]
-  json_path, md_path = report.write_report(str(tmp_path), {"metrics": rows},
-                                           report.markdown_table(rows, comparisons=comparisons))
+  json_path, md_path = report.write_report(
+    str(tmp_path), {"metrics": rows}, report.markdown_table(rows, comparisons=comparisons)
+  )
   assert json.load(open(json_path))["metrics"]["a"]["ece"]["value"] == rows["a"]["ece"]["value"]
   markdown = open(md_path).read()
   assert "| a | " in markdown and f"{rows['b']['nll']['value']:.4f} [" in markdown and "p=" in markdown

@@ -21,15 +21,25 @@ STEPS = 60
 
 
 def command(workdir, data_dir):
-  return [sys.executable, "-m", "jaxlm.main", "--config=experiments/quickstart.py:tiny", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
-          "--config.train.eval_every=20", "--config.sample.max_new_tokens=0"]
+  return [
+    sys.executable,
+    "-m",
+    "jaxlm.main",
+    "--config=experiments/quickstart.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=10",
+    "--config.train.eval_every=20",
+    "--config.sample.max_new_tokens=0",
+  ]
 
 
 def start(workdir, data_dir):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  return subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    command(workdir, data_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def finish(process, timeout=300):

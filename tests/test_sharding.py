@@ -12,8 +12,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.models import Decoder, ModelConfig
 
 # Every sharded dimension (heads, kv heads, MLP, vocabulary, width) divides by 8.
-MODEL = ModelConfig(vocab_size=128, embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=8, mlp_dim=128,
-                    max_len=16)
+MODEL = ModelConfig(vocab_size=128, embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=8, mlp_dim=128, max_len=16)
 SEQ_LEN, BATCH, STEPS = 16, 8, 3
 
 
@@ -29,8 +28,9 @@ def _batches():
 @functools.lru_cache(maxsize=None)
 def _train(data: int, fsdp: int, tensor: int, num_devices: int = 8):
   """Losses of STEPS train steps on a data x fsdp x tensor mesh, and the final state (cached per mesh)."""
-  state, train_step, mesh = make_trainer(Decoder(MODEL), mesh=dict(data=data, fsdp=fsdp, tensor=tensor),
-                                         devices=jax.devices()[:num_devices])
+  state, train_step, mesh = make_trainer(
+    Decoder(MODEL), mesh=dict(data=data, fsdp=fsdp, tensor=tensor), devices=jax.devices()[:num_devices]
+  )
   losses = []
   with sharding.mesh_context(mesh):
     for batch in _batches():
@@ -40,8 +40,9 @@ def _train(data: int, fsdp: int, tensor: int, num_devices: int = 8):
   return np.array(losses), state
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
-                         ids=["data8", "fsdp8", "tensor8", "mixed2x2x2"])
+@pytest.mark.parametrize(
+  "mesh", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)], ids=["data8", "fsdp8", "tensor8", "mixed2x2x2"]
+)
 def test_sharded_training_matches_one_device(mesh):
   reference_losses, reference_state = _train(1, 1, 1, num_devices=1)
   losses, state = _train(*mesh)
@@ -53,8 +54,9 @@ def test_sharded_training_matches_one_device(mesh):
 
 
 def _bytes_on_device(tree, device) -> int:
-  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
-             if shard.device == device)
+  return sum(
+    shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards if shard.device == device
+  )
 
 
 def test_fsdp_holds_an_eighth_of_the_parameters_per_device():

@@ -57,11 +57,13 @@ def test_chunked_loss_and_gradient_equal_the_plain_ones(variant, chunk):
   task = CausalLm(seq_len=16)
   plain_loss, plain_sums, plain_grads = loss_and_grad(task, config, params, batch)
   chunked_loss, chunked_sums, chunked_grads = loss_and_grad(
-      task, dataclasses.replace(config, loss_chunk_size=chunk), params, batch)
+    task, dataclasses.replace(config, loss_chunk_size=chunk), params, batch
+  )
 
   # Independent reference of the loss: NumPy cross-entropy of the full logits.
-  logits = np.asarray(Decoder(config).apply({"params": params}, batch["tokens"], batch["positions"],
-                                            batch["segment_ids"]), np.float64)
+  logits = np.asarray(
+    Decoder(config).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float64
+  )
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   targets = np.roll(np.asarray(batch["tokens"]), -1, axis=1)
@@ -116,7 +118,7 @@ def packed_segments(rows: int, length: int) -> np.ndarray:
     cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(1, 3), replace=False))
     segment_ids[row] = np.searchsorted(cuts, np.arange(length), side="right") + 1
     if row % 2:
-      segment_ids[row, length - 5:] = 0
+      segment_ids[row, length - 5 :] = 0
   return segment_ids
 
 
@@ -200,8 +202,9 @@ def test_int8_logits_are_the_dequantized_model_and_close_to_float32(variant):
 
   float_logits = Decoder(config).apply({"params": params}, tokens)
   int8_logits = int8_model.apply({"params": int8_params}, tokens)
-  np.testing.assert_allclose(int8_logits, Decoder(config).apply({"params": dequantized(int8_params)}, tokens),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    int8_logits, Decoder(config).apply({"params": dequantized(int8_params)}, tokens), rtol=1e-5, atol=1e-6
+  )
   error = float(jnp.abs(int8_logits - float_logits).max())
   assert 0 < error <= INT8_LOGIT_TOLERANCE * float(jnp.abs(float_logits).max())
   assert quantize.kernel_bytes(int8_params) < 0.6 * quantize.kernel_bytes(params)
@@ -210,6 +213,7 @@ def test_int8_logits_are_the_dequantized_model_and_close_to_float32(variant):
 def test_int8_greedy_decoding_of_a_trained_tiny_model(tiny_workdir):
   """Reported: the greedy continuations of float32 and int8 weights (in the test log, -s)."""
   from jaxlm import Experiment
+
   experiment = Experiment.from_workdir(tiny_workdir)
   params = experiment.load_params()
   prompts = ["def ", "import "]
@@ -217,8 +221,10 @@ def test_int8_greedy_decoding_of_a_trained_tiny_model(tiny_workdir):
   int8_out = experiment.generate(params, prompts, max_new_tokens=16, quantize="int8")
   for prompt, f, q in zip(prompts, float_out, int8_out):
     agree = sum(a == b for a, b in zip(f.tokens, q.tokens))
-    print(f"\n{prompt!r}: float32 {f.text!r}\n{' ' * len(repr(prompt))}  int8    {q.text!r} ({agree}/{len(f.tokens)} "
-          f"tokens equal; scores {f.score:.3f} vs {q.score:.3f})")
+    print(
+      f"\n{prompt!r}: float32 {f.text!r}\n{' ' * len(repr(prompt))}  int8    {q.text!r} ({agree}/{len(f.tokens)} "
+      f"tokens equal; scores {f.score:.3f} vs {q.score:.3f})"
+    )
     assert len(q.tokens) == len(f.tokens) == 16
     assert q.tokens[0] == f.tokens[0]
     assert abs(q.score - f.score) < 0.05 * abs(f.score) + 0.5

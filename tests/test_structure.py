@@ -12,16 +12,16 @@ from conftest import REPO
 
 # Layers of the house (ARCHITECTURE.md), lowest first. A module may import its own package and lower layers.
 LAYERS = [
-    ("jaxlm.errors",),
-    ("jaxlm.sharding", "jaxlm.runtime"),
-    ("jaxlm.models", "jaxlm.data", "jaxlm.evaluation"),
-    ("jaxlm.tasks", "jaxlm.inference", "jaxlm.interop", "jaxlm.compression"),
-    ("jaxlm.training",),
-    ("jaxlm.configs",),
-    ("jaxlm.plan",),
-    ("jaxlm.experiment",),
-    ("jaxlm.calibrate", "jaxlm.ensemble"),  # evaluation and calibration workflows on an Experiment
-    ("jaxlm.main", "jaxlm"),  # `jaxlm/__init__.py` re-exports lazily from the top
+  ("jaxlm.errors",),
+  ("jaxlm.sharding", "jaxlm.runtime"),
+  ("jaxlm.models", "jaxlm.data", "jaxlm.evaluation"),
+  ("jaxlm.tasks", "jaxlm.inference", "jaxlm.interop", "jaxlm.compression"),
+  ("jaxlm.training",),
+  ("jaxlm.configs",),
+  ("jaxlm.plan",),
+  ("jaxlm.experiment",),
+  ("jaxlm.calibrate", "jaxlm.ensemble"),  # evaluation and calibration workflows on an Experiment
+  ("jaxlm.main", "jaxlm"),  # `jaxlm/__init__.py` re-exports lazily from the top
 ]
 
 
@@ -73,8 +73,9 @@ def test_no_import_cycles_between_modules():
   graph = _jaxlm_imports()
   modules = set(graph)
   # `from jaxlm.models import lora` names the module jaxlm.models.lora; `from x import function` names x.
-  edges = {m: {t if t in modules else t.rsplit(".", 1)[0] for t in targets} & modules - {m}
-           for m, targets in graph.items()}
+  edges = {
+    m: {t if t in modules else t.rsplit(".", 1)[0] for t in targets} & modules - {m} for m, targets in graph.items()
+  }
   edges = {m: {t for t in targets if not m.startswith(t + ".")} for m, targets in edges.items()}  # a package's
   # own __init__ is imported first by Python anyway
   state = {}
@@ -83,7 +84,7 @@ def test_no_import_cycles_between_modules():
     state[node] = "open"
     for target in sorted(edges[node]):
       if state.get(target) == "open":
-        pytest.fail("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+        pytest.fail("import cycle: " + " -> ".join(path[path.index(target) :] + [target]))
       if target not in state:
         visit(target, path + [target])
     state[node] = "done"
@@ -94,9 +95,11 @@ def test_no_import_cycles_between_modules():
 
 
 def test_import_jaxlm_is_light():
-  code = ("import sys, time; start = time.perf_counter(); import jaxlm; elapsed = time.perf_counter() - start; "
-          "heavy = [m for m in ('jax', 'flax', 'orbax', 'grain', 'optax', 'sentencepiece', 'tensorflow_datasets') "
-          "if m in sys.modules]; print(elapsed, heavy)")
+  code = (
+    "import sys, time; start = time.perf_counter(); import jaxlm; elapsed = time.perf_counter() - start; "
+    "heavy = [m for m in ('jax', 'flax', 'orbax', 'grain', 'optax', 'sentencepiece', 'tensorflow_datasets') "
+    "if m in sys.modules]; print(elapsed, heavy)"
+  )
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
   elapsed, heavy = out.split(" ", 1)
   assert heavy.strip() == "[]"
@@ -129,7 +132,10 @@ def test_the_notebook_path_is_short(tiny_workdir):
   assert nll(calibrated) <= nll(predictions.probabilities()[mask]) + 1e-9  # fitted on these very tokens
   # predict and evaluate agree: the mean NLL of the predicted targets is the evaluated loss on the same batch.
   one_batch = experiment.evaluate(best, "validation", num_batches=1)
-  log_probs = predictions.logits - np.log(np.exp(predictions.logits - predictions.logits.max(-1, keepdims=True))
-                                          .sum(-1, keepdims=True)) - predictions.logits.max(-1, keepdims=True)
+  log_probs = (
+    predictions.logits
+    - np.log(np.exp(predictions.logits - predictions.logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - predictions.logits.max(-1, keepdims=True)
+  )
   nll = -np.take_along_axis(log_probs, predictions.labels[..., None], -1)[..., 0]
   assert (nll * predictions.weights).sum() / predictions.weights.sum() == pytest.approx(one_batch["loss"], rel=1e-4)

@@ -17,24 +17,30 @@ from jaxlm.training.writer import MetricWriter, NonFiniteLossError
 
 
 def test_schedule_warms_up_then_decays_to_the_end_fraction():
-  schedule = optim.learning_rate_schedule(train_config(steps=110, warmup_steps=10, learning_rate=1.0,
-                                                       end_learning_rate_fraction=0.1))
+  schedule = optim.learning_rate_schedule(
+    train_config(steps=110, warmup_steps=10, learning_rate=1.0, end_learning_rate_fraction=0.1)
+  )
   assert float(schedule(0)) == 0.0
   assert float(schedule(5)) == pytest.approx(0.5)
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-4)  # cosine midpoint
   assert float(schedule(110)) == pytest.approx(0.1, rel=1e-4)
-  linear = optim.learning_rate_schedule(train_config(steps=110, warmup_steps=10, learning_rate=1.0,
-                                                     schedule="linear", end_learning_rate_fraction=0.0))
+  linear = optim.learning_rate_schedule(
+    train_config(steps=110, warmup_steps=10, learning_rate=1.0, schedule="linear", end_learning_rate_fraction=0.0)
+  )
   assert float(linear(60)) == pytest.approx(0.5)
 
 
 def test_weight_decay_skips_norms_and_biases():
-  params = {"layers": {"mlp": {"up": {"kernel": 1, "bias": 2}}, "mlp_norm": {"scale": 3}},
-            "token_embed": {"embedding": 4}}
+  params = {
+    "layers": {"mlp": {"up": {"kernel": 1, "bias": 2}}, "mlp_norm": {"scale": 3}},
+    "token_embed": {"embedding": 4},
+  }
   mask = optim.weight_decay_mask(params)
-  assert mask == {"layers": {"mlp": {"up": {"kernel": True, "bias": False}}, "mlp_norm": {"scale": False}},
-                  "token_embed": {"embedding": True}}
+  assert mask == {
+    "layers": {"mlp": {"up": {"kernel": True, "bias": False}}, "mlp_norm": {"scale": False}},
+    "token_embed": {"embedding": True},
+  }
 
 
 def _setup(grad_accum_steps=1, seed=0):
@@ -53,8 +59,9 @@ def test_gradient_accumulation_gives_the_same_update():
       np.testing.assert_allclose(whole_metrics["loss_sum"], accum_metrics["loss_sum"], rtol=1e-5)
       assert float(whole_metrics["weight"]) == float(accum_metrics["weight"])
   # Adam divides by sqrt(v): float32 summation-order noise in near-zero gradients shows at ~1e-6.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
-               whole_state.params, accum_state.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), whole_state.params, accum_state.params
+  )
 
 
 def test_loss_is_mean_cross_entropy_over_targets():
@@ -63,10 +70,14 @@ def test_loss_is_mean_cross_entropy_over_targets():
   batch = lm_batch(1)
   params = params_lib.init_params(model, jax.random.key(0))
   loss_sum, sums = CausalLm().loss_and_metrics(model, params, batch, train=False)
-  logits = np.asarray(model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]),
-                      np.float64)
-  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  logits = np.asarray(
+    model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float64
+  )
+  log_probs = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   total, count = 0.0, 0
   for b in range(8):
     for t in range(15):

@@ -43,8 +43,11 @@ def test_the_step_is_adamw_on_the_gradient_of_the_mean_loss_and_logs_its_norms()
   assert float(metrics["update_norm"]) == pytest.approx(float(optax.global_norm(updates)), rel=1e-4)
   # Adam's first step is lr * g / (|g| + eps): where g is near zero, float noise of the reduction order moves a
   # parameter by up to ~lr; 0.5% of lr bounds it.
-  jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5),
-               jax.device_get(new_state.params), expected)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5),
+    jax.device_get(new_state.params),
+    expected,
+  )
 
 
 def test_remat_gives_the_same_step():
@@ -135,6 +138,7 @@ def test_distillation_restores_the_teacher_from_its_workdir_and_trains(classifie
 def test_class_weights_weigh_the_loss_and_out_of_range_labels_are_refused(classifier_experiment):
   """Each example's loss times its label's weight, normalised by the summed weights (NumPy reference)."""
   from jaxlm.tasks.classification import Classification
+
   task = Classification(num_classes=3, seq_len=16, class_weights=(1.0, 3.0, 0.5))
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
   batch = {"label": jnp.asarray([0, 1, 2, 1, 0]), "segment_ids": jnp.ones((5, 16), jnp.int32).at[4].set(0)}
@@ -158,8 +162,17 @@ def test_early_stopping_and_the_best_checkpoint_survive_a_resume(data_dir, token
   def run(workdir, steps):
     config = experiment_config("quickstart", "tiny")
     config.data.data_dir = data_dir
-    config.train.update(dict(steps=steps, eval_every=1, checkpoint_every=1, keep_checkpoints=1, best_mode="max",
-                             early_stopping_patience=2, learning_rate=1e-2))
+    config.train.update(
+      dict(
+        steps=steps,
+        eval_every=1,
+        checkpoint_every=1,
+        keep_checkpoints=1,
+        best_mode="max",
+        early_stopping_patience=2,
+        learning_rate=1e-2,
+      )
+    )
     config.sample.max_new_tokens = 0
     experiment = Experiment.from_config(config, str(workdir))
     experiment.train()

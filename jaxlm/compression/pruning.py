@@ -62,7 +62,7 @@ def magnitude_masks(params, sparsity, targets: str = TARGETS, scope: str = "laye
     flat = jnp.concatenate([jnp.abs(leaf.astype(jnp.float32)).reshape(-1) for leaf in leaves.values()])
     keep, masks, start = _keep_largest(flat, sparsity), {}, 0
     for name, leaf in leaves.items():
-      masks[name] = keep[start:start + leaf.size].reshape(leaf.shape)
+      masks[name] = keep[start : start + leaf.size].reshape(leaf.shape)
       start += leaf.size
     return _masks_tree(params, masks)
   masks = {}
@@ -78,8 +78,11 @@ def nm_masks(params, n: int = 2, m: int = 4, targets: str = TARGETS):
   masks = {}
   for name, leaf in _targeted(params, targets).items():
     axis = 1 if _stacked(name) else 0
-    check(leaf.shape[axis] % m == 0, "train.prune.structure",
-          f"{name} has {leaf.shape[axis]} weights along its group axis, not a multiple of M={m}.")
+    check(
+      leaf.shape[axis] % m == 0,
+      "train.prune.structure",
+      f"{name} has {leaf.shape[axis]} weights along its group axis, not a multiple of M={m}.",
+    )
     scores = jnp.moveaxis(jnp.abs(leaf.astype(jnp.float32)), axis, -1)
     groups = scores.reshape(*scores.shape[:-1], -1, m)  # [..., groups, M]
     ranks = jnp.argsort(jnp.argsort(-groups, axis=-1, stable=True), axis=-1, stable=True)
@@ -99,8 +102,12 @@ def parse_structure(structure: str) -> tuple[int, int]:
 
 def apply_masks(params, masks):
   """`params` with the pruned weights set to exactly zero (leaves without a mask unchanged)."""
-  return jax.tree.map(lambda p, mask: p if mask is None else jnp.where(mask, p, jnp.zeros_like(p)), params, masks,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda p, mask: p if mask is None else jnp.where(mask, p, jnp.zeros_like(p)),
+    params,
+    masks,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def sparsity(params, targets: str = TARGETS) -> dict:
@@ -126,8 +133,11 @@ def check_config(prune) -> None:
   check(prune.scope in SCOPES, "train.prune.scope", f"{prune.scope!r} is not one of {SCOPES}.")
   if prune.structure:
     parse_structure(prune.structure)
-  check(0 <= prune.start_step <= prune.end_step, "train.prune.end_step",
-        f"the schedule needs 0 <= start_step <= end_step, got {prune.start_step} and {prune.end_step}.")
+  check(
+    0 <= prune.start_step <= prune.end_step,
+    "train.prune.end_step",
+    f"the schedule needs 0 <= start_step <= end_step, got {prune.start_step} and {prune.end_step}.",
+  )
   check(prune.every > 0, "train.prune.every", f"must be positive, got {prune.every}.")
   try:
     re.compile(prune.targets)
@@ -161,6 +171,7 @@ def gradual(prune) -> optax.GradientTransformation:
       if not re.search(prune.targets, path_name(path)):
         return optax.MaskedNode()
       return jax.tree.map(lambda x: jnp.ones(x.shape, bool), leaf)
+
     return PruneState(jnp.zeros((), jnp.int32), jax.tree_util.tree_map_with_path(mask, params, is_leaf=is_box))
 
   def update(updates, state, params):
@@ -175,12 +186,21 @@ def gradual(prune) -> optax.GradientTransformation:
         fresh = magnitude_masks(current, schedule_sparsity(prune, state.count), prune.targets, prune.scope)
       return jax.tree.map(lambda old, f: old if is_node(old) else f, masks, fresh, is_leaf=is_node)
 
-    due = (state.count >= prune.start_step) & (state.count <= prune.end_step) & (
-        ((state.count - prune.start_step) % prune.every == 0) | (state.count == prune.end_step))
+    due = (
+      (state.count >= prune.start_step)
+      & (state.count <= prune.end_step)
+      & (((state.count - prune.start_step) % prune.every == 0) | (state.count == prune.end_step))
+    )
     masks = jax.lax.cond(due, recompute, lambda masks: masks, state.masks)
     # The update that lands exactly on the masked parameters: params + (masked - params) is 0 where pruned.
-    updates = jax.tree.map(lambda mask, u, p, n: u if is_node(mask) else jnp.where(mask, n, 0).astype(p.dtype) - p,
-                           masks, updates, params, new, is_leaf=is_node)
+    updates = jax.tree.map(
+      lambda mask, u, p, n: u if is_node(mask) else jnp.where(mask, n, 0).astype(p.dtype) - p,
+      masks,
+      updates,
+      params,
+      new,
+      is_leaf=is_node,
+    )
     return updates, PruneState(state.count + 1, masks)
 
   return optax.GradientTransformation(init, update)

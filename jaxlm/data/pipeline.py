@@ -43,15 +43,19 @@ def check_config(data) -> None:
 def record_text(record: dict, field: str, index: int, dataset: str) -> str:
   """The UTF-8 text of `record[field]`; a clear error for a missing field, bad bytes or an empty text."""
   if field not in record:
-    raise KeyError(f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
-                   "set data.text_field to the field that holds the text.")
+    raise KeyError(
+      f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
+      "set data.text_field to the field that holds the text."
+    )
   value = record[field]
   if isinstance(value, bytes):
     try:
       value = value.decode("utf-8")
     except UnicodeDecodeError as error:
-      raise ValueError(f"{dataset} record {index}, field {field!r}, is not valid UTF-8 ({error}); "
-                       "fix or remove the record in the source data.") from error
+      raise ValueError(
+        f"{dataset} record {index}, field {field!r}, is not valid UTF-8 ({error}); "
+        "fix or remove the record in the source data."
+      ) from error
   if not value:
     raise ValueError(f"{dataset} record {index}, field {field!r}, is empty; remove empty records from the source data.")
   return value
@@ -91,9 +95,20 @@ def _pad_rows(batch: dict, batch_size: int) -> dict:
   return {key: np.pad(value, [(0, missing)] + [(0, 0)] * (value.ndim - 1)) for key, value in batch.items()}
 
 
-def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, batch_size: int,
-               dataset_name: str, shuffle_seed: int | None, repeat: bool, shuffle_window: int = 0,
-               stream_index: int = 0, stream_count: int = 1) -> grain.IterDataset:
+def lm_batches(
+  source,
+  tokenizer: Tokenizer,
+  *,
+  text_field: str,
+  seq_len: int,
+  batch_size: int,
+  dataset_name: str,
+  shuffle_seed: int | None,
+  repeat: bool,
+  shuffle_window: int = 0,
+  stream_index: int = 0,
+  stream_count: int = 1,
+) -> grain.IterDataset:
   """Packed language-modelling batches of `batch_size` rows from one stream of documents.
 
   Training: `shuffle_seed` set and `repeat=True` (documents reshuffled every epoch), and
@@ -120,11 +135,14 @@ def lm_batches(source, tokenizer: Tokenizer, *, text_field: str, seq_len: int, b
   batches = rows.batch(batch_size, drop_remainder=repeat)
 
   def to_model_batch(batch):
-    return _pad_rows({
+    return _pad_rows(
+      {
         "tokens": batch["tokens"].astype(np.int32),
         "segment_ids": batch["tokens_segment_ids"].astype(np.int32),
         "positions": batch["tokens_positions"].astype(np.int32),
-    }, batch_size)
+      },
+      batch_size,
+    )
 
   return batches.map(to_model_batch)
 
@@ -163,15 +181,18 @@ def truncate(ids: list[int], length: int, side: str) -> list[int]:
   """At most `length` ids: 'right' keeps the beginning (cuts the end), 'left' keeps the end."""
   if len(ids) <= length:
     return ids
-  return ids[:length] if side == "right" else ids[len(ids) - length:]
+  return ids[:length] if side == "right" else ids[len(ids) - length :]
 
 
 def padded_row(ids: list[int], seq_len: int) -> dict:
   """`tokens`, `segment_ids`, `positions` [T] of one example right-padded to `seq_len`."""
   tokens = np.zeros(seq_len, np.int32)
-  tokens[:len(ids)] = ids
-  return {"tokens": tokens, "segment_ids": (np.arange(seq_len) < len(ids)).astype(np.int32),
-          "positions": np.arange(seq_len, dtype=np.int32)}
+  tokens[: len(ids)] = ids
+  return {
+    "tokens": tokens,
+    "segment_ids": (np.arange(seq_len) < len(ids)).astype(np.int32),
+    "positions": np.arange(seq_len, dtype=np.int32),
+  }
 
 
 def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len: int, truncation: str) -> dict:
@@ -180,8 +201,7 @@ def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len:
   return {**padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
 
 
-def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
-                separator: str) -> dict:
+def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str, separator: str) -> dict:
   """`[bos] + prompt + separator + target + [eos]`; `loss_mask` is 1 on target and eos only.
 
   The target (with eos) keeps up to half the row; the prompt is cut to fit the rest
@@ -193,12 +213,13 @@ def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, tr
   context = [tokenizer.bos_id, *prompt_ids, *separator_ids]
   row = padded_row(context + target_ids, seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
-  row["loss_mask"][len(context):len(context) + len(target_ids)] = 1
+  row["loss_mask"][len(context) : len(context) + len(target_ids)] = 1
   return row
 
 
-def encoder_decoder_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str,
-                            separator: str) -> dict:
+def encoder_decoder_example(
+  tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str, separator: str
+) -> dict:
   """Encoder `[bos] + prompt + separator` (`encoder_*` keys; the prompt cut to fit, `truncation` its side),
   decoder `[bos] + target + [eos]` (the target cut to fit; `loss_mask` 1 on target and eos), each `seq_len` long.
   The encoder row is what generation feeds the encoder (bos + the prompt text with its separator)."""
@@ -208,12 +229,20 @@ def encoder_decoder_example(tokenizer: Tokenizer, prompt: str, target: str, seq_
   target_ids = truncate(tokenizer.encode(target), seq_len - 2, "right") + [tokenizer.eos_id]
   row = padded_row([tokenizer.bos_id, *target_ids], seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
-  row["loss_mask"][1:1 + len(target_ids)] = 1
+  row["loss_mask"][1 : 1 + len(target_ids)] = 1
   return {**row, **{f"encoder_{key}": value for key, value in encoder.items()}}
 
 
-def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None, repeat: bool,
-                   stream_index: int = 0, stream_count: int = 1) -> grain.IterDataset:
+def padded_batches(
+  source,
+  encode,
+  *,
+  batch_size: int,
+  shuffle_seed: int | None,
+  repeat: bool,
+  stream_index: int = 0,
+  stream_count: int = 1,
+) -> grain.IterDataset:
   """One example per row: `encode(index, record) -> dict of arrays`, batched (`lm_batches` for the options)."""
   examples = grain.MapDataset.source(source).map_with_index(encode)[stream_index::stream_count]
   if shuffle_seed is not None:
@@ -227,10 +256,14 @@ def padded_batches(source, encode, *, batch_size: int, shuffle_seed: int | None,
 def record_label(record: dict, field: str, index: int, dataset: str, num_classes: int) -> int:
   """The integer class of `record[field]`, checked against the number of classes."""
   if field not in record:
-    raise KeyError(f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
-                   "set data.label_field to the field that holds the class.")
+    raise KeyError(
+      f"{dataset} record {index} has no field {field!r} (fields: {sorted(record)}); "
+      "set data.label_field to the field that holds the class."
+    )
   label = int(record[field])
   if not 0 <= label < num_classes:
-    raise ValueError(f"{dataset} record {index} has label {label}, outside [0, {num_classes}); "
-                     "unlabelled splits (label -1, e.g. GLUE test) cannot be trained or evaluated on.")
+    raise ValueError(
+      f"{dataset} record {index} has label {label}, outside [0, {num_classes}); "
+      "unlabelled splits (label -1, e.g. GLUE test) cannot be trained or evaluated on."
+    )
   return label

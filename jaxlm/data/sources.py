@@ -17,9 +17,9 @@ from jaxlm.errors import ConfigError
 
 # Built-in corpora: TFDS name -> module that defines (and so registers) its builder.
 BUILTIN_DATASETS = {
-    "pystdlib_lm": "jaxlm.data.builders.pystdlib_lm",
-    "pystdlib_packages": "jaxlm.data.builders.pystdlib_packages",
-    "pystdlib_docstrings": "jaxlm.data.builders.pystdlib_docstrings",
+  "pystdlib_lm": "jaxlm.data.builders.pystdlib_lm",
+  "pystdlib_packages": "jaxlm.data.builders.pystdlib_packages",
+  "pystdlib_docstrings": "jaxlm.data.builders.pystdlib_docstrings",
 }
 
 
@@ -35,8 +35,11 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     importlib.import_module(BUILTIN_DATASETS[base])
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-      logging.info("Building the built-in corpus %s in %s (from this Python's standard library; nothing is "
-                   "downloaded)", name, builder.data_dir)
+      logging.info(
+        "Building the built-in corpus %s in %s (from this Python's standard library; nothing is downloaded)",
+        name,
+        builder.data_dir,
+      )
       with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing dataset"
         builder.download_and_prepare(file_format="array_record")
     return builder
@@ -45,20 +48,25 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
     raise ConfigError(
-        f"data.name: unknown dataset {name!r}. Use a built-in corpus ({', '.join(sorted(BUILTIN_DATASETS))}) "
-        "or a name from the TFDS catalog (https://www.tensorflow.org/datasets/catalog).") from error
+      f"data.name: unknown dataset {name!r}. Use a built-in corpus ({', '.join(sorted(BUILTIN_DATASETS))}) "
+      "or a name from the TFDS catalog (https://www.tensorflow.org/datasets/catalog)."
+    ) from error
   # The `tfds` command line (and most builders' preparation) imports TensorFlow, which jaxlm does not need.
-  command = (f"pip install tensorflow tensorflow-datasets && tfds build {name} "
-             f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record")
+  command = (
+    f"pip install tensorflow tensorflow-datasets && tfds build {name} "
+    f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record"
+  )
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared in {builder.data_dir}. jaxlm never downloads at run time: prepare it "
-        f"once on a machine with internet, in an environment with TensorFlow (preparation needs it, training does "
-        f"not): `{command}`; then copy the prepared directory into data.data_dir.")
+      f"Dataset {name!r} is not prepared in {builder.data_dir}. jaxlm never downloads at run time: prepare it "
+      f"once on a machine with internet, in an environment with TensorFlow (preparation needs it, training does "
+      f"not): `{command}`; then copy the prepared directory into data.data_dir."
+    )
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
-        f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}; "
-        f"random access needs array_record. Rebuild it with `{command}`.")
+      f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}; "
+      f"random access needs array_record. Rebuild it with `{command}`."
+    )
   return builder
 
 

@@ -36,9 +36,10 @@ class Tokenizer:
   def __init__(self, model_path: str):
     if not os.path.exists(model_path):
       raise FileNotFoundError(
-          f"Tokenizer model {model_path!r} does not exist. Point data.tokenizer at a SentencePiece "
-          "`.model` file or a Hugging Face tokenizer.json, or leave it empty to train one on the dataset's train "
-          "split.")
+        f"Tokenizer model {model_path!r} does not exist. Point data.tokenizer at a SentencePiece "
+        "`.model` file or a Hugging Face tokenizer.json, or leave it empty to train one on the dataset's train "
+        "split."
+      )
     self.path = model_path
     with open(model_path, "rb") as f:
       content = f.read()
@@ -50,6 +51,7 @@ class Tokenizer:
       self._ids = dict(pad=self._processor.pad_id(), bos=self._processor.bos_id(), eos=self._processor.eos_id())
     else:
       import tokenizers  # only Hugging Face tokenizers need it
+
       self._special_tokens = self._json.pop(SPECIAL_TOKENS_KEY, None) or hf_special_tokens(os.path.dirname(model_path))
       self._hf = tokenizers.Tokenizer.from_str(json.dumps(self._json))
       self._ids = {}
@@ -60,7 +62,7 @@ class Tokenizer:
 
   @property
   def kind(self) -> str:
-    """"sentencepiece" or "tokenizers" (a Hugging Face tokenizer.json)."""
+    """ "sentencepiece" or "tokenizers" (a Hugging Face tokenizer.json)."""
     return "sentencepiece" if self._json is None else "tokenizers"
 
   @property
@@ -88,8 +90,10 @@ class Tokenizer:
       return piece_id
     piece_id = self._processor.piece_to_id(piece)
     if piece_id == self._processor.unk_id() and piece != self._processor.id_to_piece(piece_id):
-      raise ValueError(f"Tokenizer {self.path!r} has no piece {piece!r}; the objective needs a tokenizer trained "
-                       "with it reserved (leave data.tokenizer empty to train one).")
+      raise ValueError(
+        f"Tokenizer {self.path!r} has no piece {piece!r}; the objective needs a tokenizer trained "
+        "with it reserved (leave data.tokenizer empty to train one)."
+      )
     return piece_id
 
   def ordinary_ids(self) -> list[int]:
@@ -129,8 +133,10 @@ class Tokenizer:
     if self._json is None:
       raise ValueError(f"Tokenizer {self.path!r} is a SentencePiece model, not a tokenizer.json.")
     roles = {f"{role}_token": token for role, token in self._special_tokens.items()}
-    return {"tokenizer.json": self._json,
-            "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **roles}}
+    return {
+      "tokenizer.json": self._json,
+      "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **roles},
+    }
 
 
 def hf_special_tokens(directory: str) -> dict[str, str]:
@@ -154,8 +160,10 @@ def hf_special_tokens(directory: str) -> dict[str, str]:
   found = {role: found[role] for role in ("bos", "eos", "pad") if role in found}
   for role in ("bos", "eos"):
     if role not in found:
-      raise ValueError(f"The tokenizer in {directory} names no {role}_token (tokenizer_config.json or "
-                       f"special_tokens_map.json); jaxlm needs one: add `\"{role}_token\": \"...\"` there.")
+      raise ValueError(
+        f"The tokenizer in {directory} names no {role}_token (tokenizer_config.json or "
+        f'special_tokens_map.json); jaxlm needs one: add `"{role}_token": "..."` there.'
+      )
   found.setdefault("pad", found["eos"])
   return found
 
@@ -172,8 +180,9 @@ def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
           return
 
 
-def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, max_chars: int = 20_000_000,
-                    reserved: tuple[str, ...] = ()) -> Tokenizer:
+def train_tokenizer(
+  texts: Iterable[str], model_path: str, vocab_size: int, max_chars: int = 20_000_000, reserved: tuple[str, ...] = ()
+) -> Tokenizer:
   """Trains a lossless BPE SentencePiece model on `texts` and writes it atomically to `model_path`; `reserved`
   pieces get ids right after the four special ones (in order) and never come out of `encode`."""
   directory = os.path.dirname(os.path.abspath(model_path))
@@ -181,22 +190,25 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, max_
   with tempfile.TemporaryDirectory(dir=directory) as scratch:
     prefix = os.path.join(scratch, "spm")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts, max_chars),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        character_coverage=0.9999,
-        user_defined_symbols=["\n"],
-        control_symbols=list(reserved),
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
+      sentence_iterator=_training_lines(texts, max_chars),
+      model_prefix=prefix,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      byte_fallback=True,
+      character_coverage=0.9999,
+      user_defined_symbols=["\n"],
+      control_symbols=list(reserved),
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
     )
     os.replace(prefix + ".model", model_path)  # atomic: a reader never sees half a model
   logging.info("Trained a %d-piece tokenizer: %s", vocab_size, model_path)

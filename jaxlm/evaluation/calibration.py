@@ -63,8 +63,9 @@ def _check_range(name: str, array: jax.Array, low: float, high: float, expected:
 def _check_probs_and_labels(probs: jax.Array, labels: jax.Array) -> None:
   """probs [..., C] floating in [0, 1] with rows summing to 1; labels [...] integers in [0, C)."""
   if probs.ndim < 1 or labels.shape != probs.shape[:-1]:
-    raise ValueError(f"probs must be [..., C] and labels [...] (the same leading shape); got {probs.shape} and "
-                     f"{labels.shape}.")
+    raise ValueError(
+      f"probs must be [..., C] and labels [...] (the same leading shape); got {probs.shape} and {labels.shape}."
+    )
   if not jnp.issubdtype(probs.dtype, jnp.floating):
     raise ValueError(f"probs must be floating-point probabilities, got dtype {probs.dtype}.")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -76,16 +77,22 @@ def _check_probs_and_labels(probs: jax.Array, labels: jax.Array) -> None:
     tolerance = max(1e-3, 4 * float(jnp.finfo(probs.dtype).eps))
     error = float(jnp.max(jnp.abs(jnp.sum(probs, axis=-1, dtype=jnp.float32) - 1.0)))
     if not error <= tolerance:
-      raise ValueError(f"probs must sum to 1 over the last (class) axis; a row is off by {error:.3g} (tolerance "
-                       f"{tolerance:.3g}). Pass softmax(logits), not logits or unnormalised scores.")
+      raise ValueError(
+        f"probs must sum to 1 over the last (class) axis; a row is off by {error:.3g} (tolerance "
+        f"{tolerance:.3g}). Pass softmax(logits), not logits or unnormalised scores."
+      )
 
 
 def _check_weights(weights: jax.Array, shape: tuple) -> None:
   if weights.shape != shape:
-    raise ValueError(f"weights must have the examples' shape {shape} (one weight or mask value per example); got "
-                     f"{weights.shape}.")
-  if not (jnp.issubdtype(weights.dtype, jnp.floating) or jnp.issubdtype(weights.dtype, jnp.integer)
-          or weights.dtype == jnp.bool_):
+    raise ValueError(
+      f"weights must have the examples' shape {shape} (one weight or mask value per example); got {weights.shape}."
+    )
+  if not (
+    jnp.issubdtype(weights.dtype, jnp.floating)
+    or jnp.issubdtype(weights.dtype, jnp.integer)
+    or weights.dtype == jnp.bool_
+  ):
     raise ValueError(f"weights must be real numbers or a boolean mask, got dtype {weights.dtype}.")
   _check_range("weights", weights, 0.0, np.inf, "finite and >= 0")
 
@@ -144,8 +151,14 @@ def equal_mass_bin_ids(confidences: jax.Array, num_bins: int = 15, weights: jax.
   return jnp.sum(before[:, None] * num_bins >= thresholds, axis=-1, dtype=jnp.int32)
 
 
-def calibration_bin_sums(confidences: jax.Array, correct: jax.Array, weights: jax.Array | None = None,
-                         num_bins: int = 15, right_closed: bool = True, bin_ids: jax.Array | None = None) -> dict:
+def calibration_bin_sums(
+  confidences: jax.Array,
+  correct: jax.Array,
+  weights: jax.Array | None = None,
+  num_bins: int = 15,
+  right_closed: bool = True,
+  bin_ids: jax.Array | None = None,
+) -> dict:
   """Per-bin sums of weight, weight * confidence and weight * correct (all [num_bins], float32 or wider).
 
   confidences: floating, in [0, 1]; correct (bool, integer or float in [0, 1]) and weights (>= 0, e.g. a
@@ -173,9 +186,9 @@ def calibration_bin_sums(confidences: jax.Array, correct: jax.Array, weights: ja
   one_hot = jax.nn.one_hot(bin_ids, num_bins, dtype=dtype) * weights[..., None]
   axes = tuple(range(confidences.ndim))
   return {
-      "bin_count": jnp.sum(one_hot, axis=axes),
-      "bin_confidence_sum": jnp.tensordot(confidences.astype(dtype), one_hot, axes=(axes, axes)),
-      "bin_correct_sum": jnp.tensordot(correct.astype(dtype), one_hot, axes=(axes, axes)),
+    "bin_count": jnp.sum(one_hot, axis=axes),
+    "bin_confidence_sum": jnp.tensordot(confidences.astype(dtype), one_hot, axes=(axes, axes)),
+    "bin_correct_sum": jnp.tensordot(correct.astype(dtype), one_hot, axes=(axes, axes)),
   }
 
 
@@ -191,12 +204,13 @@ def ece_from_bin_sums(bin_sums: dict, norm: str = "l1") -> jax.Array:
   count = jnp.asarray(bin_sums["bin_count"])
   nonempty = count > 0
   safe = jnp.where(nonempty, count, 1.0)
-  gap = jnp.where(nonempty, jnp.abs(jnp.asarray(bin_sums["bin_correct_sum"]) - bin_sums["bin_confidence_sum"]) / safe,
-                  0.0)
+  gap = jnp.where(
+    nonempty, jnp.abs(jnp.asarray(bin_sums["bin_correct_sum"]) - bin_sums["bin_confidence_sum"]) / safe, 0.0
+  )
   if norm == "max":
     return jnp.max(gap)
   fraction = count / jnp.maximum(jnp.sum(count), jnp.finfo(count.dtype).tiny)
-  return jnp.sum(fraction * gap) if norm == "l1" else jnp.sqrt(jnp.sum(fraction * gap ** 2))
+  return jnp.sum(fraction * gap) if norm == "l1" else jnp.sqrt(jnp.sum(fraction * gap**2))
 
 
 def _bin_ids(confidences, num_bins, binning, right_closed, weights=None):
@@ -207,9 +221,16 @@ def _bin_ids(confidences, num_bins, binning, right_closed, weights=None):
   return equal_width_bin_ids(confidences, num_bins, right_closed)
 
 
-def expected_calibration_error(probs: jax.Array, labels: jax.Array, num_bins: int = 15, norm: str = "l1",
-                               binning: str = "equal_width", classwise: bool = False, right_closed: bool = True,
-                               weights: jax.Array | None = None) -> jax.Array:
+def expected_calibration_error(
+  probs: jax.Array,
+  labels: jax.Array,
+  num_bins: int = 15,
+  norm: str = "l1",
+  binning: str = "equal_width",
+  classwise: bool = False,
+  right_closed: bool = True,
+  weights: jax.Array | None = None,
+) -> jax.Array:
   """Expected calibration error of probs [..., C] against integer labels [...], each example weighted.
 
   Leading axes are examples (e.g. [B, T, V] next-token probabilities with [B, T] targets); `weights` [...]
@@ -231,13 +252,19 @@ def expected_calibration_error(probs: jax.Array, labels: jax.Array, num_bins: in
   probs, labels = probs.reshape(-1, probs.shape[-1]), labels.reshape(-1)
   if not classwise:
     confidences, correct = top_label(probs, labels)
-    sums = calibration_bin_sums(confidences, correct, weights, num_bins,
-                                bin_ids=_bin_ids(confidences, num_bins, binning, right_closed, weights))
+    sums = calibration_bin_sums(
+      confidences, correct, weights, num_bins, bin_ids=_bin_ids(confidences, num_bins, binning, right_closed, weights)
+    )
     return ece_from_bin_sums(sums, norm)
 
   def one_class(class_probs, class_index):
-    sums = calibration_bin_sums(class_probs, labels == class_index, weights, num_bins,
-                                bin_ids=_bin_ids(class_probs, num_bins, binning, right_closed, weights))
+    sums = calibration_bin_sums(
+      class_probs,
+      labels == class_index,
+      weights,
+      num_bins,
+      bin_ids=_bin_ids(class_probs, num_bins, binning, right_closed, weights),
+    )
     return ece_from_bin_sums(sums, norm)
 
   return jnp.mean(jax.vmap(one_class)(probs.T, jnp.arange(probs.shape[1])))
@@ -248,9 +275,14 @@ def max_calibration_error(probs: jax.Array, labels: jax.Array, num_bins: int = 1
   return expected_calibration_error(probs, labels, num_bins, norm="max", **kwargs)
 
 
-def reliability_curve(confidences: jax.Array, correct: jax.Array, num_bins: int = 15,
-                      binning: str = "equal_width", right_closed: bool = True,
-                      weights: jax.Array | None = None) -> dict:
+def reliability_curve(
+  confidences: jax.Array,
+  correct: jax.Array,
+  num_bins: int = 15,
+  binning: str = "equal_width",
+  right_closed: bool = True,
+  weights: jax.Array | None = None,
+) -> dict:
   """Reliability-diagram data, all [num_bins]: mean confidence, accuracy (mean of `correct`) and count per bin.
 
   confidences and correct are [N] (weights [N] optional, as in `calibration_bin_sums`). Empty bins have
@@ -258,12 +290,16 @@ def reliability_curve(confidences: jax.Array, correct: jax.Array, num_bins: int 
   [label == 1]) reproduces scikit-learn's `calibration_curve(strategy="uniform")` on the non-empty bins.
   """
   confidences = jnp.asarray(confidences)
-  sums = calibration_bin_sums(confidences, correct, weights, num_bins,
-                              bin_ids=_bin_ids(confidences, num_bins, binning, right_closed, weights))
+  sums = calibration_bin_sums(
+    confidences, correct, weights, num_bins, bin_ids=_bin_ids(confidences, num_bins, binning, right_closed, weights)
+  )
   count = sums["bin_count"]
   safe = jnp.where(count > 0, count, jnp.nan)
-  return {"bin_confidence": sums["bin_confidence_sum"] / safe, "bin_accuracy": sums["bin_correct_sum"] / safe,
-          "bin_count": count}
+  return {
+    "bin_confidence": sums["bin_confidence_sum"] / safe,
+    "bin_accuracy": sums["bin_correct_sum"] / safe,
+    "bin_count": count,
+  }
 
 
 def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -305,8 +341,11 @@ def risk_coverage_curve(confidences, correct) -> dict:
   confidences, errors = confidences[order], errors[order]
   last_of_group = np.append(confidences[1:] != confidences[:-1], True)
   accepted = np.arange(1, len(confidences) + 1)[last_of_group]
-  return {"coverage": accepted / len(confidences), "risk": np.cumsum(errors)[last_of_group] / accepted,
-          "threshold": confidences[last_of_group]}
+  return {
+    "coverage": accepted / len(confidences),
+    "risk": np.cumsum(errors)[last_of_group] / accepted,
+    "threshold": confidences[last_of_group],
+  }
 
 
 def area_under_risk_coverage(confidences, correct) -> float:

@@ -34,7 +34,7 @@ from jaxlm.errors import check
 from jaxlm.evaluation import calibration
 
 # Default temperature-fitting chunk: rows holding about this many logits (8M float32 = 32 MiB per buffer).
-CHUNK_ELEMENTS = 2 ** 23
+CHUNK_ELEMENTS = 2**23
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -56,20 +56,25 @@ def _validate(logits, labels=None) -> np.ndarray | None:
       raise ValueError("logits must be finite; got NaN or infinite values.")
     row_error = xp.max(xp.abs(xp.sum(logits, axis=-1, dtype=xp.float32) - 1))
     if bool((xp.min(logits) >= 0) & (xp.max(logits) <= 1) & (row_error <= 1e-3)):
-      raise ValueError("logits look like probabilities (all in [0, 1], every row summing to 1); calibrators take "
-                       "logits. Pass log-probabilities (e.g. np.log(probs)) or the model's raw scores.")
+      raise ValueError(
+        "logits look like probabilities (all in [0, 1], every row summing to 1); calibrators take "
+        "logits. Pass log-probabilities (e.g. np.log(probs)) or the model's raw scores."
+      )
   if labels is None:
     return None
   labels = np.asarray(labels)
   num_classes = logits.shape[1]
   if labels.shape != logits.shape[:1]:
-    raise ValueError(f"labels must be [N] integers in [0, {num_classes}) for logits {logits.shape}; got shape "
-                     f"{labels.shape}.")
+    raise ValueError(
+      f"labels must be [N] integers in [0, {num_classes}) for logits {logits.shape}; got shape {labels.shape}."
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be [N] integers in [0, {num_classes}) (class indices), got dtype {labels.dtype}.")
   if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
-    raise ValueError(f"labels must be [N] integers in [0, {num_classes}) for logits {logits.shape}; got values in "
-                     f"[{labels.min()}, {labels.max()}].")
+    raise ValueError(
+      f"labels must be [N] integers in [0, {num_classes}) for logits {logits.shape}; got values in "
+      f"[{labels.min()}, {labels.max()}]."
+    )
   return labels.astype(np.int64)
 
 
@@ -105,9 +110,14 @@ class Calibrator:
       raise ValueError(f"{type(self).__name__} is not fitted: nothing to save.")
     path = calibrator_path(directory, step, self.name)
     os.makedirs(directory, exist_ok=True)
-    record = {"name": self.name, "step": int(step), "config": self.config,
-              "params": {key: {"shape": list(value.shape), "values": value.ravel().tolist()}
-                         for key, value in self.params.items()}}
+    record = {
+      "name": self.name,
+      "step": int(step),
+      "config": self.config,
+      "params": {
+        key: {"shape": list(value.shape), "values": value.ravel().tolist()} for key, value in self.params.items()
+      },
+    }
     with open(path + ".tmp", "w") as f:
       json.dump(record, f)
     os.replace(path + ".tmp", path)
@@ -122,13 +132,16 @@ def load(directory: str, step: int, name: str) -> Calibrator:
   """The calibrator `name` saved by `Calibrator.save(directory, step)`."""
   path = calibrator_path(directory, step, name)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No calibrator {name!r} for step {step}: {path} does not exist. Fit one and call "
-                            f"save({directory!r}, {step}) first.")
+    raise FileNotFoundError(
+      f"No calibrator {name!r} for step {step}: {path} does not exist. Fit one and call "
+      f"save({directory!r}, {step}) first."
+    )
   with open(path) as f:
     record = json.load(f)
   calibrator = CALIBRATORS[record["name"]](**record["config"])
-  calibrator.params = {key: np.asarray(value["values"], np.float64).reshape(value["shape"])
-                       for key, value in record["params"].items()}
+  calibrator.params = {
+    key: np.asarray(value["values"], np.float64).reshape(value["shape"]) for key, value in record["params"].items()
+  }
   return calibrator
 
 
@@ -180,8 +193,9 @@ class TemperatureScaling(Calibrator):
   def fit(self, logits, labels) -> "TemperatureScaling":
     logits = logits if isinstance(logits, jax.Array) else np.asarray(logits)  # no float64 host copy
     labels = _validate(logits, labels)
-    self.params = {"temperature": np.asarray(self._fit_on_device(jnp.asarray(logits), jnp.asarray(labels, jnp.int32)),
-                                             np.float64)}
+    self.params = {
+      "temperature": np.asarray(self._fit_on_device(jnp.asarray(logits), jnp.asarray(labels, jnp.int32)), np.float64)
+    }
     return self
 
   def _fit_on_device(self, logits: jax.Array, labels: jax.Array) -> float:
@@ -233,8 +247,9 @@ def _fit_linear(features, labels, kind, regularizer):
     loss = -np.sum(one_hot * log_probs) / n + penalty
     return loss, np.concatenate([(grad_weight + grad_penalty_weight).ravel(), grad_scores.sum(0) + grad_penalty_bias])
 
-  result = scipy.optimize.minimize(objective, initial, jac=True, method="L-BFGS-B",
-                                   options=dict(maxiter=2000, gtol=1e-10, ftol=1e-15))
+  result = scipy.optimize.minimize(
+    objective, initial, jac=True, method="L-BFGS-B", options=dict(maxiter=2000, gtol=1e-10, ftol=1e-15)
+  )
   weight, bias = unpack(result.x)
   return {"weight": weight, "bias": bias}
 
@@ -265,7 +280,7 @@ class MatrixScaling(Calibrator):
 
   def _regularizer(self, weight, bias):
     delta = weight - np.eye(len(bias))
-    return self.config["l2"] * np.sum(delta ** 2), 2 * self.config["l2"] * delta, np.zeros_like(bias)
+    return self.config["l2"] * np.sum(delta**2), 2 * self.config["l2"] * delta, np.zeros_like(bias)
 
   def _fit(self, logits, labels):
     return _fit_linear(logits, labels, "matrix", self._regularizer)
@@ -291,8 +306,11 @@ class DirichletCalibration(Calibrator):
     off_diagonal = weight * (1 - np.eye(c))
     scale = self.config["off_diagonal_l2"] / max(c * (c - 1), 1)
     bias_scale = self.config["bias_l2"] / c
-    return (scale * np.sum(off_diagonal ** 2) + bias_scale * np.sum(bias ** 2), 2 * scale * off_diagonal,
-            2 * bias_scale * bias)
+    return (
+      scale * np.sum(off_diagonal**2) + bias_scale * np.sum(bias**2),
+      2 * scale * off_diagonal,
+      2 * bias_scale * bias,
+    )
 
   def _fit(self, logits, labels):
     return _fit_linear(scipy.special.log_softmax(logits, axis=-1), labels, "matrix", self._regularizer)
@@ -310,8 +328,10 @@ class PlattScaling(Calibrator):
 
   def _fit(self, logits, labels):
     if logits.shape[1] != 2:
-      raise ValueError(f"PlattScaling is binary: logits must be [N, 2], got {logits.shape}. Use TemperatureScaling, "
-                       "VectorScaling or DirichletCalibration for more classes.")
+      raise ValueError(
+        f"PlattScaling is binary: logits must be [N, 2], got {logits.shape}. Use TemperatureScaling, "
+        "VectorScaling or DirichletCalibration for more classes."
+      )
     margin = logits[:, 1] - logits[:, 0]
 
     def objective(theta):
@@ -320,8 +340,9 @@ class PlattScaling(Calibrator):
       residual = (scipy.special.expit(scores) - labels) / len(labels)
       return loss, np.array([np.sum(residual * margin), np.sum(residual)])
 
-    result = scipy.optimize.minimize(objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
-                                     options=dict(maxiter=1000, gtol=1e-12, ftol=1e-15))
+    result = scipy.optimize.minimize(
+      objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", options=dict(maxiter=1000, gtol=1e-12, ftol=1e-15)
+    )
     return {"slope": result.x[0], "intercept": result.x[1]}
 
   def _apply(self, logits):
@@ -422,15 +443,27 @@ class HistogramBinning(Calibrator):
     return _combine(columns, probs.shape[1])
 
 
-CALIBRATORS = {cls.name: cls for cls in (TemperatureScaling, VectorScaling, MatrixScaling, DirichletCalibration,
-                                         PlattScaling, IsotonicCalibration, HistogramBinning)}
+CALIBRATORS = {
+  cls.name: cls
+  for cls in (
+    TemperatureScaling,
+    VectorScaling,
+    MatrixScaling,
+    DirichletCalibration,
+    PlattScaling,
+    IsotonicCalibration,
+    HistogramBinning,
+  )
+}
 
 
 def check_config(calibration_config) -> None:
   """Validates the `calibration` config section (ConfigError naming the key)."""
   unknown = sorted(set(calibration_config.calibrators) - set(CALIBRATORS))
   check(not unknown, "calibration.calibrators", f"unknown {unknown}; use some of {sorted(CALIBRATORS)} or () for all.")
-  check(calibration_config.num_bins > 0, "calibration.num_bins", f"must be positive, got {calibration_config.num_bins}.")
+  check(
+    calibration_config.num_bins > 0, "calibration.num_bins", f"must be positive, got {calibration_config.num_bins}."
+  )
   check(calibration_config.num_resamples > 0, "calibration.num_resamples", "must be positive.")
   check(0 < calibration_config.confidence < 1, "calibration.confidence", "must be in (0, 1), e.g. 0.95.")
 

@@ -41,8 +41,9 @@ def class_scores(probs: jax.Array, score: str = "lac", rng: jax.Array | None = N
   return jnp.zeros_like(probs).at[jnp.arange(probs.shape[0])[:, None], order].set(sorted_scores)
 
 
-def conformal_threshold(probs: jax.Array, labels: jax.Array, alpha: float, score: str = "lac",
-                        rng: jax.Array | None = None) -> float:
+def conformal_threshold(
+  probs: jax.Array, labels: jax.Array, alpha: float, score: str = "lac", rng: jax.Array | None = None
+) -> float:
   """The ceil((n + 1)(1 - alpha))-th smallest calibration score s(x_i, y_i); +inf when that exceeds n."""
   if not 0 < alpha < 1:
     raise ValueError(f"alpha is the allowed miscoverage, in (0, 1); got {alpha}.")
@@ -62,12 +63,16 @@ def set_statistics(sets: jax.Array, labels: jax.Array) -> dict:
   sets = jnp.asarray(sets)
   covered = jnp.take_along_axis(sets, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
   sizes = jnp.sum(sets, axis=-1)
-  return {"coverage": float(jnp.mean(covered)), "mean_size": float(jnp.mean(sizes)),
-          "empty_fraction": float(jnp.mean(sizes == 0))}
+  return {
+    "coverage": float(jnp.mean(covered)),
+    "mean_size": float(jnp.mean(sizes)),
+    "empty_fraction": float(jnp.mean(sizes == 0)),
+  }
 
 
-def split_conformal(calibration_probs, calibration_labels, test_probs, test_labels, alpha: float,
-                    score: str = "lac") -> dict:
+def split_conformal(
+  calibration_probs, calibration_labels, test_probs, test_labels, alpha: float, score: str = "lac"
+) -> dict:
   """The threshold at miscoverage `alpha` from a calibration set, applied to a test set:
   {"alpha", "threshold", and the test sets' `set_statistics`: "coverage" (>= 1 - alpha on exchangeable data),
   "mean_size", "empty_fraction"}."""

@@ -27,10 +27,10 @@ BLEU_SMOOTHING = ("none", "floor", "add-k", "exp")
 # sacrebleu's defaults for the smoothing value: the floor epsilon and the k of add-k (Chen & Cherry 2014).
 _SMOOTH_DEFAULTS = {"none": None, "floor": 0.1, "add-k": 1.0, "exp": None}
 _13A_RULES = [
-    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # symbols and punctuation except . , - and '
-    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period and comma unless preceded by a digit
-    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period and comma unless followed by a digit
-    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
+  (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # symbols and punctuation except . , - and '
+  (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period and comma unless preceded by a digit
+  (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period and comma unless followed by a digit
+  (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
 ]
 
 
@@ -57,8 +57,9 @@ def top_k_accuracy(scores: jax.Array, labels: jax.Array, k: int, weights: jax.Ar
   return _weighted_mean(jnp.any(top == jnp.asarray(labels)[:, None], axis=-1), weights)
 
 
-def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int,
-                     weights: jax.Array | None = None) -> jax.Array:
+def confusion_matrix(
+  predictions: jax.Array, labels: jax.Array, num_classes: int, weights: jax.Array | None = None
+) -> jax.Array:
   """[C, C] float32 counts (or summed weights): entry (i, j) = weight of examples with label i predicted j.
 
   A sum, so matrices of batches add up to the matrix of the whole set. Labels or predictions outside
@@ -68,8 +69,7 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
   if weights is not None:
     labels_one_hot = labels_one_hot * jnp.asarray(weights, jnp.float32)[..., None]
   predictions_one_hot = jax.nn.one_hot(predictions, num_classes, dtype=jnp.float32)
-  return jnp.einsum("nc,nd->cd", labels_one_hot.reshape(-1, num_classes),
-                    predictions_one_hot.reshape(-1, num_classes))
+  return jnp.einsum("nc,nd->cd", labels_one_hot.reshape(-1, num_classes), predictions_one_hot.reshape(-1, num_classes))
 
 
 def precision_recall_f1(confusion: jax.Array, average: str | None = None, zero_division: float = 0.0) -> dict:
@@ -98,8 +98,10 @@ def precision_recall_f1(confusion: jax.Array, average: str | None = None, zero_d
     result = {name: jnp.mean(value) for name, value in result.items()}
   elif average == "weighted":
     total = jnp.sum(support)
-    result = {name: jnp.where(total > 0, jnp.sum(value * support) / jnp.where(total > 0, total, 1.0), zero_division)
-              for name, value in result.items()}
+    result = {
+      name: jnp.where(total > 0, jnp.sum(value * support) / jnp.where(total > 0, total, 1.0), zero_division)
+      for name, value in result.items()
+    }
   return result
 
 
@@ -226,15 +228,18 @@ def exact_match(predictions: Sequence[str], references: Sequence) -> float:
   Strings are compared as they are (no case folding, no whitespace stripping): normalise first if needed.
   """
   if len(predictions) != len(references) or not predictions:
-    raise ValueError(f"exact_match: needs as many references as predictions (>0); got {len(predictions)} and "
-                     f"{len(references)}.")
-  hits = sum(prediction in ([reference] if isinstance(reference, str) else list(reference))
-             for prediction, reference in zip(predictions, references))
+    raise ValueError(
+      f"exact_match: needs as many references as predictions (>0); got {len(predictions)} and {len(references)}."
+    )
+  hits = sum(
+    prediction in ([reference] if isinstance(reference, str) else list(reference))
+    for prediction, reference in zip(predictions, references)
+  )
   return hits / len(predictions)
 
 
 def _ngrams(tokens: list, n: int) -> collections.Counter:
-  return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+  return collections.Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _bleu_statistics(hypothesis: list, references: list[list], max_order: int) -> tuple[list, list, int, int]:
@@ -252,8 +257,9 @@ def _bleu_statistics(hypothesis: list, references: list[list], max_order: int) -
   return matches, totals, len(hypothesis), closest
 
 
-def _bleu_from_statistics(matches, totals, hypothesis_length, reference_length, smooth, smooth_value,
-                          effective_order) -> float:
+def _bleu_from_statistics(
+  matches, totals, hypothesis_length, reference_length, smooth, smooth_value, effective_order
+) -> float:
   """BLEU in [0, 1] from pooled statistics, step for step sacrebleu's `BLEU.compute_bleu` (divided by 100)."""
   if smooth not in BLEU_SMOOTHING:
     raise ValueError(f"smooth must be one of {BLEU_SMOOTHING}, got {smooth!r}.")
@@ -287,8 +293,15 @@ def _reference_lists(entry, tokenize) -> list[list]:
   return [_tokens(entry, tokenize)] if isinstance(entry, str) else [_tokens(r, tokenize) for r in entry]
 
 
-def bleu(hypotheses: Sequence, references: Sequence, max_order: int = 4, smooth: str = "none",
-         smooth_value: float | None = None, tokenize: str = "whitespace", effective_order: bool = False) -> float:
+def bleu(
+  hypotheses: Sequence,
+  references: Sequence,
+  max_order: int = 4,
+  smooth: str = "none",
+  smooth_value: float | None = None,
+  tokenize: str = "whitespace",
+  effective_order: bool = False,
+) -> float:
   """Corpus BLEU (Papineni et al. 2002) in [0, 1]: BP * exp(mean_{n=1..max_order} log p_n) (sacrebleu / 100).
 
   p_n = (sum over hypotheses of n-gram counts clipped by the maximum count in any of its references) /
@@ -313,12 +326,20 @@ def bleu(hypotheses: Sequence, references: Sequence, max_order: int = 4, smooth:
     totals = [a + b for a, b in zip(totals, statistics[1])]
     hypothesis_length += statistics[2]
     reference_length += statistics[3]
-  return _bleu_from_statistics(matches, totals, hypothesis_length, reference_length, smooth, smooth_value,
-                               effective_order)
+  return _bleu_from_statistics(
+    matches, totals, hypothesis_length, reference_length, smooth, smooth_value, effective_order
+  )
 
 
-def sentence_bleu(hypothesis, references, max_order: int = 4, smooth: str = "exp", smooth_value: float | None = None,
-                  tokenize: str = "13a", effective_order: bool = True) -> float:
+def sentence_bleu(
+  hypothesis,
+  references,
+  max_order: int = 4,
+  smooth: str = "exp",
+  smooth_value: float | None = None,
+  tokenize: str = "13a",
+  effective_order: bool = True,
+) -> float:
   """BLEU in [0, 1] of one hypothesis against one reference (a string) or several (a list): `bleu` of a
   one-sentence corpus, with sacrebleu's `sentence_bleu` defaults (exp smoothing, effective order, 13a tokens).
   """
@@ -344,8 +365,9 @@ def rouge_l(hypotheses: Sequence, references: Sequence, beta: float = 1.0, token
   """
   _check_tokenize(tokenize)
   if len(hypotheses) != len(references) or not hypotheses:
-    raise ValueError(f"rouge_l: needs as many references as hypotheses (>0); got {len(hypotheses)} and "
-                     f"{len(references)}.")
+    raise ValueError(
+      f"rouge_l: needs as many references as hypotheses (>0); got {len(hypotheses)} and {len(references)}."
+    )
   total = 0.0
   for hypothesis, entry in zip(hypotheses, references):
     hypothesis = _tokens(hypothesis, tokenize)
@@ -354,6 +376,6 @@ def rouge_l(hypotheses: Sequence, references: Sequence, beta: float = 1.0, token
       common = _lcs_length(hypothesis, reference)
       if common:
         recall, precision = common / len(reference), common / len(hypothesis)
-        best = max(best, (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
+        best = max(best, (1 + beta**2) * precision * recall / (recall + beta**2 * precision))
     total += best
   return total / len(hypotheses)

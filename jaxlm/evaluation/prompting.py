@@ -48,16 +48,25 @@ def check_config(prompt) -> None:
     except ValueError as error:
       check(False, "prompt.templates", str(error))
   check(prompt.score in REDUCTIONS, "prompt.score", f"{prompt.score!r} is not one of {REDUCTIONS}.")
-  check(len(prompt.shots) > 0 and all(shots >= 0 for shots in prompt.shots), "prompt.shots",
-        f"must be demonstration counts >= 0, e.g. (0, 4); got {tuple(prompt.shots)}.")
+  check(
+    len(prompt.shots) > 0 and all(shots >= 0 for shots in prompt.shots),
+    "prompt.shots",
+    f"must be demonstration counts >= 0, e.g. (0, 4); got {tuple(prompt.shots)}.",
+  )
   unknown = set(prompt.corrections) - set(CORRECTIONS)
-  check(not unknown and len(prompt.corrections) > 0, "prompt.corrections",
-        f"{sorted(unknown) or '()'}: use some of {CORRECTIONS}.")
+  check(
+    not unknown and len(prompt.corrections) > 0,
+    "prompt.corrections",
+    f"{sorted(unknown) or '()'}: use some of {CORRECTIONS}.",
+  )
   for key in ("orders", "domain_texts", "batch_size", "max_text_tokens", "prompts_per_batch"):
     check(prompt[key] > 0, f"prompt.{key}", f"must be positive, got {prompt[key]}.")
   check(len(prompt.content_free) > 0, "prompt.content_free", "give at least one content-free input, e.g. 'N/A'.")
-  check(prompt.num_examples == -1 or prompt.num_examples > 0, "prompt.num_examples",
-        f"must be positive or -1 (the whole split), got {prompt.num_examples}.")
+  check(
+    prompt.num_examples == -1 or prompt.num_examples > 0,
+    "prompt.num_examples",
+    f"must be positive or -1 (the whole split), got {prompt.num_examples}.",
+  )
 
 
 def check_template(template: str) -> None:
@@ -65,8 +74,10 @@ def check_template(template: str) -> None:
   try:
     filled = template.format(text="")
   except (KeyError, IndexError, ValueError) as error:
-    raise ValueError(f"Prompt template {template!r} must have exactly one {{text}} field and no other braces "
-                     f"(double them: {{{{ }}}}): {error!r}.") from None
+    raise ValueError(
+      f"Prompt template {template!r} must have exactly one {{text}} field and no other braces "
+      f"(double them: {{{{ }}}}): {error!r}."
+    ) from None
   if template.count("{text}") != 1:
     raise ValueError(f"Prompt template {template!r} must have exactly one {{text}} field.")
   del filled
@@ -102,8 +113,9 @@ def domain_texts(texts: list[str], num_texts: int = 20, seed: int = 0) -> list[s
   return [" ".join(words[i] for i in rng.integers(0, len(words), size=length)) for _ in range(num_texts)]
 
 
-def continuation_rows(prompts: list[list[int]], continuations: list[list[int]], length: int, pad_id: int,
-                      row_multiple: int = 1) -> dict:
+def continuation_rows(
+  prompts: list[list[int]], continuations: list[list[int]], length: int, pad_id: int, row_multiple: int = 1
+) -> dict:
   """The batch scoring every continuation after every prompt: row p * C + c is prompts[p] + continuations[c],
   right-padded to `length` (rows added up to a multiple of `row_multiple`, all padding).
 
@@ -119,12 +131,14 @@ def continuation_rows(prompts: list[list[int]], continuations: list[list[int]], 
     for c, continuation in enumerate(continuations):
       row, size = p * len(continuations) + c, len(prompt) + len(continuation)
       if not prompt or not continuation or size > length:
-        raise ValueError(f"A prompt of {len(prompt)} tokens with a continuation of {len(continuation)} does not fit "
-                         f"a row of {length} tokens (both must be non-empty).")
+        raise ValueError(
+          f"A prompt of {len(prompt)} tokens with a continuation of {len(continuation)} does not fit "
+          f"a row of {length} tokens (both must be non-empty)."
+        )
       batch["tokens"][row, :size] = prompt + continuation
       batch["positions"][row, :size] = np.arange(size)
       batch["segment_ids"][row, :size] = 1
-      weights[row, len(prompt) - 1:size - 1] = 1.0
+      weights[row, len(prompt) - 1 : size - 1] = 1.0
   batch["target_weights"] = weights
   return batch
 
@@ -135,8 +149,16 @@ def next_token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.take_along_axis(log_probs, jnp.roll(tokens, -1, axis=1)[..., None], axis=-1)[..., 0]
 
 
-def score_label_words(log_prob_fn, prompts: list[list[int]], label_tokens: list[list[int]], length: int,
-                      pad_id: int, reduce: str = "sum", prompts_per_batch: int = 8, row_multiple: int = 1) -> np.ndarray:
+def score_label_words(
+  log_prob_fn,
+  prompts: list[list[int]],
+  label_tokens: list[list[int]],
+  length: int,
+  pad_id: int,
+  reduce: str = "sum",
+  prompts_per_batch: int = 8,
+  row_multiple: int = 1,
+) -> np.ndarray:
   """[N, C] float64 score of each label word after each prompt: the sum or mean of its tokens' log-probabilities.
 
   `log_prob_fn(batch)` maps a `continuation_rows` batch to `next_token_log_probs` [R, T]; it is called once per
@@ -146,13 +168,13 @@ def score_label_words(log_prob_fn, prompts: list[list[int]], label_tokens: list[
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
   num_labels, scores = len(label_tokens), []
   for start in range(0, len(prompts), prompts_per_batch):
-    chunk = prompts[start:start + prompts_per_batch]
+    chunk = prompts[start : start + prompts_per_batch]
     batch = continuation_rows(chunk, label_tokens, length, pad_id, row_multiple)
     token_log_probs = np.asarray(log_prob_fn(batch), np.float64)
     weights = batch["target_weights"]
-    sums = (token_log_probs * weights).sum(axis=1)[:len(chunk) * num_labels]
+    sums = (token_log_probs * weights).sum(axis=1)[: len(chunk) * num_labels]
     if reduce == "mean":
-      sums = sums / weights.sum(axis=1)[:len(chunk) * num_labels]
+      sums = sums / weights.sum(axis=1)[: len(chunk) * num_labels]
     scores.append(sums.reshape(len(chunk), num_labels))
   return np.concatenate(scores) if scores else np.zeros((0, num_labels))
 
@@ -215,7 +237,7 @@ class Correction:
       return probs
     seen, total, corrected = 0, np.zeros(scores.shape[1]), []
     for start in range(0, len(probs), self.batch_size):  # batch: running mean of the distributions seen so far
-      batch = probs[start:start + self.batch_size]
+      batch = probs[start : start + self.batch_size]
       total, seen = total + batch.sum(axis=0), seen + len(batch)
       corrected.append(_softmax(np.log(batch) - np.log(total / seen)))
     return np.concatenate(corrected) if corrected else probs

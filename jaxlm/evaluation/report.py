@@ -31,14 +31,25 @@ def _classification_metrics(num_bins: int) -> dict:
   """name -> metric(probs [N, C], labels [N]) -> float."""
   ece = jax.jit(lambda p, y: calibration.expected_calibration_error(p, y, num_bins))
   mce = jax.jit(lambda p, y: calibration.max_calibration_error(p, y, num_bins))
-  return {"accuracy": jax.jit(lambda p, y: jnp.mean(jnp.argmax(p, axis=-1) == y)),
-          "macro_f1": lambda p, y: metrics.macro_f1(metrics.confusion_matrix(np.argmax(p, -1), y, p.shape[-1])),
-          "nll": jax.jit(lambda p, y: calibration.negative_log_likelihood(p, y, MIN_PROB)),
-          "brier": jax.jit(calibration.brier_score), "ece": ece, "mce": mce}
+  return {
+    "accuracy": jax.jit(lambda p, y: jnp.mean(jnp.argmax(p, axis=-1) == y)),
+    "macro_f1": lambda p, y: metrics.macro_f1(metrics.confusion_matrix(np.argmax(p, -1), y, p.shape[-1])),
+    "nll": jax.jit(lambda p, y: calibration.negative_log_likelihood(p, y, MIN_PROB)),
+    "brier": jax.jit(calibration.brier_score),
+    "ece": ece,
+    "mce": mce,
+  }
 
 
-def classification_intervals(probs, labels, num_bins: int = 15, num_resamples: int = 1000, confidence: float = 0.95,
-                             seed: int = 0, names: tuple = CLASSIFICATION_METRICS) -> dict:
+def classification_intervals(
+  probs,
+  labels,
+  num_bins: int = 15,
+  num_resamples: int = 1000,
+  confidence: float = 0.95,
+  seed: int = 0,
+  names: tuple = CLASSIFICATION_METRICS,
+) -> dict:
   """{metric: {"value", "low", "high"}} for probabilities [N, C] and labels [N] (see the module docstring); for
   probabilities [N, R, C] of R runs (e.g. prompt templates) on the same examples, of each metric's mean over the
   runs (the same example resample for every run). `names`: the metrics reported."""
@@ -53,39 +64,57 @@ def classification_intervals(probs, labels, num_bins: int = 15, num_resamples: i
   return {name: stats.bootstrap_ci(functions[name], (probs, labels), num_resamples, confidence, seed) for name in names}
 
 
-def classification_comparisons(probs, baseline_probs, labels, num_bins: int = 15, num_resamples: int = 1000,
-                               confidence: float = 0.95, seed: int = 0) -> dict:
+def classification_comparisons(
+  probs, baseline_probs, labels, num_bins: int = 15, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict:
   """{metric: {"difference", "low", "high", "p_value"}}: metric(probs) - metric(baseline_probs), paired."""
   probs, baseline_probs = np.asarray(probs, np.float32), np.asarray(baseline_probs, np.float32)
   labels = np.asarray(labels, np.int32)
-  return {name: stats.paired_comparison(metric, (probs, labels), (baseline_probs, labels), num_resamples,
-                                        confidence, seed)
-          for name, metric in _classification_metrics(num_bins).items()}
+  return {
+    name: stats.paired_comparison(metric, (probs, labels), (baseline_probs, labels), num_resamples, confidence, seed)
+    for name, metric in _classification_metrics(num_bins).items()
+  }
 
 
 def token_arrays(logits, labels, weights) -> dict:
   """Per-token nll, confidence (max probability) and correct [N, T] of next-token logits [N, T, V]."""
   log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
-  return {"nll": np.asarray(nll), "confidence": np.asarray(jnp.exp(jnp.max(log_probs, axis=-1))),
-          "correct": np.asarray(jnp.argmax(log_probs, axis=-1) == jnp.asarray(labels)), "weights": np.asarray(weights)}
+  return {
+    "nll": np.asarray(nll),
+    "confidence": np.asarray(jnp.exp(jnp.max(log_probs, axis=-1))),
+    "correct": np.asarray(jnp.argmax(log_probs, axis=-1) == jnp.asarray(labels)),
+    "weights": np.asarray(weights),
+  }
 
 
-def token_intervals(nll, confidence, correct, weights, num_bins: int = 15, num_resamples: int = 1000,
-                    confidence_level: float = 0.95, seed: int = 0) -> dict:
+def token_intervals(
+  nll,
+  confidence,
+  correct,
+  weights,
+  num_bins: int = 15,
+  num_resamples: int = 1000,
+  confidence_level: float = 0.95,
+  seed: int = 0,
+) -> dict:
   """{metric: {"value", "low", "high"}} of loss, token accuracy and ECE from per-token arrays [N, T]."""
   arrays = [np.asarray(a, np.float32) for a in (nll, confidence, correct, weights)]
 
   def ece(nll, confidence, correct, weights):
     del nll
-    sums = calibration.calibration_bin_sums(confidence.reshape(-1), correct.reshape(-1), weights.reshape(-1),
-                                            num_bins)
+    sums = calibration.calibration_bin_sums(confidence.reshape(-1), correct.reshape(-1), weights.reshape(-1), num_bins)
     return calibration.ece_from_bin_sums(sums, "l1")
 
-  functions = {"loss": lambda nll, c, ok, w: jnp.sum(nll * w) / jnp.sum(w),
-               "token_accuracy": lambda nll, c, ok, w: jnp.sum(ok * w) / jnp.sum(w), "ece": ece}
-  return {name: stats.bootstrap_ci(jax.jit(function), arrays, num_resamples, confidence_level, seed)
-          for name, function in functions.items()}
+  functions = {
+    "loss": lambda nll, c, ok, w: jnp.sum(nll * w) / jnp.sum(w),
+    "token_accuracy": lambda nll, c, ok, w: jnp.sum(ok * w) / jnp.sum(w),
+    "ece": ece,
+  }
+  return {
+    name: stats.bootstrap_ci(jax.jit(function), arrays, num_resamples, confidence_level, seed)
+    for name, function in functions.items()
+  }
 
 
 def _cell(interval: dict) -> str:
@@ -100,10 +129,17 @@ def markdown_table(rows: dict, names: tuple | None = None, comparisons: dict | N
   lines = ["| system | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
   lines += [f"| {system} | " + " | ".join(_cell(row[name]) for name in names) + " |" for system, row in rows.items()]
   if comparisons:
-    lines += ["", "Difference from the baseline, paired bootstrap interval, (permutation p-value):", "",
-              "| system | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {system} | " + " | ".join(f"{_cell(row[name])} (p={row[name]['p_value']:.3f})" for name in names)
-              + " |" for system, row in comparisons.items()]
+    lines += [
+      "",
+      "Difference from the baseline, paired bootstrap interval, (permutation p-value):",
+      "",
+      "| system | " + " | ".join(names) + " |",
+      "|---" * (len(names) + 1) + "|",
+    ]
+    lines += [
+      f"| {system} | " + " | ".join(f"{_cell(row[name])} (p={row[name]['p_value']:.3f})" for name in names) + " |"
+      for system, row in comparisons.items()
+    ]
   return "\n".join(lines)
 
 

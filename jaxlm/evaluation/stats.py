@@ -20,8 +20,9 @@ def _rows(arrays: Sequence) -> int:
   return lengths.pop()
 
 
-def bootstrap_ci(metric: Callable, arrays: Sequence, num_resamples: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> dict:
+def bootstrap_ci(
+  metric: Callable, arrays: Sequence, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict:
   """{"value": metric(*arrays), "low", "high"}: the percentile bootstrap interval over example resamples."""
   arrays = [np.asarray(array) for array in arrays]
   n = _rows(arrays)
@@ -34,8 +35,14 @@ def bootstrap_ci(metric: Callable, arrays: Sequence, num_resamples: int = 1000, 
   return {"value": float(metric(*arrays)), "low": float(low), "high": float(high)}
 
 
-def paired_comparison(metric: Callable, arrays_a: Sequence, arrays_b: Sequence, num_resamples: int = 1000,
-                      confidence: float = 0.95, seed: int = 0) -> dict:
+def paired_comparison(
+  metric: Callable,
+  arrays_a: Sequence,
+  arrays_b: Sequence,
+  num_resamples: int = 1000,
+  confidence: float = 0.95,
+  seed: int = 0,
+) -> dict:
   """Difference metric(A) - metric(B) of two systems scored on the same examples (row i is the same example).
 
   Returns {"difference", "low", "high"}: the paired percentile bootstrap interval of the difference (the same
@@ -47,8 +54,10 @@ def paired_comparison(metric: Callable, arrays_a: Sequence, arrays_b: Sequence, 
   arrays_b = [np.asarray(array) for array in arrays_b]
   n = _rows(arrays_a + arrays_b)
   if len(arrays_a) != len(arrays_b) or any(a.shape != b.shape for a, b in zip(arrays_a, arrays_b)):
-    raise ValueError("arrays_a and arrays_b must be the same arrays (shapes) for the two systems, "
-                     "e.g. (probs_a, labels) and (probs_b, labels).")
+    raise ValueError(
+      "arrays_a and arrays_b must be the same arrays (shapes) for the two systems, "
+      "e.g. (probs_a, labels) and (probs_b, labels)."
+    )
   difference = float(metric(*arrays_a)) - float(metric(*arrays_b))
   rng = np.random.default_rng(seed)
   resampled, as_extreme = [], 0
@@ -61,8 +70,12 @@ def paired_comparison(metric: Callable, arrays_a: Sequence, arrays_b: Sequence, 
     permuted = float(metric(*swapped_a)) - float(metric(*swapped_b))
     as_extreme += abs(permuted) >= abs(difference) - 1e-12 * max(1.0, abs(difference))
   low, high = np.quantile(resampled, [(1 - confidence) / 2, (1 + confidence) / 2])
-  return {"difference": difference, "low": float(low), "high": float(high),
-          "p_value": (1 + as_extreme) / (1 + num_resamples)}
+  return {
+    "difference": difference,
+    "low": float(low),
+    "high": float(high),
+    "p_value": (1 + as_extreme) / (1 + num_resamples),
+  }
 
 
 def _plain(value):

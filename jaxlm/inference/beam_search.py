@@ -24,8 +24,9 @@ def _gather(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.vmap(lambda row, index: row[index])(values, indices)
 
 
-def beam_search(step_model: StepModel, params, logits: jax.Array, cache, settings: DecodeSettings, eos_id,
-                pad_id: int) -> DecodeOutput:
+def beam_search(
+  step_model: StepModel, params, logits: jax.Array, cache, settings: DecodeSettings, eos_id, pad_id: int
+) -> DecodeOutput:
   """Beam search after a prefill that gave next-token `logits` [B, V] and a cache of B rows."""
   batch, vocab = logits.shape
   beams, max_new_tokens = settings.beam_size, settings.max_new_tokens
@@ -50,10 +51,12 @@ def beam_search(step_model: StepModel, params, logits: jax.Array, cache, setting
     scores = jnp.where(ends, normalized(candidate_sums, t + 1), -jnp.inf)
     scores = jnp.concatenate([finished_scores, scores], axis=1)  # [B, 3W]
     finished_scores, best = jax.lax.top_k(scores, beams)
-    finished = (_gather(jnp.concatenate([finished_tokens, tokens], axis=1), best),
-                _gather(jnp.concatenate([finished_log_probs, token_log_probs], axis=1), best),
-                _gather(jnp.concatenate([finished_lengths, jnp.full((batch, 2 * beams), t + 1)], axis=1), best),
-                finished_scores)
+    finished = (
+      _gather(jnp.concatenate([finished_tokens, tokens], axis=1), best),
+      _gather(jnp.concatenate([finished_log_probs, token_log_probs], axis=1), best),
+      _gather(jnp.concatenate([finished_lengths, jnp.full((batch, 2 * beams), t + 1)], axis=1), best),
+      finished_scores,
+    )
 
     alive_sums, best = jax.lax.top_k(jnp.where(ends, -jnp.inf, candidate_sums), beams)
     alive = (_gather(tokens, best), _gather(token_log_probs, best), alive_sums)
@@ -76,8 +79,12 @@ def beam_search(step_model: StepModel, params, logits: jax.Array, cache, setting
   shape = (batch, beams, max_new_tokens)
   first_sums = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)  # the W beams start as one: expand beam 0 only
   alive = (jnp.full(shape, pad_id, jnp.int32), jnp.zeros(shape), jnp.broadcast_to(first_sums, (batch, beams)))
-  finished = (jnp.full(shape, pad_id, jnp.int32), jnp.zeros(shape), jnp.zeros((batch, beams), jnp.int32),
-              jnp.full((batch, beams), -jnp.inf))
+  finished = (
+    jnp.full(shape, pad_id, jnp.int32),
+    jnp.zeros(shape),
+    jnp.zeros((batch, beams), jnp.int32),
+    jnp.full((batch, beams), -jnp.inf),
+  )
   state = (jnp.zeros((), jnp.int32), log_probs, cache, alive, finished, jnp.zeros((batch,), bool))
   t, log_probs, _, alive, finished, _ = jax.lax.while_loop(keep_going, body, state)
   _, (tokens, token_log_probs, lengths, scores), _ = pick(t, log_probs, alive, finished)

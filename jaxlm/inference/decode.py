@@ -54,8 +54,11 @@ class DecodeSettings:
   def __post_init__(self):
     check(self.strategy in STRATEGIES, "decode.strategy", f"{self.strategy!r} is not one of {STRATEGIES}.")
     check(self.max_new_tokens > 0, "decode.max_new_tokens", f"must be positive, got {self.max_new_tokens}.")
-    check(self.temperature > 0, "decode.temperature",
-          f"must be positive, got {self.temperature}; use decode.strategy='greedy' for temperature 0.")
+    check(
+      self.temperature > 0,
+      "decode.temperature",
+      f"must be positive, got {self.temperature}; use decode.strategy='greedy' for temperature 0.",
+    )
     check(self.top_k >= 0, "decode.top_k", f"must be >= 0 (0 keeps every token), got {self.top_k}.")
     check(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}.")
     check(self.beam_size > 0, "decode.beam_size", f"must be positive, got {self.beam_size}.")
@@ -65,8 +68,11 @@ class DecodeSettings:
 def check_config(decode_config: Any) -> None:
   """Validates the `decode` section: the settings, `dtype` ('' = as trained) and `quantize` ('' = none)."""
   DecodeSettings.from_config(decode_config)
-  check(decode_config.dtype in ("", *DTYPES), "decode.dtype",
-        f"{decode_config.dtype!r} is not '' or one of {tuple(DTYPES)}.")
+  check(
+    decode_config.dtype in ("", *DTYPES),
+    "decode.dtype",
+    f"{decode_config.dtype!r} is not '' or one of {tuple(DTYPES)}.",
+  )
   if decode_config.quantize:
     quantize.scheme(decode_config.quantize, "decode.quantize")
 
@@ -120,8 +126,15 @@ class CachedEncoderDecoder:
     segment_ids = (slots >= start[:, None]).astype(jnp.int32)  # left padding is segment 0
     positions = jnp.maximum(slots - start[:, None], 0)
     first = jnp.full((tokens.shape[0], 1), self.start_id, jnp.int32)
-    logits, cache = self.model.apply({"params": params}, tokens, positions, segment_ids, first,
-                                     length - tokens.shape[1] + 1, method=EncoderDecoder.prefill)
+    logits, cache = self.model.apply(
+      {"params": params},
+      tokens,
+      positions,
+      segment_ids,
+      first,
+      length - tokens.shape[1] + 1,
+      method=EncoderDecoder.prefill,
+    )
     return logits[:, -1].astype(jnp.float32), cache
 
   def step(self, params, tokens, cache):
@@ -135,8 +148,9 @@ STEP_MODELS = {Decoder: lambda model, start_id: CachedDecoder(model), EncoderDec
 def step_model(model, start_id: int) -> StepModel:
   """The step interface of `model` (a module of `STEP_MODELS`); `start_id` starts an encoder-decoder's output."""
   if type(model) not in STEP_MODELS:
-    raise ValueError(f"{type(model).__name__} does not generate text; generation needs one of "
-                     f"{[cls.__name__ for cls in STEP_MODELS]}.")
+    raise ValueError(
+      f"{type(model).__name__} does not generate text; generation needs one of {[cls.__name__ for cls in STEP_MODELS]}."
+    )
   return STEP_MODELS[type(model)](model, start_id)
 
 
@@ -156,8 +170,16 @@ def sampling_logits(logits: jax.Array, settings: DecodeSettings) -> jax.Array:
   return logits
 
 
-def sample_loop(step_model: StepModel, params, logits: jax.Array, cache, rng: jax.Array, settings: DecodeSettings,
-                eos_id: jax.Array | int, pad_id: int) -> DecodeOutput:
+def sample_loop(
+  step_model: StepModel,
+  params,
+  logits: jax.Array,
+  cache,
+  rng: jax.Array,
+  settings: DecodeSettings,
+  eos_id: jax.Array | int,
+  pad_id: int,
+) -> DecodeOutput:
   """Greedy (argmax) or sampled tokens after a prefill that gave `logits` [B, V] and `cache`.
 
   Token t of every row is drawn with `fold_in(rng, t)`, so a fixed key gives the same tokens.
@@ -185,8 +207,12 @@ def sample_loop(step_model: StepModel, params, logits: jax.Array, cache, rng: ja
     t, done = state[0], state[-1]
     return (t < max_new_tokens - 1) & ~jnp.all(done)
 
-  outputs = (jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32),
-             jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+  outputs = (
+    jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+    jnp.zeros((batch, max_new_tokens), jnp.float32),
+    jnp.zeros((batch,), jnp.int32),
+    jnp.zeros((batch,), bool),
+  )
   t, logits, _, *outputs = jax.lax.while_loop(keep_going, body, (jnp.zeros((), jnp.int32), logits, cache, *outputs))
   _, tokens, log_probs, lengths, _ = pick(t, logits, *outputs)  # the last token needs no step after it
   return DecodeOutput(tokens=tokens, log_probs=log_probs, lengths=lengths, scores=log_probs.sum(axis=-1))

@@ -26,8 +26,16 @@ PROMPT_ALIGN = 8  # padded prompt lengths are multiples of this, so that similar
 
 
 @functools.partial(jax.jit, static_argnames=("step_model", "settings", "pad_id"))
-def decode(step_model: StepModel, params, prompts: jax.Array, start: jax.Array, rng: jax.Array,
-           settings: DecodeSettings, eos_id: jax.Array | int = -1, pad_id: int = 0) -> DecodeOutput:
+def decode(
+  step_model: StepModel,
+  params,
+  prompts: jax.Array,
+  start: jax.Array,
+  rng: jax.Array,
+  settings: DecodeSettings,
+  eos_id: jax.Array | int = -1,
+  pad_id: int = 0,
+) -> DecodeOutput:
   """Prefill, then decode with `settings.strategy`, as one compiled program.
 
   prompts: [B, P] int32, row b left-padded (its tokens in slots start[b]:P); start: [B] int32;
@@ -40,15 +48,16 @@ def decode(step_model: StepModel, params, prompts: jax.Array, start: jax.Array, 
   return sample_loop(step_model, params, logits, cache, rng, settings, eos_id, pad_id)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, rows: int | None = None,
-             align: int = PROMPT_ALIGN) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  prompts: list[list[int]], pad_id: int, rows: int | None = None, align: int = PROMPT_ALIGN
+) -> tuple[np.ndarray, np.ndarray]:
   """Token lists -> (prompts [B, P] left-padded with pad_id, start [B]); extra rows up to `rows` hold prompt 0."""
   rows = rows or len(prompts)
   prompts = prompts + [prompts[0]] * (rows - len(prompts))
   length = -(-max(len(ids) for ids in prompts) // align) * align
   array = np.full((rows, length), pad_id, np.int32)
   for row, ids in enumerate(prompts):
-    array[row, length - len(ids):] = ids
+    array[row, length - len(ids) :] = ids
   return array, np.asarray([length - len(ids) for ids in prompts], np.int32)
 
 
@@ -62,9 +71,17 @@ class Generation:
   score: float  # sum of log_probs (beam search: over length ** length_penalty)
 
 
-def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
-             settings: DecodeSettings = DecodeSettings(), *, rng: jax.Array | None = None, mesh=None,
-             **overrides) -> list[Generation]:
+def generate(
+  model: nn.Module,
+  params,
+  tokenizer: Tokenizer,
+  prompts: list[str],
+  settings: DecodeSettings = DecodeSettings(),  # noqa: B008 (frozen dataclass: the defaults)
+  *,
+  rng: jax.Array | None = None,
+  mesh=None,
+  **overrides,
+) -> list[Generation]:
   """Continues each prompt (after a BOS token), e.g. `generate(model, params, tokenizer, ["def "], top_k=40,
   strategy="sample", rng=jax.random.key(0))`; `overrides` replace fields of `settings`.
 
@@ -79,16 +96,24 @@ def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
   prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(prompt)] for prompt in prompts]
   longest = max(len(ids) for ids in prompt_ids) + settings.max_new_tokens
   if longest > model.config.max_len:
-    raise ValueError(f"the longest prompt + max_new_tokens = {longest} tokens exceeds model.max_len="
-                     f"{model.config.max_len}; shorten the prompt or lower decode.max_new_tokens.")
+    raise ValueError(
+      f"the longest prompt + max_new_tokens = {longest} tokens exceeds model.max_len="
+      f"{model.config.max_len}; shorten the prompt or lower decode.max_new_tokens."
+    )
   rows = len(prompts)
   if mesh is not None:  # every data-parallel shard gets the same number of rows
     shards = sharding.data_parallel_size(mesh)
     rows = -(-rows // shards) * shards
   tokens, start = left_pad(prompt_ids, tokenizer.pad_id, rows)
   rng = jax.random.key(0) if rng is None else rng
-  run = functools.partial(decode, step_model(model, tokenizer.bos_id), params, settings=settings,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  run = functools.partial(
+    decode,
+    step_model(model, tokenizer.bos_id),
+    params,
+    settings=settings,
+    eos_id=tokenizer.eos_id,
+    pad_id=tokenizer.pad_id,
+  )
   if mesh is None:
     output = jax.device_get(run(tokens, start, rng))
   else:
@@ -102,6 +127,12 @@ def generate(model: nn.Module, params, tokenizer: Tokenizer, prompts: list[str],
   for row in range(len(prompts)):
     length = int(output.lengths[row])
     ids = output.tokens[row, :length].tolist()
-    results.append(Generation(text=tokenizer.decode(ids), tokens=ids,
-                              log_probs=output.log_probs[row, :length].tolist(), score=float(output.scores[row])))
+    results.append(
+      Generation(
+        text=tokenizer.decode(ids),
+        tokens=ids,
+        log_probs=output.log_probs[row, :length].tolist(),
+        score=float(output.scores[row]),
+      )
+    )
   return results

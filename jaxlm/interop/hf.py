@@ -43,14 +43,39 @@ from jaxlm.models import params as params_lib
 from jaxlm.models.config import DTYPES, ModelConfig
 from jaxlm.models.transformer import backbone
 
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
 # config.json keys that never change the forward pass of any family: bookkeeping, token ids (the tokenizer has
 # them), generation defaults, training-time dropout and initialisation.
-IGNORED_KEYS = ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
-                "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "output_attentions",
-                "output_hidden_states", "return_dict", "task_specific_params", "id2label", "label2id")
+IGNORED_KEYS = (
+  "architectures",
+  "model_type",
+  "transformers_version",
+  "dtype",
+  "torch_dtype",
+  "_name_or_path",
+  "use_cache",
+  "bos_token_id",
+  "eos_token_id",
+  "pad_token_id",
+  "initializer_range",
+  "output_attentions",
+  "output_hidden_states",
+  "return_dict",
+  "task_specific_params",
+  "id2label",
+  "label2id",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +111,7 @@ class Tensor:
       return arrays[0]
     if self.layout == "bias":
       return np.concatenate([a.reshape(-1) for a in arrays])
-    fused = np.concatenate([a.reshape(int(np.prod(a.shape[:self.inputs])), -1) for a in arrays], axis=-1)
+    fused = np.concatenate([a.reshape(int(np.prod(a.shape[: self.inputs])), -1) for a in arrays], axis=-1)
     return np.ascontiguousarray(fused.T if self.layout == "linear" else fused)
 
 
@@ -107,8 +132,10 @@ class _Keys:
     """The value of `key`, which must be one of `allowed` (what jaxlm implements)."""
     value = self.get(key, default)
     if value not in allowed:
-      raise ConfigError(f"config.json {key}={value!r}: jaxlm's {self.family} implements only {allowed}; this "
-                        "checkpoint cannot be imported exactly.")
+      raise ConfigError(
+        f"config.json {key}={value!r}: jaxlm's {self.family} implements only {allowed}; this "
+        "checkpoint cannot be imported exactly."
+      )
     return value
 
   def ignore(self, *keys: str):
@@ -117,12 +144,15 @@ class _Keys:
   def finish(self):
     unknown = sorted(set(self.values) - self.used)
     if unknown:
-      raise ConfigError(f"config.json {unknown[0]}={self.values[unknown[0]]!r}: a key jaxlm's {self.family} import "
-                        f"does not know (all unknown: {unknown}); it may change the model, so nothing is imported. "
-                        "If it does not change the forward pass, add it to the ignored keys in jaxlm/interop/hf.py.")
+      raise ConfigError(
+        f"config.json {unknown[0]}={self.values[unknown[0]]!r}: a key jaxlm's {self.family} import "
+        f"does not know (all unknown: {unknown}); it may change the model, so nothing is imported. "
+        "If it does not change the forward pass, add it to the ignored keys in jaxlm/interop/hf.py."
+      )
 
 
 # ----------------------------------------------------------------------------------------------------- GPT-2
+
 
 def _gpt2_config(keys: _Keys) -> dict:
   embed_dim = keys.get("n_embd")
@@ -133,46 +163,94 @@ def _gpt2_config(keys: _Keys) -> dict:
   keys.get("reorder_and_upcast_attn")  # float32 attention scores: what jaxlm computes anyway
   if keys.get("n_ctx", keys.values["n_positions"]) != keys.values["n_positions"]:
     raise ConfigError("config.json n_ctx differs from n_positions; jaxlm has one max_len.")
-  keys.ignore("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_activation", "summary_first_dropout",
-              "summary_proj_to_labels", "summary_type", "summary_use_proj")
-  return dict(vocab_size=keys.get("vocab_size"), embed_dim=embed_dim, num_layers=keys.get("n_layer"),
-              num_heads=keys.get("n_head"), mlp_dim=keys.get("n_inner", 4 * embed_dim), max_len=keys.get("n_positions"),
-              position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=keys.get("layer_norm_epsilon"),
-              tie_embeddings=keys.get("tie_word_embeddings", True))
+  keys.ignore(
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "summary_activation",
+    "summary_first_dropout",
+    "summary_proj_to_labels",
+    "summary_type",
+    "summary_use_proj",
+  )
+  return dict(
+    vocab_size=keys.get("vocab_size"),
+    embed_dim=embed_dim,
+    num_layers=keys.get("n_layer"),
+    num_heads=keys.get("n_head"),
+    mlp_dim=keys.get("n_inner", 4 * embed_dim),
+    max_len=keys.get("n_positions"),
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    norm_eps=keys.get("layer_norm_epsilon"),
+    tie_embeddings=keys.get("tie_word_embeddings", True),
+  )
 
 
 def _gpt2_hf_config(c: ModelConfig) -> dict:
-  _check_exportable(c, "gpt2", position="learned", norm="layernorm", mlp="gelu", use_bias=True,
-                    rope_scaling_type="none", num_kv_heads=c.num_heads, head_dim=c.embed_dim // c.num_heads)
-  return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_embd=c.embed_dim,
-              n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.mlp_dim, n_positions=c.max_len,
-              activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
-              attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+  _check_exportable(
+    c,
+    "gpt2",
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    rope_scaling_type="none",
+    num_kv_heads=c.num_heads,
+    head_dim=c.embed_dim // c.num_heads,
+  )
+  return dict(
+    architectures=["GPT2LMHeadModel"],
+    model_type="gpt2",
+    vocab_size=c.vocab_size,
+    n_embd=c.embed_dim,
+    n_layer=c.num_layers,
+    n_head=c.num_heads,
+    n_inner=c.mlp_dim,
+    n_positions=c.max_len,
+    activation_function="gelu_new",
+    layer_norm_epsilon=c.norm_eps,
+    tie_word_embeddings=c.tie_embeddings,
+    attn_pdrop=0.0,
+    embd_pdrop=0.0,
+    resid_pdrop=0.0,
+  )
 
 
 def _gpt2_tensors(c: ModelConfig) -> list[Tensor]:
   block = "transformer.h.{layer}."
-  tensors = [Tensor("transformer.wte.weight", ("token_embed/embedding",)),
-             Tensor("transformer.wpe.weight", ("position_embed/embedding",)),
-             Tensor("transformer.ln_f.weight", ("final_norm/scale",)),
-             Tensor("transformer.ln_f.bias", ("final_norm/bias",))]
+  tensors = [
+    Tensor("transformer.wte.weight", ("token_embed/embedding",)),
+    Tensor("transformer.wpe.weight", ("position_embed/embedding",)),
+    Tensor("transformer.ln_f.weight", ("final_norm/scale",)),
+    Tensor("transformer.ln_f.bias", ("final_norm/bias",)),
+  ]
   for hf, jaxlm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
-    tensors += [Tensor(f"{block}{hf}.weight", (f"layers/{jaxlm}/scale",)),
-                Tensor(f"{block}{hf}.bias", (f"layers/{jaxlm}/bias",))]
+    tensors += [
+      Tensor(f"{block}{hf}.weight", (f"layers/{jaxlm}/scale",)),
+      Tensor(f"{block}{hf}.bias", (f"layers/{jaxlm}/bias",)),
+    ]
   qkv = tuple(f"layers/attention/{name}" for name in ("query", "key", "value"))
-  tensors += [Tensor(f"{block}attn.c_attn.weight", tuple(f"{name}/kernel" for name in qkv), "conv1d"),
-              Tensor(f"{block}attn.c_attn.bias", tuple(f"{name}/bias" for name in qkv), "bias"),
-              Tensor(f"{block}attn.c_proj.weight", ("layers/attention/out/kernel",), "conv1d", inputs=2),
-              Tensor(f"{block}attn.c_proj.bias", ("layers/attention/out/bias",), "bias")]
+  tensors += [
+    Tensor(f"{block}attn.c_attn.weight", tuple(f"{name}/kernel" for name in qkv), "conv1d"),
+    Tensor(f"{block}attn.c_attn.bias", tuple(f"{name}/bias" for name in qkv), "bias"),
+    Tensor(f"{block}attn.c_proj.weight", ("layers/attention/out/kernel",), "conv1d", inputs=2),
+    Tensor(f"{block}attn.c_proj.bias", ("layers/attention/out/bias",), "bias"),
+  ]
   for hf, jaxlm in (("c_fc", "up"), ("c_proj", "down")):
-    tensors += [Tensor(f"{block}mlp.{hf}.weight", (f"layers/mlp/{jaxlm}/kernel",), "conv1d"),
-                Tensor(f"{block}mlp.{hf}.bias", (f"layers/mlp/{jaxlm}/bias",), "bias")]
+    tensors += [
+      Tensor(f"{block}mlp.{hf}.weight", (f"layers/mlp/{jaxlm}/kernel",), "conv1d"),
+      Tensor(f"{block}mlp.{hf}.bias", (f"layers/mlp/{jaxlm}/bias",), "bias"),
+    ]
   if not c.tie_embeddings:
     tensors.append(Tensor("lm_head.weight", ("lm_head/kernel",), "linear"))
   return tensors
 
 
 # ----------------------------------------------------------------------------------------------------- Llama
+
 
 def _llama_config(keys: _Keys) -> dict:
   keys.require("hidden_act", ("silu",))
@@ -189,45 +267,81 @@ def _llama_config(keys: _Keys) -> dict:
   if rope.pop("partial_rotary_factor", keys.get("partial_rotary_factor", 1.0)) != 1.0:
     raise ConfigError("config.json partial_rotary_factor: jaxlm rotates the whole head dimension (1.0).")
   if rope_type == "llama3":
-    fields.update(rope_scaling_type="llama3", rope_scaling_factor=float(rope.pop("factor")),
-                  rope_low_freq_factor=float(rope.pop("low_freq_factor")),
-                  rope_high_freq_factor=float(rope.pop("high_freq_factor")),
-                  rope_original_max_len=int(rope.pop("original_max_position_embeddings")))
+    fields.update(
+      rope_scaling_type="llama3",
+      rope_scaling_factor=float(rope.pop("factor")),
+      rope_low_freq_factor=float(rope.pop("low_freq_factor")),
+      rope_high_freq_factor=float(rope.pop("high_freq_factor")),
+      rope_original_max_len=int(rope.pop("original_max_position_embeddings")),
+    )
   elif rope_type != "default":
-    raise ConfigError(f"config.json {rope_key}.rope_type={rope_type!r}: jaxlm implements 'default' and 'llama3' "
-                      "RoPE only; this checkpoint cannot be imported exactly.")
+    raise ConfigError(
+      f"config.json {rope_key}.rope_type={rope_type!r}: jaxlm implements 'default' and 'llama3' "
+      "RoPE only; this checkpoint cannot be imported exactly."
+    )
   if rope:
     raise ConfigError(f"config.json {rope_key}: keys {sorted(rope)} are not understood for rope_type={rope_type!r}.")
   heads = keys.get("num_attention_heads")
-  return dict(vocab_size=keys.get("vocab_size"), embed_dim=keys.get("hidden_size"),
-              num_layers=keys.get("num_hidden_layers"), num_heads=heads,
-              num_kv_heads=keys.get("num_key_value_heads", heads), head_dim=keys.get("head_dim", 0),
-              mlp_dim=keys.get("intermediate_size"), max_len=keys.get("max_position_embeddings"),
-              position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False, norm_eps=keys.get("rms_norm_eps"),
-              tie_embeddings=keys.get("tie_word_embeddings", False), **fields)
+  return dict(
+    vocab_size=keys.get("vocab_size"),
+    embed_dim=keys.get("hidden_size"),
+    num_layers=keys.get("num_hidden_layers"),
+    num_heads=heads,
+    num_kv_heads=keys.get("num_key_value_heads", heads),
+    head_dim=keys.get("head_dim", 0),
+    mlp_dim=keys.get("intermediate_size"),
+    max_len=keys.get("max_position_embeddings"),
+    position="rotary",
+    norm="rmsnorm",
+    mlp="swiglu",
+    use_bias=False,
+    norm_eps=keys.get("rms_norm_eps"),
+    tie_embeddings=keys.get("tie_word_embeddings", False),
+    **fields,
+  )
 
 
 def _llama_hf_config(c: ModelConfig) -> dict:
   _check_exportable(c, "llama", position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False)
   rope = dict(rope_type="default")
   if c.rope_scaling_type == "llama3":
-    rope = dict(rope_type="llama3", factor=c.rope_scaling_factor, low_freq_factor=c.rope_low_freq_factor,
-                high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_max_len)
+    rope = dict(
+      rope_type="llama3",
+      factor=c.rope_scaling_factor,
+      low_freq_factor=c.rope_low_freq_factor,
+      high_freq_factor=c.rope_high_freq_factor,
+      original_max_position_embeddings=c.rope_original_max_len,
+    )
   # rope_theta + rope_scaling: what every transformers version reads (>= 5 converts them to rope_parameters).
-  return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
-              hidden_size=c.embed_dim, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-              num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.mlp_dim,
-              max_position_embeddings=c.max_len, hidden_act="silu", rms_norm_eps=c.norm_eps,
-              tie_word_embeddings=c.tie_embeddings, rope_theta=c.rope_theta,
-              rope_scaling=None if c.rope_scaling_type == "none" else rope, attention_bias=False, mlp_bias=False)
+  return dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=c.vocab_size,
+    hidden_size=c.embed_dim,
+    num_hidden_layers=c.num_layers,
+    num_attention_heads=c.num_heads,
+    num_key_value_heads=c.num_kv_heads,
+    head_dim=c.head_dim,
+    intermediate_size=c.mlp_dim,
+    max_position_embeddings=c.max_len,
+    hidden_act="silu",
+    rms_norm_eps=c.norm_eps,
+    tie_word_embeddings=c.tie_embeddings,
+    rope_theta=c.rope_theta,
+    rope_scaling=None if c.rope_scaling_type == "none" else rope,
+    attention_bias=False,
+    mlp_bias=False,
+  )
 
 
 def _llama_tensors(c: ModelConfig) -> list[Tensor]:
   block = "model.layers.{layer}."
-  tensors = [Tensor("model.embed_tokens.weight", ("token_embed/embedding",)),
-             Tensor("model.norm.weight", ("final_norm/scale",)),
-             Tensor(f"{block}input_layernorm.weight", ("layers/attention_norm/scale",)),
-             Tensor(f"{block}post_attention_layernorm.weight", ("layers/mlp_norm/scale",))]
+  tensors = [
+    Tensor("model.embed_tokens.weight", ("token_embed/embedding",)),
+    Tensor("model.norm.weight", ("final_norm/scale",)),
+    Tensor(f"{block}input_layernorm.weight", ("layers/attention_norm/scale",)),
+    Tensor(f"{block}post_attention_layernorm.weight", ("layers/mlp_norm/scale",)),
+  ]
   for hf, jaxlm in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
     tensors.append(Tensor(f"{block}self_attn.{hf}.weight", (f"layers/attention/{jaxlm}/kernel",), "linear"))
   tensors.append(Tensor(f"{block}self_attn.o_proj.weight", ("layers/attention/out/kernel",), "linear", inputs=2))
@@ -254,16 +368,35 @@ def _bert_config(keys: _Keys, position_offset: int = 0) -> dict:
   keys.require("is_decoder", (False,), False)
   keys.require("add_cross_attention", (False,), False)
   keys.require("tie_word_embeddings", (True,), True)  # the MLM output is the transposed word embedding
-  keys.ignore("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "chunk_size_feed_forward",
-              "gradient_checkpointing")
+  keys.ignore(
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "chunk_size_feed_forward",
+    "gradient_checkpointing",
+  )
   names = keys.tensor_names
   pooler = names is None or any(re.search(r"(^|\.)pooler\.dense\.weight$", name) for name in names)
-  return dict(family="encoder", vocab_size=keys.get("vocab_size"), embed_dim=keys.get("hidden_size"),
-              num_layers=keys.get("num_hidden_layers"), num_heads=keys.get("num_attention_heads"),
-              mlp_dim=keys.get("intermediate_size"), max_len=keys.get("max_position_embeddings") - position_offset,
-              position_offset=position_offset, position="learned", norm="layernorm", norm_position="post",
-              embed_norm=True, mlp=BERT_ACTIVATIONS[activation], use_bias=True, norm_eps=keys.get("layer_norm_eps"),
-              type_vocab_size=keys.get("type_vocab_size", 2), pooler=pooler, tie_embeddings=True)
+  return dict(
+    family="encoder",
+    vocab_size=keys.get("vocab_size"),
+    embed_dim=keys.get("hidden_size"),
+    num_layers=keys.get("num_hidden_layers"),
+    num_heads=keys.get("num_attention_heads"),
+    mlp_dim=keys.get("intermediate_size"),
+    max_len=keys.get("max_position_embeddings") - position_offset,
+    position_offset=position_offset,
+    position="learned",
+    norm="layernorm",
+    norm_position="post",
+    embed_norm=True,
+    mlp=BERT_ACTIVATIONS[activation],
+    use_bias=True,
+    norm_eps=keys.get("layer_norm_eps"),
+    type_vocab_size=keys.get("type_vocab_size", 2),
+    pooler=pooler,
+    tie_embeddings=True,
+  )
 
 
 def _roberta_config(keys: _Keys) -> dict:
@@ -272,19 +405,43 @@ def _roberta_config(keys: _Keys) -> dict:
 
 
 def _bert_hf_config(c: ModelConfig, model_type: str = "bert") -> dict:
-  _check_exportable(c, model_type, family="encoder", position="learned", norm="layernorm", norm_position="post",
-                    embed_norm=True, use_bias=True, tie_embeddings=True, scale_attention=True,
-                    num_kv_heads=c.num_heads, head_dim=c.embed_dim // c.num_heads)
+  _check_exportable(
+    c,
+    model_type,
+    family="encoder",
+    position="learned",
+    norm="layernorm",
+    norm_position="post",
+    embed_norm=True,
+    use_bias=True,
+    tie_embeddings=True,
+    scale_attention=True,
+    num_kv_heads=c.num_heads,
+    head_dim=c.embed_dim // c.num_heads,
+  )
   activations = {value: key for key, value in BERT_ACTIVATIONS.items() if key != "gelu_pytorch_tanh"}
   if c.mlp not in activations or not c.type_vocab_size:
-    raise ConfigError(f"model.mlp={c.mlp!r}, model.type_vocab_size={c.type_vocab_size}: a Hugging Face "
-                      f"{model_type} model needs mlp in {tuple(activations)} and type_vocab_size >= 1.")
-  config = dict(architectures=[f"{'Roberta' if model_type == 'roberta' else 'Bert'}ForMaskedLM"],
-                model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.embed_dim,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
-                hidden_act=activations[c.mlp], max_position_embeddings=c.max_len + c.position_offset,
-                type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_eps, position_embedding_type="absolute",
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=True)
+    raise ConfigError(
+      f"model.mlp={c.mlp!r}, model.type_vocab_size={c.type_vocab_size}: a Hugging Face "
+      f"{model_type} model needs mlp in {tuple(activations)} and type_vocab_size >= 1."
+    )
+  config = dict(
+    architectures=[f"{'Roberta' if model_type == 'roberta' else 'Bert'}ForMaskedLM"],
+    model_type=model_type,
+    vocab_size=c.vocab_size,
+    hidden_size=c.embed_dim,
+    num_hidden_layers=c.num_layers,
+    num_attention_heads=c.num_heads,
+    intermediate_size=c.mlp_dim,
+    hidden_act=activations[c.mlp],
+    max_position_embeddings=c.max_len + c.position_offset,
+    type_vocab_size=c.type_vocab_size,
+    layer_norm_eps=c.norm_eps,
+    position_embedding_type="absolute",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    tie_word_embeddings=True,
+  )
   if model_type == "roberta":
     config.update(pad_token_id=c.position_offset - 1)  # RoBERTa's padding_idx: where its positions start
   elif c.position_offset:
@@ -309,22 +466,32 @@ def _layer_norm(hf: str, jaxlm: str, bias: bool = True, optional: bool = False) 
 
 def _bert_tensors(c: ModelConfig, base: str = "bert.", head: tuple = BERT_HEAD) -> list[Tensor]:
   embeddings, block, layers = f"{base}embeddings.", f"{base}encoder.layer.{{layer}}.", "encoder/layers/"
-  tensors = [Tensor(f"{embeddings}word_embeddings.weight", ("token_embed/embedding",)),
-             Tensor(f"{embeddings}position_embeddings.weight", ("position_embed/embedding",)),
-             *_layer_norm(f"{embeddings}LayerNorm", "embed_norm")]
+  tensors = [
+    Tensor(f"{embeddings}word_embeddings.weight", ("token_embed/embedding",)),
+    Tensor(f"{embeddings}position_embeddings.weight", ("position_embed/embedding",)),
+    *_layer_norm(f"{embeddings}LayerNorm", "embed_norm"),
+  ]
   if c.type_vocab_size:
     tensors.append(Tensor(f"{embeddings}token_type_embeddings.weight", ("type_embed/embedding",)))
-  for hf, jaxlm in (("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
-                    ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
-                    ("intermediate.dense", "mlp/up"), ("output.dense", "mlp/down")):
+  for hf, jaxlm in (
+    ("attention.self.query", "attention/query"),
+    ("attention.self.key", "attention/key"),
+    ("attention.self.value", "attention/value"),
+    ("attention.output.dense", "attention/out"),
+    ("intermediate.dense", "mlp/up"),
+    ("output.dense", "mlp/down"),
+  ):
     tensors += _dense(block + hf, layers + jaxlm, inputs=2 if jaxlm == "attention/out" else 1)
   tensors += _layer_norm(f"{block}attention.output.LayerNorm", f"{layers}attention_norm")
   tensors += _layer_norm(f"{block}output.LayerNorm", f"{layers}mlp_norm")
   if c.pooler:
     tensors += _dense(f"{base}pooler.dense", "pooler")
   transform, norm, bias = head
-  return tensors + [*_dense(transform, "mlm_transform", optional=True), *_layer_norm(norm, "mlm_norm", optional=True),
-                    Tensor(bias, ("mlm_bias",), optional=True)]
+  return tensors + [
+    *_dense(transform, "mlm_transform", optional=True),
+    *_layer_norm(norm, "mlm_norm", optional=True),
+    Tensor(bias, ("mlm_bias",), optional=True),
+  ]
 
 
 def _roberta_tensors(c: ModelConfig) -> list[Tensor]:
@@ -347,45 +514,90 @@ def _t5_config(keys: _Keys) -> dict:
   # transformers >= 5 writes scale_decoder_outputs (and always ties); before, untied (v1.1) meant unscaled.
   scale = keys.get("scale_decoder_outputs", tie)
   if scale and not tie:
-    raise ConfigError("config.json scale_decoder_outputs=True with tie_word_embeddings=False: jaxlm scales only "
-                      "the tied output head (model.tied_logits_scale).")
+    raise ConfigError(
+      "config.json scale_decoder_outputs=True with tie_word_embeddings=False: jaxlm scales only "
+      "the tied output head (model.tied_logits_scale)."
+    )
   layers = keys.get("num_layers")
-  return dict(family="encoder_decoder", vocab_size=keys.get("vocab_size"), embed_dim=keys.get("d_model"),
-              num_layers=layers, num_decoder_layers=keys.get("num_decoder_layers", layers),
-              num_heads=keys.get("num_heads"), head_dim=keys.get("d_kv"), mlp_dim=keys.get("d_ff"),
-              max_len=T5_MAX_LEN, position="relative", relative_buckets=keys.get("relative_attention_num_buckets"),
-              relative_max_distance=keys.get("relative_attention_max_distance"), norm="rmsnorm", mlp=mlp,
-              use_bias=False, norm_eps=keys.get("layer_norm_epsilon"), scale_attention=False,
-              tied_logits_scale=bool(scale), tie_embeddings=tie)
+  return dict(
+    family="encoder_decoder",
+    vocab_size=keys.get("vocab_size"),
+    embed_dim=keys.get("d_model"),
+    num_layers=layers,
+    num_decoder_layers=keys.get("num_decoder_layers", layers),
+    num_heads=keys.get("num_heads"),
+    head_dim=keys.get("d_kv"),
+    mlp_dim=keys.get("d_ff"),
+    max_len=T5_MAX_LEN,
+    position="relative",
+    relative_buckets=keys.get("relative_attention_num_buckets"),
+    relative_max_distance=keys.get("relative_attention_max_distance"),
+    norm="rmsnorm",
+    mlp=mlp,
+    use_bias=False,
+    norm_eps=keys.get("layer_norm_epsilon"),
+    scale_attention=False,
+    tied_logits_scale=bool(scale),
+    tie_embeddings=tie,
+  )
 
 
 def _t5_hf_config(c: ModelConfig) -> dict:
-  _check_exportable(c, "t5", family="encoder_decoder", position="relative", norm="rmsnorm", norm_position="pre",
-                    use_bias=False, scale_attention=False, num_kv_heads=c.num_heads)
+  _check_exportable(
+    c,
+    "t5",
+    family="encoder_decoder",
+    position="relative",
+    norm="rmsnorm",
+    norm_position="pre",
+    use_bias=False,
+    scale_attention=False,
+    num_kv_heads=c.num_heads,
+  )
   projections = {value: key for key, value in T5_MLPS.items()}
   if c.mlp not in projections:
     raise ConfigError(f"model.mlp={c.mlp!r}: a Hugging Face t5 model needs one of {tuple(projections)}.")
   scale = c.tie_embeddings and c.tied_logits_scale
-  return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size,
-              d_model=c.embed_dim, d_kv=c.head_dim, d_ff=c.mlp_dim, num_layers=c.num_layers,
-              num_decoder_layers=c.decoder_layers, num_heads=c.num_heads,
-              relative_attention_num_buckets=c.relative_buckets,
-              relative_attention_max_distance=c.relative_max_distance, layer_norm_epsilon=c.norm_eps,
-              feed_forward_proj=projections[c.mlp], is_encoder_decoder=True, dropout_rate=0.0,
-              tie_word_embeddings=c.tie_embeddings, scale_decoder_outputs=scale)
+  return dict(
+    architectures=["T5ForConditionalGeneration"],
+    model_type="t5",
+    vocab_size=c.vocab_size,
+    d_model=c.embed_dim,
+    d_kv=c.head_dim,
+    d_ff=c.mlp_dim,
+    num_layers=c.num_layers,
+    num_decoder_layers=c.decoder_layers,
+    num_heads=c.num_heads,
+    relative_attention_num_buckets=c.relative_buckets,
+    relative_attention_max_distance=c.relative_max_distance,
+    layer_norm_epsilon=c.norm_eps,
+    feed_forward_proj=projections[c.mlp],
+    is_encoder_decoder=True,
+    dropout_rate=0.0,
+    tie_word_embeddings=c.tie_embeddings,
+    scale_decoder_outputs=scale,
+  )
 
 
 def _t5_tensors(c: ModelConfig) -> list[Tensor]:
   mlp = {"wi_0": "gate", "wi_1": "up"} if c.mlp == "geglu" else {"wi": "up"}
   tensors = [Tensor("shared.weight", ("token_embed/embedding",))]
-  for stack, sublayers in (("encoder", ("SelfAttention", "DenseReluDense")),
-                           ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
-    tensors += [Tensor(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                       (f"{stack}/relative_bias/embedding",)),
-                Tensor(f"{stack}.final_layer_norm.weight", (f"{stack}/final_norm/scale",))]
+  for stack, sublayers in (
+    ("encoder", ("SelfAttention", "DenseReluDense")),
+    ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense")),
+  ):
+    tensors += [
+      Tensor(
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (f"{stack}/relative_bias/embedding",)
+      ),
+      Tensor(f"{stack}.final_layer_norm.weight", (f"{stack}/final_norm/scale",)),
+    ]
     for index, hf in enumerate(sublayers):
-      block, jaxlm = f"{stack}.block.{{layer}}.layer.{index}.", f"{stack}/layers/" + {
-          "SelfAttention": "attention", "EncDecAttention": "cross_attention", "DenseReluDense": "mlp"}[hf]
+      block, jaxlm = (
+        f"{stack}.block.{{layer}}.layer.{index}.",
+        f"{stack}/layers/"
+        + {"SelfAttention": "attention", "EncDecAttention": "cross_attention", "DenseReluDense": "mlp"}[hf],
+      )
       tensors += _layer_norm(f"{block}layer_norm", f"{jaxlm}_norm", bias=False)
       if hf == "DenseReluDense":
         for name, target in {**mlp, "wo": "down"}.items():
@@ -399,6 +611,7 @@ def _t5_tensors(c: ModelConfig) -> list[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- the families
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -416,23 +629,50 @@ class Family:
 
 
 FAMILIES = {
-    "gpt2": Family("gpt2", _gpt2_config, _gpt2_hf_config, _gpt2_tensors, "transformer.",
-                   buffers=r"\.attn\.(masked_)?bias$"),
-    "llama": Family("llama", _llama_config, _llama_hf_config, _llama_tensors, "model.",
-                    buffers=r"\.rotary_emb\.inv_freq$"),
-    "bert": Family("bert", _bert_config, _bert_hf_config, _bert_tensors, "bert.", buffers=r"\.position_ids$",
-                   tied=(("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-                         ("cls.predictions.decoder.bias", "cls.predictions.bias")),
-                   dropped=r"^cls\.seq_relationship\."),
-    "roberta": Family("roberta", _roberta_config, functools.partial(_bert_hf_config, model_type="roberta"),
-                      _roberta_tensors, "roberta.", buffers=r"\.position_ids$",
-                      tied=(("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
-                            ("lm_head.decoder.bias", "lm_head.bias"))),
-    "t5": Family("t5", _t5_config, _t5_hf_config, _t5_tensors, "",
-                 buffers=r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
-                 tied=(("encoder.embed_tokens.weight", "shared.weight"),
-                       ("decoder.embed_tokens.weight", "shared.weight"),
-                       ("lm_head.weight", "shared.weight"))),
+  "gpt2": Family(
+    "gpt2", _gpt2_config, _gpt2_hf_config, _gpt2_tensors, "transformer.", buffers=r"\.attn\.(masked_)?bias$"
+  ),
+  "llama": Family(
+    "llama", _llama_config, _llama_hf_config, _llama_tensors, "model.", buffers=r"\.rotary_emb\.inv_freq$"
+  ),
+  "bert": Family(
+    "bert",
+    _bert_config,
+    _bert_hf_config,
+    _bert_tensors,
+    "bert.",
+    buffers=r"\.position_ids$",
+    tied=(
+      ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+      ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+    ),
+    dropped=r"^cls\.seq_relationship\.",
+  ),
+  "roberta": Family(
+    "roberta",
+    _roberta_config,
+    functools.partial(_bert_hf_config, model_type="roberta"),
+    _roberta_tensors,
+    "roberta.",
+    buffers=r"\.position_ids$",
+    tied=(
+      ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
+      ("lm_head.decoder.bias", "lm_head.bias"),
+    ),
+  ),
+  "t5": Family(
+    "t5",
+    _t5_config,
+    _t5_hf_config,
+    _t5_tensors,
+    "",
+    buffers=r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
+    tied=(
+      ("encoder.embed_tokens.weight", "shared.weight"),
+      ("decoder.embed_tokens.weight", "shared.weight"),
+      ("lm_head.weight", "shared.weight"),
+    ),
+  ),
 }
 
 
@@ -451,12 +691,14 @@ def _check_exportable(c: ModelConfig, hf_family: str, **required):
     if getattr(c, key) != value:
       raise ConfigError(f"model.{key}={getattr(c, key)!r}: a Hugging Face {hf_family} model needs {value!r}.")
   if c.lora_rank:
-    raise ConfigError("model.lora_rank: merge or drop the LoRA adapters before exporting (Hugging Face "
-                      f"{hf_family} has no adapters).")
+    raise ConfigError(
+      f"model.lora_rank: merge or drop the LoRA adapters before exporting (Hugging Face {hf_family} has no adapters)."
+    )
 
 
-def model_config_from_hf(hf_config: dict, dtype: str | None = None,
-                         tensor_names: set | None = None) -> tuple[Family, ModelConfig]:
+def model_config_from_hf(
+  hf_config: dict, dtype: str | None = None, tensor_names: set | None = None
+) -> tuple[Family, ModelConfig]:
   """The family and `ModelConfig` of a Hugging Face config.json (a ConfigError names any key jaxlm cannot honour).
   `dtype` ('float32', 'bfloat16', ...) sets the parameter and compute dtype; None keeps jaxlm's float32.
   `tensor_names`: the checkpoint's, which decide optional parts the config does not name (BERT's pooler)."""
@@ -475,6 +717,7 @@ def model_config_from_hf(hf_config: dict, dtype: str | None = None,
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
 
 class _SafetensorsFiles:
   """The tensors of one or more .safetensors files, each read on demand through a memory map of its bytes
@@ -508,8 +751,9 @@ class _TorchFile:
     try:
       import torch
     except ImportError as error:
-      raise CheckpointError(f"{path} is a PyTorch pickle and torch is not installed; convert it to safetensors, "
-                            "or install torch.") from error
+      raise CheckpointError(
+        f"{path} is a PyTorch pickle and torch is not installed; convert it to safetensors, or install torch."
+      ) from error
     self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
   def names(self) -> list[str]:
@@ -517,6 +761,7 @@ class _TorchFile:
 
   def get(self, name: str) -> np.ndarray:
     import torch
+
     tensor = self.state[name]
     if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits as ml_dtypes'
       return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
@@ -541,8 +786,8 @@ def _open_weights(path: str):
 def _hf_name(template: str, layer: int | None, family: Family, names: set) -> str:
   """The checkpoint's name for `template` at `layer`: as in *ForCausalLM, or without the base model's prefix."""
   name = template.format(layer=layer)
-  if name not in names and name.startswith(family.base_prefix) and name[len(family.base_prefix):] in names:
-    return name[len(family.base_prefix):]
+  if name not in names and name.startswith(family.base_prefix) and name[len(family.base_prefix) :] in names:
+    return name[len(family.base_prefix) :]
   return name
 
 
@@ -551,24 +796,34 @@ def _stacked_layers(tensor: Tensor, abstract: dict) -> list:
   return list(range(abstract[tensor.jaxlm[0]].shape[0])) if "{layer}" in tensor.hf else [None]
 
 
-def _present_tensors(family: Family, table: list[Tensor], abstract: dict, names: set,
-                     path: str) -> tuple[list[Tensor], dict]:
+def _present_tensors(
+  family: Family, table: list[Tensor], abstract: dict, names: set, path: str
+) -> tuple[list[Tensor], dict]:
   """(the table's tensors this checkpoint holds (optional heads may be absent), {tied copy: its source}), after
   checking that it holds nothing else but buffers and dropped heads."""
+
   def entries(tensor):
     return {_hf_name(tensor.hf, layer, family, names) for layer in _stacked_layers(tensor, abstract)}
 
   present = [t for t in table if not t.optional or entries(t) <= names]
   expected = set().union(*(entries(t) for t in present))
   missing = sorted(expected - names)
-  copies = {_hf_name(copy, None, family, names): _hf_name(source, None, family, names)
-            for copy, source in family.tied if copy not in expected}
-  unused = sorted(name for name in names - expected - set(copies)
-                  if not re.search(family.buffers, name) and not re.search(family.dropped, name))
+  copies = {
+    _hf_name(copy, None, family, names): _hf_name(source, None, family, names)
+    for copy, source in family.tied
+    if copy not in expected
+  }
+  unused = sorted(
+    name
+    for name in names - expected - set(copies)
+    if not re.search(family.buffers, name) and not re.search(family.dropped, name)
+  )
   if missing or unused:
-    raise CheckpointError(f"The weights in {path} do not fit its config.json as a {family.model_type} model: "
-                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, not understood "
-                          f"{unused[:8]}{'...' if len(unused) > 8 else ''}; nothing is imported.")
+    raise CheckpointError(
+      f"The weights in {path} do not fit its config.json as a {family.model_type} model: "
+      f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, not understood "
+      f"{unused[:8]}{'...' if len(unused) > 8 else ''}; nothing is imported."
+    )
   dropped = sorted(name for name in names if re.search(family.dropped, name))
   if dropped:
     logging.warning("%s: skipping %s (a head jaxlm's %s has no place for).", path, dropped, family.model_type)
@@ -590,17 +845,21 @@ def load_params(path: str, family: Family, model_config: ModelConfig, mesh: jax.
   present, copies = _present_tensors(family, table, abstract, names, path)
   for copy, source in copies.items():
     if copy in names and not np.array_equal(weights.get(copy), weights.get(source)):
-      raise CheckpointError(f"{path}: {copy} differs from {source}; jaxlm's {family.model_type} ties them "
-                            "(untied weights cannot be imported exactly).")
+      raise CheckpointError(
+        f"{path}: {copy} differs from {source}; jaxlm's {family.model_type} ties them "
+        "(untied weights cannot be imported exactly)."
+      )
   where = {name: (tensor, position) for tensor in table for position, name in enumerate(tensor.jaxlm)}
   if set(where) != set(abstract):
-    raise CheckpointError(f"jaxlm/interop/hf.py: the {family.model_type} table does not cover the model's "
-                          f"parameters: {sorted(set(where) ^ set(abstract))}.")
+    raise CheckpointError(
+      f"jaxlm/interop/hf.py: the {family.model_type} table does not cover the model's "
+      f"parameters: {sorted(set(where) ^ set(abstract))}."
+    )
 
   def place(name: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
     tensor, position = where[name]
     stacked = "{layer}" in tensor.hf
-    shapes = [abstract[other].shape[1 if stacked else 0:] for other in tensor.jaxlm]
+    shapes = [abstract[other].shape[1 if stacked else 0 :] for other in tensor.jaxlm]
     read = {}  # slice -> array: devices that hold the same slice (replicas) share one read
 
     def convert(layer):
@@ -608,8 +867,10 @@ def load_params(path: str, family: Family, model_config: ModelConfig, mesh: jax.
       try:
         return tensor.to_jaxlm(weights.get(hf_name), shapes)[position]
       except ValueError as error:
-        raise CheckpointError(f"{path}: tensor {hf_name} does not fit jaxlm's {name} of shape {leaf.shape} "
-                              f"({error}); its config.json does not describe its weights.") from error
+        raise CheckpointError(
+          f"{path}: tensor {hf_name} does not fit jaxlm's {name} of shape {leaf.shape} "
+          f"({error}); its config.json does not describe its weights."
+        ) from error
 
     def callback(index: tuple) -> np.ndarray:
       key = repr(index)
@@ -665,8 +926,17 @@ def load_tokenizer(path: str) -> Tokenizer | None:
 # architecture (`run_model_section`), the parameters are imported in memory, the tokenizer is the directory's.
 INIT_FROM_PREFIX = "hf:"
 # Model fields that say how a run computes, not what the checkpoint is: they stay the run config's.
-RUN_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat", "attention", "init_std", "lora_rank", "lora_alpha",
-              "lora_targets")
+RUN_FIELDS = (
+  "dropout_rate",
+  "dtype",
+  "param_dtype",
+  "remat",
+  "attention",
+  "init_std",
+  "lora_rank",
+  "lora_alpha",
+  "lora_targets",
+)
 
 
 def run_model_section(path: str, model_section) -> dict:
@@ -692,15 +962,18 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None, dtype: str
 
 # ----------------------------------------------------------------------------------------------- writing
 
+
 def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tokenizer | None = None) -> None:
   """Writes the Hugging Face layout of a jaxlm model (`export_family`) to `path`: config.json, model.safetensors
   (float32, or the parameters' dtype) and, for a tokenizer.json tokenizer, tokenizer.json + tokenizer_config.json.
   `transformers.AutoModelForCausalLM` (decoders), `AutoModelForMaskedLM` (encoders, with the MLM head) or
   `AutoModelForSeq2SeqLM` (T5) loads it. Runs on process 0's view of `params`."""
   from safetensors.numpy import save_file  # safetensors comes with transformers; only export needs it here
+
   family = export_family(model_config)
-  hf_config = dict(dtype=str(np.dtype(model_config.weight_dtype)), bos_token_id=None, eos_token_id=None,
-                   pad_token_id=None)
+  hf_config = dict(
+    dtype=str(np.dtype(model_config.weight_dtype)), bos_token_id=None, eos_token_id=None, pad_token_id=None
+  )
   if tokenizer is not None:
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if model_config.family == "encoder_decoder":  # jaxlm's seq2seq tasks start the decoder with bos
@@ -710,8 +983,10 @@ def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tok
   table = family.tensors(model_config)
   unused = sorted(set(flat) - {name for tensor in table for name in tensor.jaxlm})
   if unused:
-    raise ConfigError(f"Parameters {unused} have no place in a Hugging Face {family.model_type} model; export the "
-                      "decoder's parameters alone (a task's head or adapters are not part of it).")
+    raise ConfigError(
+      f"Parameters {unused} have no place in a Hugging Face {family.model_type} model; export the "
+      "decoder's parameters alone (a task's head or adapters are not part of it)."
+    )
   host = {name: np.asarray(jax.device_get(leaf)) for name, leaf in flat.items()}
   tensors = {}
   for tensor in table:

@@ -30,29 +30,89 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # other activations; 256-position chunks keep a quarter of that or less, for one more V x D matmul per token
 # (each chunk's logits are recomputed in the backward pass). The small presets' logits are small: no chunks.
 PRESETS = {
-    # A few hundred K parameters: unit tests and CI end-to-end runs.
-    "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
-    # The quickstart model: trains on 2 CPU cores in minutes.
-    "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
-    # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
-    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5,
-                      loss_chunk_size=256),
-    # GPT-2 medium (350M).
-    "gpt2_350m": dict(vocab_size=50304, embed_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096, max_len=1024,
-                      position="learned", norm="layernorm", mlp="gelu", use_bias=True, norm_eps=1e-5,
-                      loss_chunk_size=256),
-    # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
-    "llama_1b": dict(vocab_size=32000, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                     mlp_dim=8192, max_len=4096, rope_theta=500000.0, norm_eps=1e-5, loss_chunk_size=256),
-    # bert-base-uncased (109,482,240 parameters without the MLM head): post-norm, embedding LayerNorm, pooler.
-    "bert_base": dict(family="encoder", vocab_size=30522, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                      max_len=512, position="learned", norm="layernorm", norm_position="post", embed_norm=True,
-                      mlp="gelu_exact", use_bias=True, norm_eps=1e-12, type_vocab_size=2, pooler=True),
-    # t5-base (222,903,552 parameters, embeddings tied): relative position bias, unscaled attention, ReLU MLP.
-    "t5_base": dict(family="encoder_decoder", vocab_size=32128, embed_dim=768, num_layers=12, num_heads=12,
-                    mlp_dim=3072, max_len=512, position="relative", norm="rmsnorm", mlp="relu", norm_eps=1e-6,
-                    scale_attention=False, tied_logits_scale=True, init_std=0.05),
+  # A few hundred K parameters: unit tests and CI end-to-end runs.
+  "tiny": dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=128),
+  # The quickstart model: trains on 2 CPU cores in minutes.
+  "small": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, mlp_dim=512, max_len=512),
+  # GPT-2 small (124M with a 50257-row vocabulary; padded to 50304 for fast matmuls).
+  "gpt2_124m": dict(
+    vocab_size=50304,
+    embed_dim=768,
+    num_layers=12,
+    num_heads=12,
+    mlp_dim=3072,
+    max_len=1024,
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    norm_eps=1e-5,
+    loss_chunk_size=256,
+  ),
+  # GPT-2 medium (350M).
+  "gpt2_350m": dict(
+    vocab_size=50304,
+    embed_dim=1024,
+    num_layers=24,
+    num_heads=16,
+    mlp_dim=4096,
+    max_len=1024,
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    norm_eps=1e-5,
+    loss_chunk_size=256,
+  ),
+  # Llama-3.2-1B shape with a 32K vocabulary (1.0B parameters): GQA, RoPE, RMSNorm, SwiGLU.
+  "llama_1b": dict(
+    vocab_size=32000,
+    embed_dim=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    mlp_dim=8192,
+    max_len=4096,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+    loss_chunk_size=256,
+  ),
+  # bert-base-uncased (109,482,240 parameters without the MLM head): post-norm, embedding LayerNorm, pooler.
+  "bert_base": dict(
+    family="encoder",
+    vocab_size=30522,
+    embed_dim=768,
+    num_layers=12,
+    num_heads=12,
+    mlp_dim=3072,
+    max_len=512,
+    position="learned",
+    norm="layernorm",
+    norm_position="post",
+    embed_norm=True,
+    mlp="gelu_exact",
+    use_bias=True,
+    norm_eps=1e-12,
+    type_vocab_size=2,
+    pooler=True,
+  ),
+  # t5-base (222,903,552 parameters, embeddings tied): relative position bias, unscaled attention, ReLU MLP.
+  "t5_base": dict(
+    family="encoder_decoder",
+    vocab_size=32128,
+    embed_dim=768,
+    num_layers=12,
+    num_heads=12,
+    mlp_dim=3072,
+    max_len=512,
+    position="relative",
+    norm="rmsnorm",
+    mlp="relu",
+    norm_eps=1e-6,
+    scale_attention=False,
+    tied_logits_scale=True,
+    init_std=0.05,
+  ),
 }
 
 
@@ -119,66 +179,115 @@ class ModelConfig:
     check(self.position in POSITIONS, "model.position", f"{self.position!r} is not one of {POSITIONS}.")
     check(self.family in FAMILIES, "model.family", f"{self.family!r} is not one of {FAMILIES}.")
     check(self.norm in NORMS, "model.norm", f"{self.norm!r} is not one of {NORMS}.")
-    check(self.norm_position in NORM_POSITIONS, "model.norm_position",
-          f"{self.norm_position!r} is not one of {NORM_POSITIONS}.")
+    check(
+      self.norm_position in NORM_POSITIONS,
+      "model.norm_position",
+      f"{self.norm_position!r} is not one of {NORM_POSITIONS}.",
+    )
     check(self.num_decoder_layers >= 0, "model.num_decoder_layers", "must be >= 0 (0 means num_layers).")
     check(self.type_vocab_size >= 0, "model.type_vocab_size", "must be >= 0 (0 = no token types).")
-    check(self.position != "relative" or self.family != "decoder", "model.position",
-          "'relative' (T5's bias) is for the encoder and encoder_decoder families; use 'rotary' or 'learned'.")
+    check(
+      self.position != "relative" or self.family != "decoder",
+      "model.position",
+      "'relative' (T5's bias) is for the encoder and encoder_decoder families; use 'rotary' or 'learned'.",
+    )
     check(self.position != "relative" or 2 <= self.relative_buckets, "model.relative_buckets", "must be >= 2.")
     check(self.position_offset >= 0, "model.position_offset", "must be >= 0.")
-    check(self.position == "learned" or not self.position_offset, "model.position_offset",
-          f"shifts learned positions only; model.position={self.position!r}.")
+    check(
+      self.position == "learned" or not self.position_offset,
+      "model.position_offset",
+      f"shifts learned positions only; model.position={self.position!r}.",
+    )
     for key in ("norm_position", "embed_norm", "type_vocab_size", "pooler", "position_offset"):
       default = {field.name: field.default for field in dataclasses.fields(self)}[key]
-      check(self.family != "decoder" or getattr(self, key) == default, f"model.{key}",
-            f"is an encoder option; the decoder family keeps its default {default!r}.")
+      check(
+        self.family != "decoder" or getattr(self, key) == default,
+        f"model.{key}",
+        f"is an encoder option; the decoder family keeps its default {default!r}.",
+      )
     check(self.mlp in MLPS, "model.mlp", f"{self.mlp!r} is not one of {MLPS}.")
     check(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
-    check(self.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
-          f"{self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+    check(
+      self.attention in ATTENTION_IMPLEMENTATIONS,
+      "model.attention",
+      f"{self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.",
+    )
     for key in ("dtype", "param_dtype"):
       check(getattr(self, key) in DTYPES, f"model.{key}", f"{getattr(self, key)!r} is not one of {tuple(DTYPES)}.")
     check(0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}.")
-    check(self.loss_chunk_size >= 0, "model.loss_chunk_size",
-          f"must be >= 0 (0 = the loss reads all logits at once), got {self.loss_chunk_size}.")
-    check(self.loss_chunk_size == 0 or self.family == "decoder", "model.loss_chunk_size",
-          "the chunked loss projects with the decoder's output layer; set 0 for the encoder families.")
-    check(self.attention != "pallas" or self.family == "decoder", "model.attention",
-          "'pallas' (causal flash attention over packed rows) is for the decoder family; use 'auto'.")
+    check(
+      self.loss_chunk_size >= 0,
+      "model.loss_chunk_size",
+      f"must be >= 0 (0 = the loss reads all logits at once), got {self.loss_chunk_size}.",
+    )
+    check(
+      self.loss_chunk_size == 0 or self.family == "decoder",
+      "model.loss_chunk_size",
+      "the chunked loss projects with the decoder's output layer; set 0 for the encoder families.",
+    )
+    check(
+      self.attention != "pallas" or self.family == "decoder",
+      "model.attention",
+      "'pallas' (causal flash attention over packed rows) is for the decoder family; use 'auto'.",
+    )
     for key in ("quantize", "fake_quantize"):
       if getattr(self, key):
         quantize.scheme(getattr(self, key), f"model.{key}")
-    check(not (self.quantize and self.fake_quantize), "model.fake_quantize",
-          "a quantized model is not trained; fake quantization is for the float model it is converted from.")
-    check(not (self.quantize and self.lora_rank), "model.quantize",
-          "quantized kernels take no LoRA adapters; merge them first (jaxlm.models.lora.merge_lora, lora_rank=0).")
+    check(
+      not (self.quantize and self.fake_quantize),
+      "model.fake_quantize",
+      "a quantized model is not trained; fake quantization is for the float model it is converted from.",
+    )
+    check(
+      not (self.quantize and self.lora_rank),
+      "model.quantize",
+      "quantized kernels take no LoRA adapters; merge them first (jaxlm.models.lora.merge_lora, lora_rank=0).",
+    )
     check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {self.lora_rank}.")
     check(self.num_kv_heads >= 0, "model.num_kv_heads", "must be >= 0 (0 means num_heads).")
     check(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means embed_dim // num_heads).")
     if not self.head_dim:
-      check(self.embed_dim % self.num_heads == 0, "model.num_heads",
-            f"{self.num_heads} heads do not divide embed_dim={self.embed_dim}; "
-            "change model.num_heads or model.embed_dim, or set model.head_dim explicitly.")
+      check(
+        self.embed_dim % self.num_heads == 0,
+        "model.num_heads",
+        f"{self.num_heads} heads do not divide embed_dim={self.embed_dim}; "
+        "change model.num_heads or model.embed_dim, or set model.head_dim explicitly.",
+      )
       object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
     if not self.num_kv_heads:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
-    check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
-          f"{self.num_kv_heads} key/value heads do not divide num_heads={self.num_heads}.")
+    check(
+      self.num_heads % self.num_kv_heads == 0,
+      "model.num_kv_heads",
+      f"{self.num_kv_heads} key/value heads do not divide num_heads={self.num_heads}.",
+    )
     if self.position == "rotary":
       check(self.head_dim % 2 == 0, "model.head_dim", f"rotary positions need an even head_dim, got {self.head_dim}.")
-    check(self.rope_scaling_type in ROPE_SCALING_TYPES, "model.rope_scaling_type",
-          f"{self.rope_scaling_type!r} is not one of {ROPE_SCALING_TYPES}.")
+    check(
+      self.rope_scaling_type in ROPE_SCALING_TYPES,
+      "model.rope_scaling_type",
+      f"{self.rope_scaling_type!r} is not one of {ROPE_SCALING_TYPES}.",
+    )
     if self.rope_scaling_type == "llama3":
-      check(self.position == "rotary", "model.rope_scaling_type", "'llama3' scales rotary positions; it needs "
-            f"model.position='rotary', got {self.position!r}.")
-      check(self.rope_scaling_factor >= 1, "model.rope_scaling_factor",
-            f"must be >= 1, got {self.rope_scaling_factor}.")
-      check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "model.rope_high_freq_factor",
-            f"need 0 < model.rope_low_freq_factor ({self.rope_low_freq_factor}) < model.rope_high_freq_factor "
-            f"({self.rope_high_freq_factor}).")
-      check(self.rope_original_max_len > 0, "model.rope_original_max_len",
-            f"must be positive, got {self.rope_original_max_len}.")
+      check(
+        self.position == "rotary",
+        "model.rope_scaling_type",
+        f"'llama3' scales rotary positions; it needs model.position='rotary', got {self.position!r}.",
+      )
+      check(
+        self.rope_scaling_factor >= 1, "model.rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}."
+      )
+      check(
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+        "model.rope_high_freq_factor",
+        f"need 0 < model.rope_low_freq_factor ({self.rope_low_freq_factor}) < model.rope_high_freq_factor "
+        f"({self.rope_high_freq_factor}).",
+      )
+      check(
+        self.rope_original_max_len > 0,
+        "model.rope_original_max_len",
+        f"must be positive, got {self.rope_original_max_len}.",
+      )
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":

@@ -33,8 +33,10 @@ def block_size(length: int) -> int:
   while length % block:
     block //= 2
   if block < MIN_BLOCK:
-    raise ConfigError(f"model.attention: the Pallas flash kernel needs a sequence length divisible by {MIN_BLOCK}, "
-                      f"got {length}; change data.seq_len or use model.attention='xla'.")
+    raise ConfigError(
+      f"model.attention: the Pallas flash kernel needs a sequence length divisible by {MIN_BLOCK}, "
+      f"got {length}; change data.seq_len or use model.attention='xla'."
+    )
   return block
 
 
@@ -47,11 +49,24 @@ def _attention(query, key, value, segment_ids, causal: bool):
   length = query.shape[1]
   block = block_size(length)
   backward_block = min(block, 32)  # the kernel's default backward tiles
-  sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward_block,
-                                      block_kv_dkv=backward_block, block_q_dq=backward_block,
-                                      block_kv_dq=backward_block)
-  return pallas_attention.mha(query, key, value, segment_ids, sm_scale=query.shape[-1] ** -0.5, causal=causal,
-                              block_sizes=sizes, interpret=jax.default_backend() == "cpu")
+  sizes = pallas_attention.BlockSizes(
+    block_q=block,
+    block_k=block,
+    block_q_dkv=backward_block,
+    block_kv_dkv=backward_block,
+    block_q_dq=backward_block,
+    block_kv_dq=backward_block,
+  )
+  return pallas_attention.mha(
+    query,
+    key,
+    value,
+    segment_ids,
+    sm_scale=query.shape[-1] ** -0.5,
+    causal=causal,
+    block_sizes=sizes,
+    interpret=jax.default_backend() == "cpu",
+  )
 
 
 def segment_attention(query, key, value, segment_ids, causal: bool = True):
@@ -64,5 +79,10 @@ def segment_attention(query, key, value, segment_ids, causal: bool = True):
     return attention(query, key, value, segment_ids)
   batch, heads = nn.logical_to_mesh_axes((BATCH, HEADS))
   heads_spec = jax.P(batch, None, heads, None)
-  return jax.shard_map(attention, mesh=mesh, in_specs=(heads_spec, heads_spec, heads_spec, jax.P(batch, None)),
-                       out_specs=heads_spec, check_vma=False)(query, key, value, segment_ids)
+  return jax.shard_map(
+    attention,
+    mesh=mesh,
+    in_specs=(heads_spec, heads_spec, heads_spec, jax.P(batch, None)),
+    out_specs=heads_spec,
+    check_vma=False,
+  )(query, key, value, segment_ids)

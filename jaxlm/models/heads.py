@@ -47,8 +47,12 @@ class ClassificationHead(nn.Module):
   def __call__(self, pooled, deterministic: bool = True):
     config = self.config
     pooled = nn.Dropout(config.dropout_rate, deterministic=deterministic)(pooled)
-    kernel = self.param("kernel", layers.weight_init(config.init_std, (EMBED, None)),
-                        (config.embed_dim, self.num_classes), config.weight_dtype)
+    kernel = self.param(
+      "kernel",
+      layers.weight_init(config.init_std, (EMBED, None)),
+      (config.embed_dim, self.num_classes),
+      config.weight_dtype,
+    )
     bias = self.param("bias", layers.zeros_init((None,)), (self.num_classes,), config.weight_dtype)
     return pooled.astype(jnp.float32) @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
 

@@ -21,8 +21,8 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing, recompute the whole block in the backward pass
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -41,8 +41,13 @@ def ones_init(axes: tuple):
 
 def norm(config: ModelConfig, name: str) -> nn.Module:
   """LayerNorm (GPT-2) or RMSNorm (Llama) over D; statistics in float32."""
-  common = dict(epsilon=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
-                scale_init=ones_init((EMBED,)), name=name)
+  common = dict(
+    epsilon=config.norm_eps,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    scale_init=ones_init((EMBED,)),
+    name=name,
+  )
   if config.norm == "rmsnorm":
     return nn.RMSNorm(**common)
   return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init((EMBED,)), **common)
@@ -60,8 +65,11 @@ def rotary_inverse_frequency(config: ModelConfig) -> np.ndarray:
     wavelength = 2 * np.pi / inverse_frequency
     smooth = (config.rope_original_max_len / wavelength - low) / (high - low)
     blended = (1 - smooth) * inverse_frequency / factor + smooth * inverse_frequency
-    inverse_frequency = np.where(wavelength > config.rope_original_max_len / low, inverse_frequency / factor,
-                                 np.where(wavelength < config.rope_original_max_len / high, inverse_frequency, blended))
+    inverse_frequency = np.where(
+      wavelength > config.rope_original_max_len / low,
+      inverse_frequency / factor,
+      np.where(wavelength < config.rope_original_max_len / high, inverse_frequency, blended),
+    )
   return inverse_frequency.astype(np.float32)
 
 
@@ -130,7 +138,8 @@ class KVCache(flax.struct.PyTreeNode):
     key_slots = jnp.arange(self.key.shape[3])  # [S]
     positions = jnp.maximum(query_slots[None, :] - self.start[:, None], 0)  # [B, T]
     visible = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
-        key_slots[None, None, :] >= self.start[:, None, None])  # [B, T, S]
+      key_slots[None, None, :] >= self.start[:, None, None]
+    )  # [B, T, S]
     visible |= key_slots[None, None, :] == query_slots[None, :, None]
     return positions, visible[:, None]
 
@@ -162,8 +171,9 @@ class Einsum(nn.Module):
     flat = x.reshape((-1, *x.shape[2:])).astype(config.compute_dtype)
     if config.quantize:  # weight-only quantized kernel: dequantized in the matmul
       q, scale, offset = quantize.kernel_params(self, self.shape, self.axes, self.output_dims)
-      y = quantize.einsum(self.equation.replace("B", ""), flat, q, scale, offset, self.output_dims,
-                          config.compute_dtype)
+      y = quantize.einsum(
+        self.equation.replace("B", ""), flat, q, scale, offset, self.output_dims, config.compute_dtype
+      )
     else:
       kernel = self.param("kernel", weight_init(self.init_std, self.axes), self.shape, config.weight_dtype)
       if config.fake_quantize:  # quantization-aware training: the forward of the quantized model, STE gradient
@@ -171,7 +181,7 @@ class Einsum(nn.Module):
       y = jnp.einsum(self.equation.replace("B", ""), flat, kernel.astype(config.compute_dtype))
     y = y.reshape((*x.shape[:2], *y.shape[1:]))
     if config.use_bias and self.bias:
-      bias_shape, bias_axes = self.shape[-self.output_dims:], self.axes[-self.output_dims:]
+      bias_shape, bias_axes = self.shape[-self.output_dims :], self.axes[-self.output_dims :]
       y += self.param("bias", zeros_init(bias_axes), bias_shape, config.weight_dtype).astype(config.compute_dtype)
     if config.lora_rank and lora.is_target(config, self.scope.path):
       y += lora.adapter(self, x, self.equation, self.shape, self.axes, self.output_dims)
@@ -215,8 +225,12 @@ class RelativePositionBias(nn.Module):
   def __call__(self, query_positions, key_positions):
     """query_positions [B, T], key_positions [B, S] -> bias [B, N, T, S] (compute dtype)."""
     config = self.config
-    table = self.param("embedding", weight_init(config.init_std, (None, HEADS)),
-                       (config.relative_buckets, config.num_heads), config.weight_dtype)
+    table = self.param(
+      "embedding",
+      weight_init(config.init_std, (None, HEADS)),
+      (config.relative_buckets, config.num_heads),
+      config.weight_dtype,
+    )
     relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
     buckets = relative_buckets(relative, self.bidirectional, config.relative_buckets, config.relative_max_distance)
     return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2).astype(config.compute_dtype)
@@ -280,11 +294,11 @@ class Attention(nn.Module):
     else:
       implementation = None if config.attention in ("auto", "pallas") else config.attention
       scale = None if config.scale_attention else 1.0  # None: 1 / sqrt(H)
-      out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                         implementation=implementation)
+      out = jax.nn.dot_product_attention(
+        query, key, value, bias=bias, mask=mask, scale=scale, implementation=implementation
+      )
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))  # [B, T, N, H]
-    out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config),
-                 name="out")(out)
+    out = Einsum(config, "BTNH,NHD->BTD", (N, H, D), (HEADS, HEAD_DIM, EMBED), residual_std(config), name="out")(out)
     return out if cache is None else (out, (keys, values, layer + 1, *index))
 
 
@@ -373,8 +387,9 @@ class TransformerBlock(nn.Module):
     return ((x, cache, cross_cache) if self.cross_attention else (x, cache)), None
 
 
-def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers",
-                   cross_attention: bool = False) -> nn.Module:
+def stacked_blocks(
+  config: ModelConfig, deterministic: bool, name: str = "layers", cross_attention: bool = False
+) -> nn.Module:
   """`num_layers` blocks as one `nn.scan` (compile time independent of depth), optionally rematerialised.
 
   Parameters get a leading `layers` axis of size L. Called as `stack((x, cache), positions, mask)` (and
@@ -385,11 +400,11 @@ def stacked_blocks(config: ModelConfig, deterministic: bool, name: str = "layers
   if config.remat != "none":
     block = nn.remat(block, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
   stack = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=nn.broadcast,
-      length=config.num_layers,
-      metadata_params={nn.PARTITION_NAME: LAYERS},
+    block,
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=nn.broadcast,
+    length=config.num_layers,
+    metadata_params={nn.PARTITION_NAME: LAYERS},
   )
   return stack(config, deterministic, cross_attention, name=name)

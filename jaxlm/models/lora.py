@@ -35,12 +35,18 @@ def adapter(module: nn.Module, x, equation: str, shape: tuple, axes: tuple, outp
   for size in in_shape:
     fan_in *= size
   rank = config.lora_rank
-  a = module.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5),
-                                                          (*axes[:-output_dims], None)),
-                   (*in_shape, rank), config.weight_dtype)
-  b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                          (None, *axes[-output_dims:])),
-                   (rank, *out_shape), config.weight_dtype)
+  a = module.param(
+    "lora_a",
+    nn.with_logical_partitioning(nn.initializers.normal(fan_in**-0.5), (*axes[:-output_dims], None)),
+    (*in_shape, rank),
+    config.weight_dtype,
+  )
+  b = module.param(
+    "lora_b",
+    nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, *axes[-output_dims:])),
+    (rank, *out_shape),
+    config.weight_dtype,
+  )
   dtype = config.compute_dtype
   low = jnp.einsum(f"{x_letters},{in_letters}r->{kept}r", x.astype(dtype), a.astype(dtype))
   return (config.lora_alpha / rank) * jnp.einsum(f"{kept}r,r{out_letters}->{y_letters}", low, b.astype(dtype))

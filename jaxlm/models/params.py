@@ -37,8 +37,7 @@ def logical_specs(model: nn.Module, sample_inputs: tuple | None = None) -> Any:
   return nn.get_partition_spec(boxed)
 
 
-def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None,
-                    sample_inputs: tuple | None = None) -> Any:
+def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None, sample_inputs: tuple | None = None) -> Any:
   """ShapeDtypeStructs of every parameter, each with its `NamedSharding` on `mesh` (none without a mesh).
 
   Nothing is allocated: this is what a checkpoint restores into and what a plan counts.
@@ -51,8 +50,9 @@ def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None,
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def init_params(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
-                sample_inputs: tuple | None = None) -> Any:
+def init_params(
+  model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None = None, sample_inputs: tuple | None = None
+) -> Any:
   """Freshly initialised parameters, created directly in their shardings on `mesh` (or on the default device)."""
   init = boxed_init_fn(model, sample_inputs)
   if mesh is None:

@@ -65,9 +65,11 @@ class Scheme:
     if not self.group_size:
       return (1,) * inputs + tuple(kernel_shape[inputs:])
     if kernel_shape[inputs - 1] % self.group_size:
-      raise ConfigError(f"model.quantize: {self.name!r} groups {self.group_size} weights, which do not divide a "
-                        f"kernel's input axis of {kernel_shape[inputs - 1]} ({kernel_shape}); choose a divisor.")
-    return (*kernel_shape[:inputs - 1], kernel_shape[inputs - 1] // self.group_size, *kernel_shape[inputs:])
+      raise ConfigError(
+        f"model.quantize: {self.name!r} groups {self.group_size} weights, which do not divide a "
+        f"kernel's input axis of {kernel_shape[inputs - 1]} ({kernel_shape}); choose a divisor."
+      )
+    return (*kernel_shape[: inputs - 1], kernel_shape[inputs - 1] // self.group_size, *kernel_shape[inputs:])
 
 
 @functools.cache
@@ -75,8 +77,10 @@ def scheme(name: str, key: str = "model.quantize") -> Scheme:
   """The scheme of a name such as 'int8', 'int4-g64' or 'int4-g32-asym' (ConfigError naming `key` otherwise)."""
   match = _NAME.match(name)
   if not match or match.group(2) == "0":
-    raise ConfigError(f"{key}: {name!r} is not a scheme: int8 or int4, optionally -g<G> (per-group "
-                      "scales, G > 0) and -asym (asymmetric), e.g. 'int8', 'int4-g64', 'int4-g32-asym'.")
+    raise ConfigError(
+      f"{key}: {name!r} is not a scheme: int8 or int4, optionally -g<G> (per-group "
+      "scales, G > 0) and -asym (asymmetric), e.g. 'int8', 'int4-g64', 'int4-g32-asym'."
+    )
   bits, dtype = BITS[match.group(1)]
   return Scheme(name, bits, dtype, int(match.group(2) or 0), not match.group(3))
 
@@ -104,7 +108,7 @@ def quantize_array(kernel: jax.Array, scale_shape: tuple, scheme: Scheme):
     offset = None
   else:
     low, high = jnp.min(groups, axis=within), jnp.max(groups, axis=within)
-    scale = (high - low) / (2 ** scheme.bits - 1)
+    scale = (high - low) / (2**scheme.bits - 1)
   scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero (or constant) group is kept exactly
   if not scheme.symmetric:
     offset = low - scheme.min_int * scale
@@ -121,17 +125,19 @@ def dequantize(q: jax.Array, scale: jax.Array, offset: jax.Array | None = None) 
 
 def fake_quantize(kernel: jax.Array, output_dims: int, scheme: Scheme) -> jax.Array:
   """The quantize-dequantize round trip of `kernel` in its dtype, with the straight-through gradient (identity)."""
-  q, scale, offset = quantize_array(jax.lax.stop_gradient(kernel), scheme.scale_shape(kernel.shape, output_dims),
-                                    scheme)
+  q, scale, offset = quantize_array(
+    jax.lax.stop_gradient(kernel), scheme.scale_shape(kernel.shape, output_dims), scheme
+  )
   rounded = dequantize(q, scale, offset).astype(kernel.dtype)
   return kernel + jax.lax.stop_gradient(rounded - kernel)
 
 
-def einsum(equation: str, x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None, output_dims: int,
-           dtype) -> jax.Array:
+def einsum(
+  equation: str, x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None, output_dims: int, dtype
+) -> jax.Array:
   """`einsum(equation, x, dequantize(q, scale, offset))` in `dtype`. Symmetric per-channel scales are applied to
   the output (the integer kernel is the matmul's operand); other schemes dequantize the operand."""
-  per_channel = all(size == 1 for size in scale.shape[:scale.ndim - output_dims])
+  per_channel = all(size == 1 for size in scale.shape[: scale.ndim - output_dims])
   if offset is None and per_channel:
     y = jnp.einsum(equation, x, q.astype(dtype))
     return y * scale.reshape(scale.shape[-output_dims:]).astype(dtype)
@@ -142,14 +148,21 @@ def kernel_params(module: nn.Module, shape: tuple, axes: tuple, output_dims: int
   """(kernel, kernel_scale, kernel_offset or None) parameters of a quantized Einsum (zeros and ones at init: a
   quantized model is filled by `convert_params`, never trained)."""
   kind = scheme(module.config.quantize)
-  q = module.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape,
-                   kind.storage_dtype)
+  q = module.param(
+    "kernel", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, kind.storage_dtype
+  )
   scale_shape = kind.scale_shape(shape, output_dims)
   scale_axes = tuple(axis if size == full else None for axis, size, full in zip(axes, scale_shape, shape))
-  scale = module.param(SCALE, nn.with_logical_partitioning(nn.initializers.ones_init(), scale_axes), scale_shape,
-                       jnp.float32)
-  offset = None if kind.symmetric else module.param(
-      OFFSET, nn.with_logical_partitioning(nn.initializers.zeros_init(), scale_axes), scale_shape, jnp.float32)
+  scale = module.param(
+    SCALE, nn.with_logical_partitioning(nn.initializers.ones_init(), scale_axes), scale_shape, jnp.float32
+  )
+  offset = (
+    None
+    if kind.symmetric
+    else module.param(
+      OFFSET, nn.with_logical_partitioning(nn.initializers.zeros_init(), scale_axes), scale_shape, jnp.float32
+    )
+  )
   return q, scale, offset
 
 
@@ -179,7 +192,9 @@ def convert_params(params, abstract, scheme_name: str = ""):
 def kernel_bytes(params) -> int:
   """Bytes of all arrays of a parameter tree (what decoding reads per token, embeddings aside); int4 counts as half
   a byte, as it is packed in memory on accelerators."""
+
   def size(leaf):
     bits = 4 if leaf.dtype == jnp.int4 else 8 * np.dtype(leaf.dtype).itemsize
     return np.prod(leaf.shape) * bits // 8
+
   return int(sum(size(leaf) for leaf in jax.tree.leaves(params)))

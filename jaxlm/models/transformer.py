@@ -40,8 +40,15 @@ class Decoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               cache: layers.KVCache | None = None, return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    deterministic: bool = True,
+    cache: layers.KVCache | None = None,
+    return_hidden: bool = False,
+  ):
     """tokens, positions, segment_ids: [B, T] int -> logits [B, T, V] (compute dtype).
 
     With a `cache`: `tokens` are written from slot `cache.index` (the whole left-padded prompt,
@@ -60,8 +67,13 @@ class Decoder(nn.Module):
     x = embed(tokens)  # [B, T, D]
     if config.position == "learned":
       x += nn.Embed(
-          config.max_len, config.embed_dim, embedding_init=layers.weight_init(config.init_std, (POSITION, EMBED)),
-          dtype=config.compute_dtype, param_dtype=config.weight_dtype, name="position_embed")(positions)
+        config.max_len,
+        config.embed_dim,
+        embedding_init=layers.weight_init(config.init_std, (POSITION, EMBED)),
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        name="position_embed",
+      )(positions)
     x = nn.Dropout(config.dropout_rate, deterministic=deterministic)(x)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
@@ -87,15 +99,27 @@ class Decoder(nn.Module):
 
 def token_embedding(config: ModelConfig, name: str | None = "token_embed") -> nn.Embed:
   init = layers.weight_init(config.init_std, (VOCAB, EMBED))
-  return nn.Embed(config.vocab_size, config.embed_dim, embedding_init=init,
-                  dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name)
+  return nn.Embed(
+    config.vocab_size,
+    config.embed_dim,
+    embedding_init=init,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    name=name,
+  )
 
 
 def position_embedding(config: ModelConfig, name: str | None = "position_embed") -> nn.Embed:
   """The learned position table: max_len rows after `position_offset` leading ones (RoBERTa's)."""
   init = layers.weight_init(config.init_std, (POSITION, EMBED))
-  return nn.Embed(config.max_len + config.position_offset, config.embed_dim, embedding_init=init,
-                  dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name)
+  return nn.Embed(
+    config.max_len + config.position_offset,
+    config.embed_dim,
+    embedding_init=init,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    name=name,
+  )
 
 
 class Stack(nn.Module):
@@ -109,8 +133,17 @@ class Stack(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, deterministic: bool = True, encoded=None, encoder_segment_ids=None,
-               cache: layers.KVCache | None = None, cross_cache=None):
+  def __call__(
+    self,
+    x,
+    positions,
+    segment_ids,
+    deterministic: bool = True,
+    encoded=None,
+    encoder_segment_ids=None,
+    cache: layers.KVCache | None = None,
+    cross_cache=None,
+  ):
     """x [B, T, D], positions and segment_ids [B, T] -> [B, T, D].
 
     Cross-attention reads `encoded` [B, S, D] where `encoder_segment_ids` [B, S] equals the query's segment
@@ -129,7 +162,8 @@ class Stack(nn.Module):
     bias = None
     if config.position == "relative":
       bias = layers.RelativePositionBias(config, bidirectional=not self.causal, name="relative_bias")(
-          positions, key_positions)
+        positions, key_positions
+      )
     cross = None
     if self.cross_attention:
       cross = (encoded, layers.attention_mask(segment_ids, encoder_segment_ids, causal=False))
@@ -159,9 +193,14 @@ def embed(config: ModelConfig, token_embed: nn.Embed, tokens, positions, token_t
     x += position_embedding(config)(positions + config.position_offset)
   if config.type_vocab_size:
     token_types = jnp.zeros_like(tokens) if token_types is None else token_types
-    x += nn.Embed(config.type_vocab_size, config.embed_dim,
-                  embedding_init=layers.weight_init(config.init_std, (None, EMBED)), dtype=config.compute_dtype,
-                  param_dtype=config.weight_dtype, name="type_embed")(token_types)
+    x += nn.Embed(
+      config.type_vocab_size,
+      config.embed_dim,
+      embedding_init=layers.weight_init(config.init_std, (None, EMBED)),
+      dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype,
+      name="type_embed",
+    )(token_types)
   if config.embed_norm:
     x = layers.norm(config, "embed_norm")(x)
   x = nn.Dropout(config.dropout_rate, deterministic=deterministic)(x)
@@ -180,8 +219,16 @@ class Encoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               return_hidden: bool = False, return_pooled: bool = False, token_types=None):
+  def __call__(
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    deterministic: bool = True,
+    return_hidden: bool = False,
+    return_pooled: bool = False,
+    token_types=None,
+  ):
     """tokens, positions, segment_ids, token_types: [B, T] int -> MLM logits [B, T, V] (compute dtype);
     `return_hidden`: the hidden states [B, T, D]; `return_pooled`: the pooler's output [B, D]."""
     config = self.config
@@ -195,15 +242,18 @@ class Encoder(nn.Module):
 
     pooled = None
     if config.pooler:
-      pooled = layers.Einsum(config, "BTD,DE->BTE", (config.embed_dim, config.embed_dim), (EMBED, None),
-                             config.init_std, name="pooler")(x[:, :1])
+      pooled = layers.Einsum(
+        config, "BTD,DE->BTE", (config.embed_dim, config.embed_dim), (EMBED, None), config.init_std, name="pooler"
+      )(x[:, :1])
       pooled = jnp.tanh(pooled[:, 0])
-    h = layers.Einsum(config, "BTD,DE->BTE", (config.embed_dim, config.embed_dim), (EMBED, None), config.init_std,
-                      name="mlm_transform")(x)
+    h = layers.Einsum(
+      config, "BTD,DE->BTE", (config.embed_dim, config.embed_dim), (EMBED, None), config.init_std, name="mlm_transform"
+    )(x)
     h = layers.norm(config, "mlm_norm")(layers.activation(config)(h))
     mlm_bias = self.param("mlm_bias", layers.zeros_init((VOCAB,)), (config.vocab_size,), config.weight_dtype)
-    logits = nn.with_logical_constraint(token_embed.attend(h) + mlm_bias.astype(config.compute_dtype),
-                                        (BATCH, LENGTH, VOCAB))
+    logits = nn.with_logical_constraint(
+      token_embed.attend(h) + mlm_bias.astype(config.compute_dtype), (BATCH, LENGTH, VOCAB)
+    )
     if return_pooled:
       if pooled is None:
         raise ValueError("return_pooled needs model.pooler = True (classification.pooling='pooler').")
@@ -223,8 +273,10 @@ class EncoderDecoderCache(flax.struct.PyTreeNode):
 
   def take(self, rows: jax.Array) -> "EncoderDecoderCache":
     """The cache of rows `rows` ([B'] indices), e.g. the surviving beams."""
-    cross = [nn.with_logical_constraint(jnp.take(x, rows, axis=1), layers.KVCache.AXES)
-             for x in (self.cross_key, self.cross_value)]
+    cross = [
+      nn.with_logical_constraint(jnp.take(x, rows, axis=1), layers.KVCache.AXES)
+      for x in (self.cross_key, self.cross_value)
+    ]
     return EncoderDecoderCache(self.decoder.take(rows), *cross, self.encoder_segment_ids[rows])
 
 
@@ -242,11 +294,13 @@ class EncoderDecoder(nn.Module):
       self.position_embed = position_embedding(config, name=None)
     self.dropout = nn.Dropout(config.dropout_rate)
     self.encoder = Stack(config, causal=False)
-    self.decoder = Stack(dataclasses.replace(config, num_layers=config.decoder_layers), causal=True,
-                         cross_attention=True)
+    self.decoder = Stack(
+      dataclasses.replace(config, num_layers=config.decoder_layers), causal=True, cross_attention=True
+    )
     if not config.tie_embeddings:
-      self.lm_head = layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB),
-                                   config.init_std, bias=False)
+      self.lm_head = layers.Einsum(
+        config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB), config.init_std, bias=False
+      )
 
   def _embed(self, tokens, positions, deterministic):
     x = self.token_embed(tokens)
@@ -257,7 +311,7 @@ class EncoderDecoder(nn.Module):
   def _logits(self, x):
     config = self.config
     if config.tie_embeddings:
-      logits = self.token_embed.attend(x * config.embed_dim ** -0.5 if config.tied_logits_scale else x)
+      logits = self.token_embed.attend(x * config.embed_dim**-0.5 if config.tied_logits_scale else x)
     else:
       logits = self.lm_head(x)
     return nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
@@ -268,8 +322,18 @@ class EncoderDecoder(nn.Module):
     segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
     return self.encoder(self._embed(tokens, positions, deterministic), positions, segment_ids, deterministic)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True, *,
-               encoder_tokens=None, encoder_positions=None, encoder_segment_ids=None, return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    deterministic: bool = True,
+    *,
+    encoder_tokens=None,
+    encoder_positions=None,
+    encoder_segment_ids=None,
+    return_hidden: bool = False,
+  ):
     """Decoder tokens, positions, segment_ids [B, T] and source `encoder_*` [B, S] -> logits [B, T, V]
     (or the decoder's hidden states [B, T, D]). Without `encoder_tokens` (parameter init) the decoder
     tokens are also the source."""
@@ -279,8 +343,9 @@ class EncoderDecoder(nn.Module):
     encoded = self.encode(encoder_tokens, encoder_positions, encoder_segment_ids, deterministic)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
     segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
-    x = self.decoder(self._embed(tokens, positions, deterministic), positions, segment_ids, deterministic,
-                     encoded, encoder_segment_ids)
+    x = self.decoder(
+      self._embed(tokens, positions, deterministic), positions, segment_ids, deterministic, encoded, encoder_segment_ids
+    )
     return x if return_hidden else self._logits(x)
 
   def prefill(self, encoder_tokens, encoder_positions, encoder_segment_ids, tokens, length: int):
@@ -301,8 +366,15 @@ class EncoderDecoder(nn.Module):
     x = self._embed(tokens, positions, True)
     segment_ids = jnp.ones_like(tokens)
     x, decoder_cache, (cross_key, cross_value) = self.decoder(
-        x, None, segment_ids, True, encoded, cache.encoder_segment_ids, cache=cache.decoder,
-        cross_cache=(cache.cross_key, cache.cross_value))
+      x,
+      None,
+      segment_ids,
+      True,
+      encoded,
+      cache.encoder_segment_ids,
+      cache=cache.decoder,
+      cross_cache=(cache.cross_key, cache.cross_value),
+    )
     cache = cache.replace(decoder=decoder_cache, cross_key=cross_key, cross_value=cross_value)
     return self._logits(x), cache
 
@@ -317,8 +389,15 @@ def backbone(model_config: ModelConfig) -> nn.Module:
 
 def lm_head(config: ModelConfig) -> layers.Einsum:
   """The untied output projection [B, T, D] -> [B, T, V] (parameters `lm_head/kernel`)."""
-  return layers.Einsum(config, "BTD,DV->BTV", (config.embed_dim, config.vocab_size), (EMBED, VOCAB), config.init_std,
-                       bias=False, name="lm_head")
+  return layers.Einsum(
+    config,
+    "BTD,DV->BTV",
+    (config.embed_dim, config.vocab_size),
+    (EMBED, VOCAB),
+    config.init_std,
+    bias=False,
+    name="lm_head",
+  )
 
 
 def unembed(config: ModelConfig, params, hidden):
@@ -331,7 +410,9 @@ def unembed(config: ModelConfig, params, hidden):
   if config.tie_embeddings:
     return token_embedding(config).apply({"params": params["token_embed"]}, hidden, method="attend")
   if config.lora_rank and lora.is_target(config, ("lm_head",)):
-    raise ConfigError("model.loss_chunk_size: the chunked loss projects with the base lm_head kernel, and "
-                      f"model.lora_targets={config.lora_targets!r} adapts it; merge the adapters, leave lm_head "
-                      "out of lora_targets, or set model.loss_chunk_size=0.")
+    raise ConfigError(
+      "model.loss_chunk_size: the chunked loss projects with the base lm_head kernel, and "
+      f"model.lora_targets={config.lora_targets!r} adapts it; merge the adapters, leave lm_head "
+      "out of lora_targets, or set model.loss_chunk_size=0."
+    )
   return lm_head(config).apply({"params": params["lm_head"]}, hidden)

@@ -6,7 +6,12 @@ them around a restored teacher.
 
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import (  # noqa: F401  (registers the tasks)
-    causal_lm, classification, masked_lm, seq2seq, span_corruption)
+  causal_lm,
+  classification,
+  masked_lm,
+  seq2seq,
+  span_corruption,
+)
 from jaxlm.tasks.base import REGISTRY, BaseTask, Task, register
 
 

@@ -58,8 +58,17 @@ class Task(Protocol):
   def build_model(self, model_config) -> nn.Module:
     """The flax module trained for this task (a backbone from `jaxlm.models`, maybe with a head)."""
 
-  def batches(self, source, tokenizer, *, batch_size: int, shuffle_seed: int | None, repeat: bool,
-              stream_index: int, stream_count: int):
+  def batches(
+    self,
+    source,
+    tokenizer,
+    *,
+    batch_size: int,
+    shuffle_seed: int | None,
+    repeat: bool,
+    stream_index: int,
+    stream_count: int,
+  ):
     """grain dataset of host batches (dicts of int32 numpy arrays) of one stream (`pipeline.process_streams`)."""
 
   def batch_shapes(self, rows: int) -> dict[str, tuple]:
@@ -113,8 +122,15 @@ class BaseTask:
   def apply(self, model, params, batch, *, train: bool, rng=None, **kwargs):
     """The model on a batch's tokens, positions and segment ids (dropout on when training); `kwargs` go to the
     model (e.g. `return_hidden=True`)."""
-    return model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                       deterministic=not train, rngs={"dropout": rng} if train else {}, **kwargs)
+    return model.apply(
+      {"params": params},
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      deterministic=not train,
+      rngs={"dropout": rng} if train else {},
+      **kwargs,
+    )
 
   def loss_and_metrics(self, model, params, batch, *, train: bool, rng=None):
     return self.loss_sums(self.logits(model, params, batch, train=train, rng=rng), batch, train=train)

@@ -44,8 +44,9 @@ def next_token_sums(logits, tokens, weights, *, train: bool) -> tuple[jax.Array,
   return _target_sums(logits, jnp.roll(tokens, -1, axis=1), weights, train=train)
 
 
-def chunked_next_token_sums(project, hidden, tokens, weights, chunk_size: int, *,
-                            train: bool) -> tuple[jax.Array, dict]:
+def chunked_next_token_sums(
+  project, hidden, tokens, weights, chunk_size: int, *, train: bool
+) -> tuple[jax.Array, dict]:
   """`next_token_sums` of the logits `project(hidden)`, computed `chunk_size` positions at a time.
 
   hidden: [B, T, D] final hidden states; project: [B, C, D] -> [B, C, V] (the model's output projection).
@@ -87,8 +88,11 @@ def summarize(sums: dict) -> dict:
   """Mean loss (nats per target token), perplexity, token accuracy and, from eval sums, token-level ECE."""
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["loss_sum"]) / weight
-  metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
-             "token_accuracy": float(sums["correct"]) / weight}
+  metrics = {
+    "loss": loss,
+    "perplexity": float(np.exp(min(loss, 80.0))),
+    "token_accuracy": float(sums["correct"]) / weight,
+  }
   if "bin_count" in sums:
     metrics["ece"] = float(calibration.ece_from_bin_sums(sums, "l1"))
   return metrics
@@ -126,23 +130,36 @@ class CausalLm(base.BaseTask):
 
   @classmethod
   def check_config(cls, config) -> None:
-    check(config.model.family == "decoder", "model.family",
-          f"{cls.name} trains a decoder; set model.family='decoder' (got {config.model.family!r}).")
+    check(
+      config.model.family == "decoder",
+      "model.family",
+      f"{cls.name} trains a decoder; set model.family='decoder' (got {config.model.family!r}).",
+    )
 
   @classmethod
   def from_config(cls, config):
     data = config.data
-    return cls(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
-               shuffle_window=data.shuffle_window)
+    return cls(
+      text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name, shuffle_window=data.shuffle_window
+    )
 
   def build_model(self, model_config):
     return Decoder(model_config)
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
-    return pipeline.lm_batches(source, tokenizer, text_field=self.text_field, seq_len=self.seq_len,
-                               batch_size=batch_size, dataset_name=self.dataset_name, shuffle_seed=shuffle_seed,
-                               repeat=repeat, shuffle_window=self.shuffle_window if repeat else 0,
-                               stream_index=stream_index, stream_count=stream_count)
+    return pipeline.lm_batches(
+      source,
+      tokenizer,
+      text_field=self.text_field,
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      dataset_name=self.dataset_name,
+      shuffle_seed=shuffle_seed,
+      repeat=repeat,
+      shuffle_window=self.shuffle_window if repeat else 0,
+      stream_index=stream_index,
+      stream_count=stream_count,
+    )
 
   def batch_shapes(self, rows):
     return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}

@@ -30,8 +30,9 @@ ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P, ADAPTIVE_GAMMA_HIGH_P = 0.2, 5.0
 ECE_BINS = 15
 
 
-def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
-                   focal_adaptive: bool = False):
+def example_losses(
+  logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0, focal_adaptive: bool = False
+):
   """Per-example training loss [B] from logits [B, C] and labels [B] (see the module docstring)."""
   num_classes = logits.shape[-1]
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -41,8 +42,9 @@ def example_losses(logits, labels, *, label_smoothing: float = 0.0, focal_gamma:
     p_label = jnp.exp(jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0])
     gamma = focal_gamma
     if focal_adaptive:
-      gamma = jax.lax.stop_gradient(jnp.where(p_label < ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P,
-                                              ADAPTIVE_GAMMA_HIGH_P))
+      gamma = jax.lax.stop_gradient(
+        jnp.where(p_label < ADAPTIVE_GAMMA_THRESHOLD, ADAPTIVE_GAMMA_LOW_P, ADAPTIVE_GAMMA_HIGH_P)
+      )
     loss = (1 - p_label) ** gamma * loss
   return loss
 
@@ -52,8 +54,10 @@ def dataset_num_classes(data_config) -> int:
   features = sources.get_builder(data_config.name, data_config.data_dir or None).info.features
   feature = features[data_config.label_field] if data_config.label_field in features else None
   if not hasattr(feature, "num_classes"):
-    raise ConfigError(f"data.label_field: {data_config.label_field!r} is not a class label of {data_config.name!r} "
-                      f"(features: {sorted(features)}).")
+    raise ConfigError(
+      f"data.label_field: {data_config.label_field!r} is not a class label of {data_config.name!r} "
+      f"(features: {sorted(features)})."
+    )
   return feature.num_classes
 
 
@@ -85,28 +89,48 @@ class Classification(base.BaseTask):
   @classmethod
   def check_config(cls, config) -> None:
     options = config.classification
-    check(options.num_classes == 0 or options.num_classes > 1, "classification.num_classes",
-          f"must be at least 2 (0 = from the dataset's label feature), got {options.num_classes}.")
+    check(
+      options.num_classes == 0 or options.num_classes > 1,
+      "classification.num_classes",
+      f"must be at least 2 (0 = from the dataset's label feature), got {options.num_classes}.",
+    )
     check(options.pooling in POOLINGS, "classification.pooling", f"{options.pooling!r} is not one of {POOLINGS}.")
-    check(config.model.family in ("decoder", "encoder"), "model.family",
-          f"classification reads a decoder or an encoder, not {config.model.family!r}.")
-    check(options.pooling != "pooler" or (config.model.family == "encoder" and config.model.pooler),
-          "classification.pooling", "'pooler' needs an encoder with model.pooler=True; or pool 'first'.")
+    check(
+      config.model.family in ("decoder", "encoder"),
+      "model.family",
+      f"classification reads a decoder or an encoder, not {config.model.family!r}.",
+    )
+    check(
+      options.pooling != "pooler" or (config.model.family == "encoder" and config.model.pooler),
+      "classification.pooling",
+      "'pooler' needs an encoder with model.pooler=True; or pool 'first'.",
+    )
     check(0.0 <= options.label_smoothing < 1.0, "classification.label_smoothing", "must be in [0, 1).")
     check(options.focal_gamma >= 0, "classification.focal_gamma", "must be >= 0.")
     weights = tuple(options.class_weights)
-    check(not weights or not options.num_classes or len(weights) == options.num_classes,
-          "classification.class_weights",
-          f"has {len(weights)} weights for {options.num_classes} classes; give one per class or ().")
+    check(
+      not weights or not options.num_classes or len(weights) == options.num_classes,
+      "classification.class_weights",
+      f"has {len(weights)} weights for {options.num_classes} classes; give one per class or ().",
+    )
     check(all(w >= 0 for w in weights), "classification.class_weights", f"must be >= 0, got {weights}.")
 
   @classmethod
   def from_config(cls, config):
     data, options = config.data, config.classification
-    return cls(num_classes=options.num_classes, text_field=data.text_field, label_field=data.label_field,
-               seq_len=data.seq_len, truncation=data.truncation, dataset_name=data.name, pooling=options.pooling,
-               label_smoothing=options.label_smoothing, focal_gamma=options.focal_gamma,
-               focal_adaptive=options.focal_adaptive, class_weights=tuple(options.class_weights))
+    return cls(
+      num_classes=options.num_classes,
+      text_field=data.text_field,
+      label_field=data.label_field,
+      seq_len=data.seq_len,
+      truncation=data.truncation,
+      dataset_name=data.name,
+      pooling=options.pooling,
+      label_smoothing=options.label_smoothing,
+      focal_gamma=options.focal_gamma,
+      focal_adaptive=options.focal_adaptive,
+      class_weights=tuple(options.class_weights),
+    )
 
   def build_model(self, model_config):
     return SequenceClassifier(backbone(model_config), model_config, self.num_classes, self.pooling)
@@ -117,8 +141,15 @@ class Classification(base.BaseTask):
       label = pipeline.record_label(record, self.label_field, index, self.dataset_name, self.num_classes)
       return pipeline.classification_example(tokenizer, text, label, self.seq_len, self.truncation)
 
-    return pipeline.padded_batches(source, encode, batch_size=batch_size, shuffle_seed=shuffle_seed, repeat=repeat,
-                                   stream_index=stream_index, stream_count=stream_count)
+    return pipeline.padded_batches(
+      source,
+      encode,
+      batch_size=batch_size,
+      shuffle_seed=shuffle_seed,
+      repeat=repeat,
+      stream_index=stream_index,
+      stream_count=stream_count,
+    )
 
   def batch_shapes(self, rows):
     return {**{key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}, "label": (rows,)}
@@ -135,15 +166,24 @@ class Classification(base.BaseTask):
     labels = batch["label"]
     rows = self.weights(batch)
     weights = rows * jnp.asarray(self.class_weights, jnp.float32)[labels] if self.class_weights else rows
-    losses = example_losses(logits, labels, label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
-                            focal_adaptive=self.focal_adaptive)
+    losses = example_losses(
+      logits,
+      labels,
+      label_smoothing=self.label_smoothing,
+      focal_gamma=self.focal_gamma,
+      focal_adaptive=self.focal_adaptive,
+    )
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     predictions = jnp.argmax(logits, axis=-1)
     loss_sum = jnp.sum(losses * weights)
-    sums = {"loss_sum": loss_sum, "weight": jnp.sum(weights), "nll_sum": jnp.sum(nll * rows),
-            "examples": jnp.sum(rows),
-            "confusion": metrics.confusion_matrix(predictions, labels, self.num_classes, rows)}
+    sums = {
+      "loss_sum": loss_sum,
+      "weight": jnp.sum(weights),
+      "nll_sum": jnp.sum(nll * rows),
+      "examples": jnp.sum(rows),
+      "confusion": metrics.confusion_matrix(predictions, labels, self.num_classes, rows),
+    }
     if not train:
       confidence = jnp.exp(jnp.max(log_probs, axis=-1))
       sums.update(calibration.calibration_bin_sums(confidence, predictions == labels, rows, ECE_BINS))
@@ -152,10 +192,12 @@ class Classification(base.BaseTask):
   def summarize(self, sums):
     examples = max(float(sums["examples"]), 1.0)
     confusion = np.asarray(sums["confusion"])
-    reported = {"loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
-                "nll": float(sums["nll_sum"]) / examples,
-                "accuracy": float(np.trace(confusion)) / examples,
-                "macro_f1": macro_f1(confusion)}
+    reported = {
+      "loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
+      "nll": float(sums["nll_sum"]) / examples,
+      "accuracy": float(np.trace(confusion)) / examples,
+      "macro_f1": macro_f1(confusion),
+    }
     if "bin_count" in sums:
       reported["ece"] = float(calibration.ece_from_bin_sums(sums, "l1"))
     return reported

@@ -80,12 +80,15 @@ class Distillation:
     teacher_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / self.temperature)
     student_log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / self.temperature)
     kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
-    kl_sum = jnp.sum(kl * self.student.weights(batch)) * self.temperature ** 2
+    kl_sum = jnp.sum(kl * self.student.weights(batch)) * self.temperature**2
     loss = (1 - self.weight) * task_loss + self.weight * kl_sum
     return loss, {**sums, "loss_sum": loss, "task_loss_sum": task_loss, "distill_kl_sum": kl_sum}
 
   def summarize(self, sums):
     weight = max(float(sums["weight"]), 1e-9)
-    return {**self.student.summarize({**sums, "loss_sum": sums["task_loss_sum"]}),
-            "loss": float(sums["loss_sum"]) / weight, "task_loss": float(sums["task_loss_sum"]) / weight,
-            "distill_kl": float(sums["distill_kl_sum"]) / weight}
+    return {
+      **self.student.summarize({**sums, "loss_sum": sums["task_loss_sum"]}),
+      "loss": float(sums["loss_sum"]) / weight,
+      "task_loss": float(sums["task_loss_sum"]) / weight,
+      "distill_kl": float(sums["distill_kl_sum"]) / weight,
+    }

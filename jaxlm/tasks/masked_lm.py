@@ -25,8 +25,15 @@ MASK_PIECE = "[MASK]"
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the chosen tokens; the remaining 10% keep their token
 
 
-def mask_tokens(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.Generator, *, rate: float, mask_id: int,
-                ordinary_ids: np.ndarray) -> dict:
+def mask_tokens(
+  tokens: np.ndarray,
+  segment_ids: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  rate: float,
+  mask_id: int,
+  ordinary_ids: np.ndarray,
+) -> dict:
   """BERT's corruption of a batch [B, T]: {"tokens": corrupted, "targets": the originals, "masked": 1 where the
   loss is taken}. Only `ordinary_ids` (every id but the special and reserved ones) are ever chosen or drawn."""
   candidates = (segment_ids != 0) & np.isin(tokens, ordinary_ids)
@@ -34,8 +41,9 @@ def mask_tokens(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.Gene
   kind = rng.random(tokens.shape)
   corrupted = np.where(chosen & (kind < MASK_FRACTION), mask_id, tokens)
   random_tokens = rng.choice(ordinary_ids, size=tokens.shape)
-  corrupted = np.where(chosen & (kind >= MASK_FRACTION) & (kind < MASK_FRACTION + RANDOM_FRACTION), random_tokens,
-                       corrupted)
+  corrupted = np.where(
+    chosen & (kind >= MASK_FRACTION) & (kind < MASK_FRACTION + RANDOM_FRACTION), random_tokens, corrupted
+  )
   return {"tokens": corrupted.astype(np.int32), "targets": tokens.astype(np.int32), "masked": chosen.astype(np.int32)}
 
 
@@ -54,29 +62,50 @@ class MaskedLm(base.BaseTask):
 
   @classmethod
   def check_config(cls, config) -> None:
-    check(config.model.family == "encoder", "model.family",
-          f"masked_lm trains an encoder; set model.family='encoder' (got {config.model.family!r}).")
+    check(
+      config.model.family == "encoder",
+      "model.family",
+      f"masked_lm trains an encoder; set model.family='encoder' (got {config.model.family!r}).",
+    )
     check(0.0 < config.corruption.rate < 1.0, "corruption.rate", f"must be in (0, 1), got {config.corruption.rate}.")
 
   @classmethod
   def from_config(cls, config):
     data = config.data
-    return cls(rate=config.corruption.rate, text_field=data.text_field, seq_len=data.seq_len,
-               dataset_name=data.name, shuffle_window=data.shuffle_window)
+    return cls(
+      rate=config.corruption.rate,
+      text_field=data.text_field,
+      seq_len=data.seq_len,
+      dataset_name=data.name,
+      shuffle_window=data.shuffle_window,
+    )
 
   def build_model(self, model_config):
     return backbone(model_config)
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
-    rows = pipeline.lm_batches(source, tokenizer, text_field=self.text_field, seq_len=self.seq_len,
-                               batch_size=batch_size, dataset_name=self.dataset_name, shuffle_seed=shuffle_seed,
-                               repeat=repeat, shuffle_window=self.shuffle_window if repeat else 0,
-                               stream_index=stream_index, stream_count=stream_count)
+    rows = pipeline.lm_batches(
+      source,
+      tokenizer,
+      text_field=self.text_field,
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      dataset_name=self.dataset_name,
+      shuffle_seed=shuffle_seed,
+      repeat=repeat,
+      shuffle_window=self.shuffle_window if repeat else 0,
+      stream_index=stream_index,
+      stream_count=stream_count,
+    )
     mask_id, ordinary = tokenizer.piece_id(MASK_PIECE), np.asarray(tokenizer.ordinary_ids(), np.int32)
 
     def corrupt(batch, rng):
-      return {**batch, **mask_tokens(batch["tokens"], batch["segment_ids"], rng, rate=self.rate, mask_id=mask_id,
-                                     ordinary_ids=ordinary)}
+      return {
+        **batch,
+        **mask_tokens(
+          batch["tokens"], batch["segment_ids"], rng, rate=self.rate, mask_id=mask_id, ordinary_ids=ordinary
+        ),
+      }
 
     return rows.random_map(corrupt, seed=(shuffle_seed or 0) * 1009 + stream_index)
 
@@ -97,8 +126,11 @@ class MaskedLm(base.BaseTask):
   def summarize(self, sums):
     weight = max(float(sums["weight"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
-            "masked_accuracy": float(sums["correct"]) / weight}
+    return {
+      "loss": loss,
+      "perplexity": float(np.exp(min(loss, 80.0))),
+      "masked_accuracy": float(sums["correct"]) / weight,
+    }
 
   def predictions(self, logits, batch):
     """Per token: logits [B, T, V], the original token [B, T], 1 where it was chosen for prediction [B, T]."""

@@ -39,15 +39,24 @@ class Seq2Seq(causal_lm.CausalLm):
 
   @classmethod
   def check_config(cls, config) -> None:
-    check(config.model.family in ("decoder", "encoder_decoder"), "model.family",
-          f"seq2seq trains a decoder or an encoder_decoder, not {config.model.family!r}.")
+    check(
+      config.model.family in ("decoder", "encoder_decoder"),
+      "model.family",
+      f"seq2seq trains a decoder or an encoder_decoder, not {config.model.family!r}.",
+    )
 
   @classmethod
   def from_config(cls, config):
     data = config.data
-    return cls(text_field=data.text_field, seq_len=data.seq_len, dataset_name=data.name,
-               target_field=data.target_field, separator=data.separator, truncation=data.truncation,
-               encoder_decoder=config.model.family == "encoder_decoder")
+    return cls(
+      text_field=data.text_field,
+      seq_len=data.seq_len,
+      dataset_name=data.name,
+      target_field=data.target_field,
+      separator=data.separator,
+      truncation=data.truncation,
+      encoder_decoder=config.model.family == "encoder_decoder",
+    )
 
   def build_model(self, model_config):
     return backbone(model_config)
@@ -55,9 +64,13 @@ class Seq2Seq(causal_lm.CausalLm):
   def encode(self, tokenizer, record, index):
     example = pipeline.encoder_decoder_example if self.encoder_decoder else pipeline.sft_example
     return example(
-        tokenizer, pipeline.record_text(record, self.text_field, index, self.dataset_name),
-        pipeline.record_text(record, self.target_field, index, self.dataset_name), self.seq_len, self.truncation,
-        self.separator)
+      tokenizer,
+      pipeline.record_text(record, self.text_field, index, self.dataset_name),
+      pipeline.record_text(record, self.target_field, index, self.dataset_name),
+      self.seq_len,
+      self.truncation,
+      self.separator,
+    )
 
   def logits(self, model, params, batch, *, train, rng=None):
     if self.encoder_decoder:
@@ -65,9 +78,15 @@ class Seq2Seq(causal_lm.CausalLm):
     return super().logits(model, params, batch, train=train, rng=rng)
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
-    return pipeline.padded_batches(source, lambda index, record: self.encode(tokenizer, record, index),
-                                   batch_size=batch_size, shuffle_seed=shuffle_seed, repeat=repeat,
-                                   stream_index=stream_index, stream_count=stream_count)
+    return pipeline.padded_batches(
+      source,
+      lambda index, record: self.encode(tokenizer, record, index),
+      batch_size=batch_size,
+      shuffle_seed=shuffle_seed,
+      repeat=repeat,
+      stream_index=stream_index,
+      stream_count=stream_count,
+    )
 
   def batch_shapes(self, rows):
     keys = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -86,7 +105,7 @@ class Seq2Seq(causal_lm.CausalLm):
     row = self.encode(tokenizer, record, index)
     if self.encoder_decoder:
       return tokenizer.decode(row["encoder_tokens"][row["encoder_segment_ids"] != 0])
-    return tokenizer.decode(row["tokens"][:int(row["loss_mask"].argmax())])
+    return tokenizer.decode(row["tokens"][: int(row["loss_mask"].argmax())])
 
   def test_report(self, *, source, tokenizer, generate, max_examples, max_new_tokens) -> dict:
     """Greedy outputs for the first `max_examples` examples of `source` against their targets: exact match,
@@ -96,10 +115,15 @@ class Seq2Seq(causal_lm.CausalLm):
     records = [(index, source[index]) for index in range(min(max_examples, len(source)))]
     outputs = generate([self.prompt_text(tokenizer, record, index) for index, record in records], max_new_tokens)
     generated = [output.text.strip() for output in outputs]
-    references = [pipeline.record_text(record, self.target_field, index, self.dataset_name).strip()
-                  for index, record in records]
-    scores = {"exact_match": metrics.exact_match(generated, references),
-              "rouge_l": metrics.rouge_l(generated, references), "bleu": metrics.bleu(generated, references)}
+    references = [
+      pipeline.record_text(record, self.target_field, index, self.dataset_name).strip() for index, record in records
+    ]
+    scores = {
+      "exact_match": metrics.exact_match(generated, references),
+      "rouge_l": metrics.rouge_l(generated, references),
+      "bleu": metrics.bleu(generated, references),
+    }
     logging.info("test generation over %d examples: %s", len(records), scores)
-    return {"generation": {**scores, "examples": [{"reference": r, "generated": g}
-                                                  for r, g in zip(references, generated)]}}
+    return {
+      "generation": {**scores, "examples": [{"reference": r, "generated": g} for r, g in zip(references, generated)]}
+    }

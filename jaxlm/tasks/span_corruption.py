@@ -42,8 +42,9 @@ def chunk_length(inputs_length: int, noise_density: float, mean_span_length: flo
   return length
 
 
-def random_spans_noise_mask(length: int, noise_density: float, mean_span_length: float,
-                            rng: np.random.Generator) -> np.ndarray:
+def random_spans_noise_mask(
+  length: int, noise_density: float, mean_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
   """Boolean [length]: True on noise. Noise and non-noise alternate in spans (non-noise first), the span
   lengths drawn as random segmentations of the token counts (T5's algorithm)."""
   _, _, num_spans = corrupted_lengths(length, noise_density, mean_span_length)
@@ -63,7 +64,7 @@ def corrupt(tokens: np.ndarray, noise: np.ndarray, sentinel_ids: np.ndarray) -> 
   starts = noise & ~np.concatenate([[False], noise[:-1]])
   span = np.cumsum(starts) - 1  # the span a noise token belongs to
   inputs = np.where(starts, sentinel_ids[np.maximum(span, 0)], tokens)[~noise | starts]
-  targets = np.insert(tokens[noise], np.flatnonzero(starts[noise]), sentinel_ids[:int(starts.sum())])
+  targets = np.insert(tokens[noise], np.flatnonzero(starts[noise]), sentinel_ids[: int(starts.sum())])
   return inputs.astype(np.int32), targets.astype(np.int32)
 
 
@@ -85,24 +86,38 @@ class SpanCorruption(base.BaseTask):
   @classmethod
   def check_config(cls, config) -> None:
     options = config.corruption
-    check(config.model.family == "encoder_decoder", "model.family",
-          f"span_corruption trains an encoder-decoder; set model.family='encoder_decoder' "
-          f"(got {config.model.family!r}).")
+    check(
+      config.model.family == "encoder_decoder",
+      "model.family",
+      f"span_corruption trains an encoder-decoder; set model.family='encoder_decoder' (got {config.model.family!r}).",
+    )
     check(0.0 < options.rate < 0.5, "corruption.rate", f"must be in (0, 0.5), got {options.rate}.")
     check(options.mean_span_length >= 1, "corruption.mean_span_length", "must be >= 1.")
     length = chunk_length(config.data.seq_len, options.rate, options.mean_span_length)
     _, targets, spans = corrupted_lengths(length, options.rate, options.mean_span_length)
-    check(spans <= options.num_sentinels, "corruption.num_sentinels",
-          f"{options.num_sentinels} sentinels for rows of {spans} spans; raise it to at least {spans}.")
-    check(targets + 1 <= config.model.max_len, "model.max_len",
-          f"the decoder reads {targets + 1} tokens; raise model.max_len.")
+    check(
+      spans <= options.num_sentinels,
+      "corruption.num_sentinels",
+      f"{options.num_sentinels} sentinels for rows of {spans} spans; raise it to at least {spans}.",
+    )
+    check(
+      targets + 1 <= config.model.max_len,
+      "model.max_len",
+      f"the decoder reads {targets + 1} tokens; raise model.max_len.",
+    )
 
   @classmethod
   def from_config(cls, config):
     data, options = config.data, config.corruption
-    return cls(noise_density=options.rate, mean_span_length=options.mean_span_length,
-               num_sentinels=options.num_sentinels, text_field=data.text_field, seq_len=data.seq_len,
-               dataset_name=data.name, shuffle_window=data.shuffle_window)
+    return cls(
+      noise_density=options.rate,
+      mean_span_length=options.mean_span_length,
+      num_sentinels=options.num_sentinels,
+      text_field=data.text_field,
+      seq_len=data.seq_len,
+      dataset_name=data.name,
+      shuffle_window=data.shuffle_window,
+    )
 
   @property
   def reserved_pieces(self):
@@ -122,25 +137,42 @@ class SpanCorruption(base.BaseTask):
     bos, eos, sentinels = tokenizer_ids
     decoder_length = self.lengths[1]
     if len(tokens) < 2:
-      return {**{f"encoder_{key}": value for key, value in pipeline.padded_row([], self.seq_len).items()},
-              **pipeline.padded_row([], decoder_length)}
+      return {
+        **{f"encoder_{key}": value for key, value in pipeline.padded_row([], self.seq_len).items()},
+        **pipeline.padded_row([], decoder_length),
+      }
     noise = random_spans_noise_mask(len(tokens), self.noise_density, self.mean_span_length, rng)
     inputs, targets = corrupt(tokens, noise, sentinels)
     encoder = pipeline.padded_row([*inputs, eos], self.seq_len)
-    return {**{f"encoder_{key}": value for key, value in encoder.items()},
-            **pipeline.padded_row([bos, *targets, eos], decoder_length)}
+    return {
+      **{f"encoder_{key}": value for key, value in encoder.items()},
+      **pipeline.padded_row([bos, *targets, eos], decoder_length),
+    }
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
-    chunks = pipeline.lm_batches(source, tokenizer, text_field=self.text_field, seq_len=self.lengths[0],
-                                 batch_size=batch_size, dataset_name=self.dataset_name, shuffle_seed=shuffle_seed,
-                                 repeat=repeat, shuffle_window=self.shuffle_window if repeat else 0,
-                                 stream_index=stream_index, stream_count=stream_count)
-    ids = (tokenizer.bos_id, tokenizer.eos_id,
-           np.asarray([tokenizer.piece_id(piece) for piece in self.reserved_pieces], np.int32))
+    chunks = pipeline.lm_batches(
+      source,
+      tokenizer,
+      text_field=self.text_field,
+      seq_len=self.lengths[0],
+      batch_size=batch_size,
+      dataset_name=self.dataset_name,
+      shuffle_seed=shuffle_seed,
+      repeat=repeat,
+      shuffle_window=self.shuffle_window if repeat else 0,
+      stream_index=stream_index,
+      stream_count=stream_count,
+    )
+    ids = (
+      tokenizer.bos_id,
+      tokenizer.eos_id,
+      np.asarray([tokenizer.piece_id(piece) for piece in self.reserved_pieces], np.int32),
+    )
 
     def to_examples(batch, rng):
-      rows = [self.example(tokens[segments != 0], rng, ids) for tokens, segments in
-              zip(batch["tokens"], batch["segment_ids"])]
+      rows = [
+        self.example(tokens[segments != 0], rng, ids) for tokens, segments in zip(batch["tokens"], batch["segment_ids"])
+      ]
       return pipeline.concat_rows(tuple({key: value[None] for key, value in row.items()} for row in rows))
 
     return chunks.random_map(to_examples, seed=(shuffle_seed or 0) * 1009 + stream_index)
@@ -168,7 +200,14 @@ class SpanCorruption(base.BaseTask):
 
 def encoder_decoder_logits(model, params, batch, *, train: bool, rng=None):
   """Decoder logits [B, T, V] of an EncoderDecoder on a batch with `encoder_*` (source) and decoder keys."""
-  return model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                     deterministic=not train, encoder_tokens=batch["encoder_tokens"],
-                     encoder_positions=batch["encoder_positions"], encoder_segment_ids=batch["encoder_segment_ids"],
-                     rngs={"dropout": rng} if train else {})
+  return model.apply(
+    {"params": params},
+    batch["tokens"],
+    batch["positions"],
+    batch["segment_ids"],
+    deterministic=not train,
+    encoder_tokens=batch["encoder_tokens"],
+    encoder_positions=batch["encoder_positions"],
+    encoder_segment_ids=batch["encoder_segment_ids"],
+    rngs={"dropout": rng} if train else {},
+  )

@@ -72,14 +72,25 @@ class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
   def __init__(self, directory: str, keep: int = 1, best_metric: str = "loss", best_mode: str = "min"):
-    policy = preservation_policy.AnyPreservationPolicy([
+    policy = preservation_policy.AnyPreservationPolicy(
+      [
         preservation_policy.LatestN(keep),
-        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
-                                  n=1, keep_checkpoints_without_metrics=False),
-    ])
+        preservation_policy.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric],
+          reverse=best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    )
     # best_fn makes Orbax write each checkpoint's metrics to disk, so the best one is still known after a restart.
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda metrics: metrics[best_metric],
-                                           best_mode=best_mode, enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      best_fn=lambda metrics: metrics[best_metric],
+      best_mode=best_mode,
+      enable_async_checkpointing=True,
+      create=True,
+    )
     self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
@@ -97,9 +108,14 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; `metrics` (with `best_metric`) ranks it for best-keeping."""
     with self._save_errors():
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))),
-          metrics=metrics, force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
+        ),
+        metrics=metrics,
+        force=True,
+      )
 
   def check_for_errors(self) -> None:
     """Raises CheckpointError if an asynchronous save has failed; cheap, so the loop calls it every step."""
@@ -108,9 +124,13 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
     """The state at `step` in the shardings of `abstract_state`; `data_iterator` is moved in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
+        data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator)),
+      ),
+    )
     return restored["state"]
 
   def restore_latest(self, abstract_state, data_iterator: grain.DatasetIterator):
@@ -125,8 +145,13 @@ class Checkpointer:
       try:
         state = self.restore(step, abstract_state, data_iterator)
       except Exception as error:  # noqa: BLE001 (Orbax, TensorStore and JSON raise many types for damaged files)
-        logging.warning("The checkpoint at step %d in %s does not restore: %s: %s", step, self.directory,
-                        type(error).__name__, str(error)[:200])
+        logging.warning(
+          "The checkpoint at step %d in %s does not restore: %s: %s",
+          step,
+          self.directory,
+          type(error).__name__,
+          str(error)[:200],
+        )
         failed.append((step, error))
         continue
       for bad_step, _ in failed:
@@ -136,9 +161,11 @@ class Checkpointer:
       return step, state
     if failed:
       step, error = failed[0]
-      raise CheckpointError(f"No checkpoint in {self.directory} restores (newest: step {step}, "
-                            f"{type(error).__name__}: {error}). If the model or config changed, resume with the run's "
-                            "config.json; otherwise move the damaged checkpoints away.") from error
+      raise CheckpointError(
+        f"No checkpoint in {self.directory} restores (newest: step {step}, "
+        f"{type(error).__name__}: {error}). If the model or config changed, resume with the run's "
+        "config.json; otherwise move the damaged checkpoints away."
+      ) from error
     return None, None
 
   def _move_aside(self, step: int) -> None:
@@ -174,9 +201,10 @@ class Checkpointer:
       free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
       previous = self.manager.latest_step()
       raise CheckpointError(
-          f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. {free:.1f} MiB free "
-          f"there. Free some space (or use another --workdir) and rerun the same command: it resumes from the last "
-          f"complete checkpoint{f' (step {previous})' if previous is not None else ''}.") from error
+        f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. "
+        f"{free:.1f} MiB free there. Free some space (or use another --workdir) and rerun the same command: it "
+        f"resumes from the last complete checkpoint{f' (step {previous})' if previous is not None else ''}."
+      ) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +225,9 @@ def split_checkpoint_path(path: str) -> tuple[str, int | None]:
   return path, None
 
 
-def find_checkpoint(path: str, step: str | int = "latest", best_metric: str = "loss",
-                    best_mode: str = "min") -> CheckpointRef:
+def find_checkpoint(
+  path: str, step: str | int = "latest", best_metric: str = "loss", best_mode: str = "min"
+) -> CheckpointRef:
   """The checkpoint `step` ("latest", "best" by `best_metric`, or a number) of the run at `path`.
 
   `path` is a WORKDIR or a checkpoint directory WORKDIR/checkpoints/<step> (which then fixes the step).
@@ -207,14 +236,18 @@ def find_checkpoint(path: str, step: str | int = "latest", best_metric: str = "l
   workdir, fixed_step = split_checkpoint_path(path)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise CheckpointError(f"{path} has no checkpoints/ directory: it is not a jaxlm workdir, or nothing was saved "
-                          "yet; train first (--mode=train with this --workdir).")
+    raise CheckpointError(
+      f"{path} has no checkpoints/ directory: it is not a jaxlm workdir, or nothing was saved "
+      "yet; train first (--mode=train with this --workdir)."
+    )
   checkpointer = Checkpointer(directory, best_metric=best_metric, best_mode=best_mode)
   try:
     steps = checkpointer.all_steps()
     if not steps:
-      raise CheckpointError(f"{directory} holds no finished checkpoint; train first (--mode=train with this "
-                            "--workdir), or resume the interrupted run.")
+      raise CheckpointError(
+        f"{directory} holds no finished checkpoint; train first (--mode=train with this "
+        "--workdir), or resume the interrupted run."
+      )
     if fixed_step is not None:
       step = fixed_step
     elif step == "latest":
@@ -227,8 +260,9 @@ def find_checkpoint(path: str, step: str | int = "latest", best_metric: str = "l
   finally:
     checkpointer.close()
   if not isinstance(step, int) or step not in steps:
-    raise CheckpointError(f"No finished checkpoint {step!r} in {directory}; it holds steps {sorted(steps)} "
-                          "(or ask for 'latest' or 'best').")
+    raise CheckpointError(
+      f"No finished checkpoint {step!r} in {directory}; it holds steps {sorted(steps)} (or ask for 'latest' or 'best')."
+    )
   return CheckpointRef(workdir, step, os.path.join(directory, str(step), "state"))
 
 
@@ -245,28 +279,40 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
   source = params_lib.flatten(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"])
   wanted = params_lib.flatten(target)
   prefix, new = _match_names(source, wanted, new_params, allow_adapters, state_dir)
-  to_restore = {name: jax.ShapeDtypeStruct(wanted[prefix + name].shape, wanted[prefix + name].dtype,
-                                           sharding=getattr(wanted[prefix + name], "sharding", None))
-                for name in source}
+  to_restore = {
+    name: jax.ShapeDtypeStruct(
+      wanted[prefix + name].shape,
+      wanted[prefix + name].dtype,
+      sharding=getattr(wanted[prefix + name], "sharding", None),
+    )
+    for name in source
+  }
   abstract = {"params": _nest(to_restore)}
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  restored = ocp.PyTreeCheckpointer().restore(
+    state_dir,
+    args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    ),
+  )
   values = params_lib.flatten(restored["params"])
-  logging.info("Restored %d parameters from %s%s", len(values), state_dir,
-               f"; kept {len(new)} new ones: {new}" if new else "")
+  logging.info(
+    "Restored %d parameters from %s%s", len(values), state_dir, f"; kept {len(new)} new ones: {new}" if new else ""
+  )
   return _place(values, prefix, target), new
 
 
-def place_params(source: dict, target, new_params: str | None = None, allow_adapters: bool = False,
-                 origin: str = "the source"):
+def place_params(
+  source: dict, target, new_params: str | None = None, allow_adapters: bool = False, origin: str = "the source"
+):
   """`source` ({name: array} already in place, e.g. an imported Hugging Face model's) put into the tree of
   `target` by the rules of `restore_params`. Returns (params, names of the parameters kept from `target`)."""
   prefix, new = _match_names(source, params_lib.flatten(target), new_params, allow_adapters, origin)
   return _place(source, prefix, target), new
 
 
-def _match_names(source: dict, wanted: dict, new_params: str | None, allow_adapters: bool,
-                 origin: str) -> tuple[str, list[str]]:
+def _match_names(
+  source: dict, wanted: dict, new_params: str | None, allow_adapters: bool, origin: str
+) -> tuple[str, list[str]]:
   """(the prefix under which `source` names match `wanted` ones: '' or 'backbone/', the wanted names that
   `source` lacks); CheckpointError listing every misfit (see `restore_params`)."""
   prefix = max(("", BACKBONE_PREFIX), key=lambda p: sum(p + name in wanted for name in source))
@@ -276,25 +322,29 @@ def _match_names(source: dict, wanted: dict, new_params: str | None, allow_adapt
     if leaf is None:
       problems.append(f"  {name} {tuple(meta.shape)}: in the checkpoint, not in the model")
     elif tuple(leaf.shape) != tuple(meta.shape):
-      problems.append(f"  {prefix + name}: shape {tuple(meta.shape)} in the checkpoint, {tuple(leaf.shape)} in the "
-                      "model")
+      problems.append(
+        f"  {prefix + name}: shape {tuple(meta.shape)} in the checkpoint, {tuple(leaf.shape)} in the model"
+      )
   new = sorted(set(wanted) - {prefix + name for name in source})
   for name in new:
-    allowed = (new_params and re.search(new_params, name)) or (allow_adapters and
-                                                               name.rsplit("/", 1)[-1] in lora.ADAPTER_NAMES)
+    allowed = (new_params and re.search(new_params, name)) or (
+      allow_adapters and name.rsplit("/", 1)[-1] in lora.ADAPTER_NAMES
+    )
     if not allowed:
       problems.append(f"  {name} {tuple(wanted[name].shape)}: in the model, not in the checkpoint")
   if problems:
     raise CheckpointError(
-        f"The checkpoint {origin} does not fit the model ({len(problems)} parameters):\n" + "\n".join(problems)
-        + "\nUse the model.* settings of the run that wrote it (its config.json).")
+      f"The checkpoint {origin} does not fit the model ({len(problems)} parameters):\n"
+      + "\n".join(problems)
+      + "\nUse the model.* settings of the run that wrote it (its config.json)."
+    )
   return prefix, new
 
 
 def _place(values: dict, prefix: str, target):
   def pick(path, leaf):
     name = params_lib.path_name(path)
-    return values.get(name[len(prefix):] if name.startswith(prefix) else None, leaf)
+    return values.get(name[len(prefix) :] if name.startswith(prefix) else None, leaf)
 
   return jax.tree_util.tree_map_with_path(pick, target)
 

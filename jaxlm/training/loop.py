@@ -68,6 +68,7 @@ class _Interrupts:
         raise KeyboardInterrupt
       self.received = signal.Signals(signum).name
       logging.warning("%s: saving a checkpoint, then stopping (Ctrl-C again aborts at once).", self.received)
+
     self._previous = {signum: signal.signal(signum, handler) for signum in self.SIGNALS}
     return self
 
@@ -90,11 +91,17 @@ def check_config(config) -> None:
   for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     check(train[key] > 0, f"train.{key}", f"must be positive, got {train[key]}.")
   check(train.eval_every >= 0, "train.eval_every", f"must be >= 0, got {train.eval_every}.")
-  check(train.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
-        f"{train.grad_accum_steps} micro-batches do not divide train.batch_size={train.batch_size}.")
+  check(
+    train.batch_size % train.grad_accum_steps == 0,
+    "train.grad_accum_steps",
+    f"{train.grad_accum_steps} micro-batches do not divide train.batch_size={train.batch_size}.",
+  )
   check(train.best_mode in ("min", "max"), "train.best_mode", f"must be 'min' or 'max', got {train.best_mode!r}.")
-  check(not train.best_metric.startswith(("eval_", "train_")), "train.best_metric",
-        f"name the metric as in metrics.jsonl's eval rows, e.g. {train.best_metric.split('_', 1)[-1]!r}.")
+  check(
+    not train.best_metric.startswith(("eval_", "train_")),
+    "train.best_metric",
+    f"name the metric as in metrics.jsonl's eval rows, e.g. {train.best_metric.split('_', 1)[-1]!r}.",
+  )
   check(train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = off).")
   check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0.")
 
@@ -102,9 +109,13 @@ def check_config(config) -> None:
 def _log_compiled(name: str, compiled) -> None:
   memory = compiled.memory_analysis()
   if memory is not None:
-    logging.info("%s: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB per device", name,
-                 memory.argument_size_in_bytes / 2**20, memory.output_size_in_bytes / 2**20,
-                 memory.temp_size_in_bytes / 2**20)
+    logging.info(
+      "%s: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB per device",
+      name,
+      memory.argument_size_in_bytes / 2**20,
+      memory.output_size_in_bytes / 2**20,
+      memory.temp_size_in_bytes / 2**20,
+    )
 
 
 def _metric_names(task, model, abstract_params, global_batch) -> list[str]:
@@ -144,8 +155,12 @@ def _train_and_evaluate(experiment) -> dict:
 
   # Restore order: the workdir's latest checkpoint, else `Experiment.init_params` (`init_from` or a fresh init).
   abstract_state, state_sharding = state_lib.state_shardings(model, optimizer, mesh)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints,
-                                         best_metric=train.best_metric, best_mode=train.best_mode)
+  checkpointer = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    keep=train.keep_checkpoints,
+    best_metric=train.best_metric,
+    best_mode=train.best_mode,
+  )
   if checkpointer.latest_step() is not None:
     workdir_lib.check_resumable(workdir, config)
   latest, state = checkpointer.restore_latest(abstract_state, train_iterator)
@@ -161,12 +176,21 @@ def _train_and_evaluate(experiment) -> dict:
   logging.info("Model: %s parameters, %s trainable", f"{total_count:,}", f"{trainable_count:,}")
 
   batch_sharding = sharding.batch_sharding(mesh)
-  global_batch = lambda rows: {key: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
-                               for key, shape in task.batch_shapes(rows).items()}
+  global_batch = lambda rows: {
+    key: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
+    for key, shape in task.batch_shapes(rows).items()
+  }
   dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
-  train_step = steps.jit_train_step(model=model, task=task, optimizer=optimizer, schedule=schedule,
-                                    dropout_rng=dropout_rng, grad_accum_steps=train.grad_accum_steps,
-                                    state_sharding=state_sharding, mesh=mesh)
+  train_step = steps.jit_train_step(
+    model=model,
+    task=task,
+    optimizer=optimizer,
+    schedule=schedule,
+    dropout_rng=dropout_rng,
+    grad_accum_steps=train.grad_accum_steps,
+    state_sharding=state_sharding,
+    mesh=mesh,
+  )
   eval_step = steps.jit_eval_step(model=model, task=task, param_sharding=state_sharding.params, mesh=mesh)
   with sharding.mesh_context(mesh):
     start = time.perf_counter()
@@ -176,8 +200,10 @@ def _train_and_evaluate(experiment) -> dict:
   logging.info("Compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   _log_compiled("train_step", train_step)
   if train.best_metric not in metric_names:
-    raise ConfigError(f"train.best_metric: {train.best_metric!r} is not an eval metric of task {config.task!r}; "
-                      f"choose one of {metric_names}.")
+    raise ConfigError(
+      f"train.best_metric: {train.best_metric!r} is not an eval metric of task {config.task!r}; "
+      f"choose one of {metric_names}."
+    )
   # Set up: only now is the workdir's config written, and its metric history cut back to the restored step.
   workdir_lib.write_config(workdir, config)
   experiment.save_tokenizer()
@@ -195,10 +221,16 @@ def _train_and_evaluate(experiment) -> dict:
   best_key = train.best_metric
   # Early stopping resumes where it was: replayed from the evaluations this history already holds.
   best_value, evals_without_improvement = best_so_far(
-      [row[best_key] for row in read_rows(workdir, "eval") if row["step"] <= step and best_key in row], better)
+    [row[best_key] for row in read_rows(workdir, "eval") if row["step"] <= step and best_key in row], better
+  )
   tokens_per_step = train.batch_size * data.seq_len
-  progress = tqdm.tqdm(total=train.steps, initial=step, desc="train", unit="step",
-                       disable=jax.process_index() != 0 or not sys.stderr.isatty())
+  progress = tqdm.tqdm(
+    total=train.steps,
+    initial=step,
+    desc="train",
+    unit="step",
+    disable=jax.process_index() != 0 or not sys.stderr.isatty(),
+  )
   nonfinite = None  # on the device: updates not applied since the last check (no host sync per step)
   skipped = 0  # updates skipped (train.skip_nonfinite_updates) in the current logging interval
 
@@ -209,10 +241,11 @@ def _train_and_evaluate(experiment) -> dict:
     nonfinite = None
     if count and not train.skip_nonfinite_updates:
       raise NonFiniteLossError(
-          f"{count} update(s) up to step {step} were not finite (NaN/Inf gradients or parameters). None was applied "
-          f"or saved: the last checkpoint (step {checkpointer.latest_step()}) holds the last finite state. Lower "
-          "train.learning_rate, keep train.grad_clip > 0, use float32 (model.dtype), or set "
-          "train.skip_nonfinite_updates=True to skip such updates and go on; rerun to resume.")
+        f"{count} update(s) up to step {step} were not finite (NaN/Inf gradients or parameters). None was applied "
+        f"or saved: the last checkpoint (step {checkpointer.latest_step()}) holds the last finite state. Lower "
+        "train.learning_rate, keep train.grad_clip > 0, use float32 (model.dtype), or set "
+        "train.skip_nonfinite_updates=True to skip such updates and go on; rerun to resume."
+      )
     if count:
       logging.warning("Skipped %d non-finite update(s) up to step %d (train.skip_nonfinite_updates).", count, step)
     skipped += count
@@ -231,9 +264,12 @@ def _train_and_evaluate(experiment) -> dict:
           check_updates(step)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - interval_start
-          row = {**task.summarize(metrics), **{k: metrics[k] for k in
-                 ("grad_norm", "update_norm", "param_norm", "learning_rate")},
-                 "skipped_updates": skipped, "tokens_per_sec": interval_steps * tokens_per_step / elapsed}
+          row = {
+            **task.summarize(metrics),
+            **{k: metrics[k] for k in ("grad_norm", "update_norm", "param_norm", "learning_rate")},
+            "skipped_updates": skipped,
+            "tokens_per_sec": interval_steps * tokens_per_step / elapsed,
+          }
           # A skipped update's loss may be NaN: the step's own check above is what guards training.
           writer.write(step, "train", row, require_finite_loss=False)
           progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
@@ -243,23 +279,33 @@ def _train_and_evaluate(experiment) -> dict:
         stop_early = False
         if evaluated_now:
           eval_metrics = evaluate_and_log(step, state.params)
-          best_value, evals_without_improvement = best_so_far([eval_metrics[best_key]], better, best_value,
-                                                              evals_without_improvement)
+          best_value, evals_without_improvement = best_so_far(
+            [eval_metrics[best_key]], better, best_value, evals_without_improvement
+          )
           stop_early = 0 < train.early_stopping_patience <= evals_without_improvement
         interrupted = interrupts.stop_at(step)
         if step % train.checkpoint_every == 0 or step == train.steps or interrupted or stop_early:
           check_updates(step)  # a state with a non-finite update left out is saved only when skipping is asked for
           # Only checkpoints evaluated at their own step compete for "best".
-          checkpointer.save(step, state, train_iterator,
-                            metrics={train.best_metric: eval_metrics[best_key]} if evaluated_now else None)
+          checkpointer.save(
+            step, state, train_iterator, metrics={train.best_metric: eval_metrics[best_key]} if evaluated_now else None
+          )
         if interrupted:
           checkpointer.wait()
-          logging.warning("%s: saved the checkpoint at step %d; rerun the same command to resume.",
-                          interrupts.received or "A signal to another process", step)
+          logging.warning(
+            "%s: saved the checkpoint at step %d; rerun the same command to resume.",
+            interrupts.received or "A signal to another process",
+            step,
+          )
           return eval_metrics
         if stop_early:
-          logging.info("Early stopping at step %d: %s has not improved on %.4f for %d evaluations.", step,
-                       train.best_metric, best_value, evals_without_improvement)
+          logging.info(
+            "Early stopping at step %d: %s has not improved on %.4f for %d evaluations.",
+            step,
+            train.best_metric,
+            best_value,
+            evals_without_improvement,
+          )
           break
       if not eval_metrics:  # resumed a finished run
         eval_metrics = evaluate_and_log(step, state.params)
@@ -275,19 +321,33 @@ def _train_and_evaluate(experiment) -> dict:
     if data.test_split:
       best_step = checkpointer.best_step() or step
       best_params, _ = checkpoint.restore_params(
-          os.path.join(workdir, "checkpoints", str(best_step), "state"), abstract_state.params)
+        os.path.join(workdir, "checkpoints", str(best_step), "state"), abstract_state.params
+      )
       test_batches = experiment.eval_batches(data.test_split, -1)
       test_metrics = task.summarize(steps.evaluate(eval_step, best_params, test_batches, mesh))
       logging.info("test (%s, checkpoint %d): %s", data.test_split, best_step, test_metrics)
-      report = {"split": data.test_split, "checkpoint_step": best_step, "best_metric": train.best_metric,
-                "metrics": test_metrics, "baselines": task.baselines(test_batches),
-                "trainable": train.trainable, "trainable_params": trainable_count, "total_params": total_count}
+      report = {
+        "split": data.test_split,
+        "checkpoint_step": best_step,
+        "best_metric": train.best_metric,
+        "metrics": test_metrics,
+        "baselines": task.baselines(test_batches),
+        "trainable": train.trainable,
+        "trainable_params": trainable_count,
+        "total_params": total_count,
+      }
       # Every process runs the (sharded) decode of a generation report.
-      report.update(task.test_report(
-          source=experiment.source(data.test_split), tokenizer=tokenizer,
+      report.update(
+        task.test_report(
+          source=experiment.source(data.test_split),
+          tokenizer=tokenizer,
           generate=lambda prompts, max_new_tokens: generate.generate(
-              model, best_params, tokenizer, prompts, mesh=mesh, strategy="greedy", max_new_tokens=max_new_tokens),
-          max_examples=config.eval.generate_examples, max_new_tokens=config.eval.max_new_tokens))
+            model, best_params, tokenizer, prompts, mesh=mesh, strategy="greedy", max_new_tokens=max_new_tokens
+          ),
+          max_examples=config.eval.generate_examples,
+          max_new_tokens=config.eval.max_new_tokens,
+        )
+      )
       if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         with open(os.path.join(workdir, "eval", "report.json"), "w") as f:
@@ -305,8 +365,9 @@ def _train_and_evaluate(experiment) -> dict:
 
   # Every process runs the (sharded) decode.
   if task.generates_text and config.sample.prompt and config.sample.max_new_tokens:
-    sample = generate.generate(model, state.params, tokenizer, [config.sample.prompt], mesh=mesh,
-                               max_new_tokens=config.sample.max_new_tokens)[0]
+    sample = generate.generate(
+      model, state.params, tokenizer, [config.sample.prompt], mesh=mesh, max_new_tokens=config.sample.max_new_tokens
+    )[0]
     if jax.process_index() == 0:
       print(f"--- greedy sample (step {step}) ---\n{config.sample.prompt}{sample.text}\n---", flush=True)
   return eval_metrics

@@ -82,8 +82,14 @@ def create_optimizer(train_config, trainable=None) -> tuple[optax.GradientTransf
   """AdamW (+ clipping) on the parameters where the `trainable` mask (a tree of bools, or a function of the
   params giving one) is True; the others are frozen. `trainable=None` trains everything."""
   schedule = learning_rate_schedule(train_config)
-  adamw = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
-                      weight_decay=train_config.weight_decay, mask=weight_decay_mask)
+  adamw = optax.adamw(
+    schedule,
+    b1=train_config.b1,
+    b2=train_config.b2,
+    eps=train_config.eps,
+    weight_decay=train_config.weight_decay,
+    mask=weight_decay_mask,
+  )
   if train_config.grad_clip > 0:
     adamw = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
   if trainable is None:

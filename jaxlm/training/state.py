@@ -41,8 +41,11 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
   # Frozen parameters leave an empty `optax.MaskedNode` in the optimizer state, which the sharding tree holds
   # as one (prefix) leaf: keep the node.
   abstract = jax.tree.map(
-      lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      params_lib.unbox(abstract), shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    params_lib.unbox(abstract),
+    shardings,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
   return abstract, shardings
 
 

@@ -13,14 +13,17 @@ from jaxlm.training.state import TrainState
 
 def _micro_batches(batch: dict, num_micro: int) -> dict:
   """[B, ...] -> [M, B/M, ...]. Micro-batch j takes rows j, j+M, ..., so each stays spread over all devices."""
+
   def split(x):
     x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedule, dropout_rng,
-               grad_accum_steps: int = 1):
+def train_step(
+  state: TrainState, batch: dict, *, model, task, optimizer, schedule, dropout_rng, grad_accum_steps: int = 1
+):
   """One optimizer step on the mean loss over all target tokens of the global batch.
 
   Gradient accumulation sums per-token losses and gradients over micro-batches
@@ -41,6 +44,7 @@ def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedu
   if grad_accum_steps == 1:
     (_, sums), grads = grad_fn(state.params, batch, rng)
   else:
+
     def accumulate(carry, inputs):
       micro_batch, index = inputs
       (_, micro_sums), micro_grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
@@ -49,8 +53,10 @@ def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedu
     micro = _micro_batches(batch, grad_accum_steps)
     first = jax.tree.map(lambda x: x[0], micro)
     sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
-    zeros = (jax.tree.map(jnp.zeros_like, state.params),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    zeros = (
+      jax.tree.map(jnp.zeros_like, state.params),
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+    )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
 
   weight = jnp.maximum(sums["weight"], 1.0)
@@ -62,15 +68,18 @@ def train_step(state: TrainState, batch: dict, *, model, task, optimizer, schedu
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
   keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   metrics = {
-      **sums,
-      "grad_norm": grad_norm,
-      "update_norm": optax.global_norm(updates),
-      "param_norm": param_norm,
-      "learning_rate": schedule(state.step),
-      "nonfinite": (~finite).astype(jnp.int32),
+    **sums,
+    "grad_norm": grad_norm,
+    "update_norm": optax.global_norm(updates),
+    "param_norm": param_norm,
+    "learning_rate": schedule(state.step),
+    "nonfinite": (~finite).astype(jnp.int32),
   }
-  return state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
-                       opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
+  return state.replace(
+    step=state.step + 1,
+    params=keep_if_finite(params, state.params),
+    opt_state=keep_if_finite(opt_state, state.opt_state),
+  ), metrics
 
 
 def eval_step(params, batch: dict, *, model, task) -> dict:
@@ -84,16 +93,28 @@ def jit_train_step(*, model, task, optimizer, schedule, dropout_rng, grad_accum_
   benchmark and the tests all use it). Inputs are global batches laid out by `sharding.batch_sharding(mesh)`;
   metrics come back replicated."""
   return jax.jit(
-      functools.partial(train_step, model=model, task=task, optimizer=optimizer, schedule=schedule,
-                        dropout_rng=dropout_rng, grad_accum_steps=grad_accum_steps),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    functools.partial(
+      train_step,
+      model=model,
+      task=task,
+      optimizer=optimizer,
+      schedule=schedule,
+      dropout_rng=dropout_rng,
+      grad_accum_steps=grad_accum_steps,
+    ),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def jit_eval_step(*, model, task, param_sharding, mesh):
   """`eval_step` jitted with explicit shardings (parameters in `param_sharding`, batches over the data axes)."""
-  return jax.jit(functools.partial(eval_step, model=model, task=task),
-                 in_shardings=(param_sharding, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+    functools.partial(eval_step, model=model, task=task),
+    in_shardings=(param_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
 def to_global(batch: dict, mesh) -> dict:

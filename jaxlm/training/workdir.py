@@ -20,9 +20,21 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 # Keys a resumed run may change: how long it runs and what it logs, evaluates, keeps and decodes, where the data
 # lives, and the mesh (Orbax reshards). Anything else would make the resumed run a different experiment.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.early_stopping_patience", "train.skip_nonfinite_updates",
-                  "data.data_dir", "data.test_split", "eval.", "sample.", "decode.", "mesh.")
+RESUMABLE_KEYS = (
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.early_stopping_patience",
+  "train.skip_nonfinite_updates",
+  "data.data_dir",
+  "data.test_split",
+  "eval.",
+  "sample.",
+  "decode.",
+  "mesh.",
+)
 
 
 def make_workdir(workdir: str) -> None:
@@ -43,8 +55,9 @@ def lock(workdir: str):
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "a process that has not written its name yet"
-      raise WorkdirError(f"{workdir} is in use by another run ({holder}). Wait for it to finish or stop it, or "
-                         "choose another --workdir.") from None
+      raise WorkdirError(
+        f"{workdir} is in use by another run ({holder}). Wait for it to finish or stop it, or choose another --workdir."
+      ) from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
@@ -78,12 +91,18 @@ def check_resumable(workdir: str, config) -> None:
   with open(path) as f:
     saved = _flatten(json.load(f))
   current = _flatten(json.loads(_to_json(config)))
-  differences = [f"  {key}: {saved[key]!r} in {CONFIG_FILE}, {current.get(key)!r} now" for key in sorted(saved)
-                 if saved[key] != current.get(key) and not key.startswith(RESUMABLE_KEYS)]
+  differences = [
+    f"  {key}: {saved[key]!r} in {CONFIG_FILE}, {current.get(key)!r} now"
+    for key in sorted(saved)
+    if saved[key] != current.get(key) and not key.startswith(RESUMABLE_KEYS)
+  ]
   if differences:
-    raise ConfigError(f"{workdir} holds checkpoints of a run with another config ({len(differences)} keys differ):\n"
-                      + "\n".join(differences) + "\nResume with the run's config (--config=experiments/workdir.py:"
-                      f"{workdir}) or choose a new --workdir. Resumable keys: {', '.join(RESUMABLE_KEYS)}.")
+    raise ConfigError(
+      f"{workdir} holds checkpoints of a run with another config ({len(differences)} keys differ):\n"
+      + "\n".join(differences)
+      + "\nResume with the run's config (--config=experiments/workdir.py:"
+      f"{workdir}) or choose a new --workdir. Resumable keys: {', '.join(RESUMABLE_KEYS)}."
+    )
 
 
 def write_config(workdir: str, config) -> None:

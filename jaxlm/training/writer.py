@@ -60,8 +60,9 @@ class MetricWriter:
     values = {key: float(value) for key, value in metrics.items()}
     if require_finite_loss and "loss" in values and not math.isfinite(values["loss"]):
       raise NonFiniteLossError(
-          f"{split} loss is {values['loss']} at step {step}. Lower train.learning_rate, keep train.grad_clip > 0, "
-          "or use float32 (model.dtype); rerunning the same command resumes from the last checkpoint.")
+        f"{split} loss is {values['loss']} at step {step}. Lower train.learning_rate, keep train.grad_clip > 0, "
+        "or use float32 (model.dtype); rerunning the same command resumes from the last checkpoint."
+      )
     if not self.enabled or step <= self._last_step.get(split, 0):
       return
     self._last_step[split] = step

@@ -48,23 +48,27 @@ class PystdlibDocstrings(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "prompt": tfds.features.Text(),  # signature and body, docstring removed, dedented
-            "target": tfds.features.Text(),  # first non-empty line of the docstring
-            "path": tfds.features.Text(),  # file path relative to the standard library root
-            "name": tfds.features.Text(),  # qualified name within the file
-        }),
-        supervised_keys=("prompt", "target"),
-        homepage="https://docs.python.org/3/library/",
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "prompt": tfds.features.Text(),  # signature and body, docstring removed, dedented
+          "target": tfds.features.Text(),  # first non-empty line of the docstring
+          "path": tfds.features.Text(),  # file path relative to the standard library root
+          "name": tfds.features.Text(),  # qualified name within the file
+        }
+      ),
+      supervised_keys=("prompt", "target"),
+      homepage="https://docs.python.org/3/library/",
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     files = stdlib_functions.library_files()
     split_of = {f: stdlib_functions.split_of(f, TEST_PERCENT, VALIDATION_PERCENT) for f in files}
-    return {split: self._generate_examples(split, [f for f in files if split_of[f] == split])
-            for split in stdlib_functions.SPLITS}
+    return {
+      split: self._generate_examples(split, [f for f in files if split_of[f] == split])
+      for split in stdlib_functions.SPLITS
+    }
 
   def _generate_examples(self, split: str, relative_paths: list[str]):
     left_out = collections.Counter()
@@ -73,6 +77,8 @@ class PystdlibDocstrings(tfds.core.GeneratorBasedBuilder):
       if isinstance(pair, str):
         left_out[pair] += 1
         continue
-      yield f"{function.path}:{function.name}:{function.node.lineno}", {
-          "prompt": pair[0], "target": pair[1], "path": function.path, "name": function.name}
+      yield (
+        f"{function.path}:{function.name}:{function.node.lineno}",
+        {"prompt": pair[0], "target": pair[1], "path": function.path, "name": function.name},
+      )
     logging.info("pystdlib_docstrings %s: left out %s.", split, dict(left_out))

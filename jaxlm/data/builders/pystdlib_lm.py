@@ -74,12 +74,14 @@ class PystdlibLm(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),  # the file's source code
-            "path": tfds.features.Text(),  # path relative to the standard library root
-        }),
-        homepage="https://docs.python.org/3/library/",
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "text": tfds.features.Text(),  # the file's source code
+          "path": tfds.features.Text(),  # path relative to the standard library root
+        }
+      ),
+      homepage="https://docs.python.org/3/library/",
     )
 
   def _split_generators(self, dl_manager):
@@ -89,8 +91,8 @@ class PystdlibLm(tfds.core.GeneratorBasedBuilder):
     if not files:
       raise FileNotFoundError(f"No .py files under the standard library root {root}.")
     return {
-        split: self._generate_examples(root, [f for f in files if split_of(f) == split])
-        for split in ("train", "validation")
+      split: self._generate_examples(root, [f for f in files if split_of(f) == split])
+      for split in ("train", "validation")
     }
 
   def _generate_examples(self, root: pathlib.Path, relative_paths: list[str]):

@@ -25,8 +25,27 @@ from absl import logging
 
 from jaxlm.data.builders import pystdlib_lm, stdlib_functions
 
-PACKAGES = ("asyncio", "collections", "concurrent", "ctypes", "curses", "dbm", "email", "html", "http", "importlib",
-            "json", "logging", "multiprocessing", "unittest", "urllib", "wsgiref", "xml", "xmlrpc", "zoneinfo")
+PACKAGES = (
+  "asyncio",
+  "collections",
+  "concurrent",
+  "ctypes",
+  "curses",
+  "dbm",
+  "email",
+  "html",
+  "http",
+  "importlib",
+  "json",
+  "logging",
+  "multiprocessing",
+  "unittest",
+  "urllib",
+  "wsgiref",
+  "xml",
+  "xmlrpc",
+  "zoneinfo",
+)
 TEST_FRACTION, VALIDATION_FRACTION = 0.2, 0.1
 
 
@@ -37,8 +56,13 @@ def stratified_splits(function_counts: dict[str, int]) -> dict[str, str]:
   for path in sorted(function_counts, key=lambda p: hashlib.sha256(p.encode("utf-8")).hexdigest()):
     midpoint = (before + function_counts[path] / 2) / total
     before += function_counts[path]
-    splits[path] = ("test" if midpoint < TEST_FRACTION else
-                    "validation" if midpoint < TEST_FRACTION + VALIDATION_FRACTION else "train")
+    splits[path] = (
+      "test"
+      if midpoint < TEST_FRACTION
+      else "validation"
+      if midpoint < TEST_FRACTION + VALIDATION_FRACTION
+      else "train"
+    )
   return splits
 
 
@@ -51,37 +75,48 @@ class PystdlibPackages(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),  # the function's source, dedented
-            "label": tfds.features.ClassLabel(names=PACKAGES),  # its top-level package
-            "path": tfds.features.Text(),  # file path relative to the standard library root
-            "name": tfds.features.Text(),  # qualified name within the file
-        }),
-        supervised_keys=("text", "label"),
-        homepage="https://docs.python.org/3/library/",
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "text": tfds.features.Text(),  # the function's source, dedented
+          "label": tfds.features.ClassLabel(names=PACKAGES),  # its top-level package
+          "path": tfds.features.Text(),  # file path relative to the standard library root
+          "name": tfds.features.Text(),  # qualified name within the file
+        }
+      ),
+      supervised_keys=("text", "label"),
+      homepage="https://docs.python.org/3/library/",
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     files = stdlib_functions.library_files()
     selected = [f for f in files if f.split("/")[0] in PACKAGES and "/" in f]
-    logging.info("pystdlib_packages: %d files in %d packages; leaving out the %d files of other modules.",
-                 len(selected), len(PACKAGES), len(files) - len(selected))
+    logging.info(
+      "pystdlib_packages: %d files in %d packages; leaving out the %d files of other modules.",
+      len(selected),
+      len(PACKAGES),
+      len(files) - len(selected),
+    )
     missing = sorted(set(PACKAGES) - {f.split("/")[0] for f in selected})
     if missing:
-      raise FileNotFoundError(f"The standard library at {pystdlib_lm.stdlib_root()} lacks the packages {missing}; "
-                              "pystdlib_packages needs a complete CPython 3.10+ installation.")
+      raise FileNotFoundError(
+        f"The standard library at {pystdlib_lm.stdlib_root()} lacks the packages {missing}; "
+        "pystdlib_packages needs a complete CPython 3.10+ installation."
+      )
     functions = list(stdlib_functions.iter_functions(selected, "pystdlib_packages"))
     counts = collections.defaultdict(collections.Counter)  # package -> file -> functions
     for function in functions:
       counts[function.path.split("/")[0]][function.path] += 1
     split_of = {path: split for package in counts.values() for path, split in stratified_splits(package).items()}
-    return {split: self._generate_examples([f for f in functions if split_of[f.path] == split])
-            for split in stdlib_functions.SPLITS}
+    return {
+      split: self._generate_examples([f for f in functions if split_of[f.path] == split])
+      for split in stdlib_functions.SPLITS
+    }
 
   def _generate_examples(self, functions: list[stdlib_functions.Function]):
     for function in functions:
-      yield f"{function.path}:{function.name}:{function.node.lineno}", {
-          "text": function.source, "label": function.path.split("/")[0], "path": function.path,
-          "name": function.name}
+      yield (
+        f"{function.path}:{function.name}:{function.node.lineno}",
+        {"text": function.source, "label": function.path.split("/")[0], "path": function.path, "name": function.name},
+      )

@@ -41,8 +41,9 @@ class Function:
 
 def library_files() -> list[str]:
   """Standard-library `.py` files outside test directories (relative paths, sorted)."""
-  return [f for f in pystdlib_lm.stdlib_python_files(pystdlib_lm.stdlib_root())
-          if not _TEST_DIRS & set(f.split("/")[:-1])]
+  return [
+    f for f in pystdlib_lm.stdlib_python_files(pystdlib_lm.stdlib_root()) if not _TEST_DIRS & set(f.split("/")[:-1])
+  ]
 
 
 def dedent(line: str, indent: int) -> str:
@@ -60,7 +61,7 @@ def functions_in(relative_path: str, text: str) -> list[Function]:
       if isinstance(node, ast.ClassDef):
         visit(node.body, f"{prefix}{node.name}.")
       elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        source = "\n".join(dedent(line, node.col_offset) for line in lines[node.lineno - 1:node.end_lineno])
+        source = "\n".join(dedent(line, node.col_offset) for line in lines[node.lineno - 1 : node.end_lineno])
         found.append(Function(relative_path, prefix + node.name, source, node))
 
   visit(ast.parse(text).body, "")
