@@ -105,7 +105,7 @@ def calibrated_probabilities(
   experiment: Experiment, split: str | None = None, step: str | int = "best"
 ) -> tuple[dict, np.ndarray]:
   """({"uncalibrated": softmax probabilities [N, C], NAME: the probabilities through each calibrator that
-  `calibrate_classifier` saved for checkpoint `step`}, labels [N]) of every example of `split` (default:
+  `calibrate_classifier` saved for checkpoint `step` (whatever `calibration.calibrators` chose)}, labels [N]) of every example of `split` (default:
   data.test_split, else data.eval_split): what reliability diagrams and conformal sets of a notebook draw on."""
   config = experiment.config
   split = split or config.data.test_split or config.data.eval_split
@@ -113,8 +113,9 @@ def calibrated_probabilities(
   logits, labels = _classifier_outputs(experiment, experiment.load_params(step), split)
   directory = os.path.join(experiment.workdir, CALIBRATION_DIR)
   probs = {"uncalibrated": _softmax(logits)}
-  for name in calibrators_lib.applicable(tuple(config.calibration.calibrators), logits.shape[1]):
-    probs[name] = calibrators_lib.load(directory, step, name)(logits)
+  for name in calibrators_lib.applicable((), logits.shape[1]):  # every kind, where one was saved for `step`
+    if os.path.exists(calibrators_lib.calibrator_path(directory, step, name)):
+      probs[name] = calibrators_lib.load(directory, step, name)(logits)
   return probs, labels
 
 

@@ -14,10 +14,17 @@ from jaxlm.evaluation.calibration import expected_calibration_error
 def test_calibrate_a_tiny_classifier_then_eval_through_a_calibrator(tiny_workdir, data_dir, tmp_path):
   common = [f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", f"--config.init_from={tiny_workdir}"]
   run_cli("--config=experiments/finetune_packages.py:tiny", "--config.train.steps=3", *common)
-  run_cli("--config=experiments/calibrate_packages.py:tiny", "--mode=calibrate", *common)
+  # Matrix and Dirichlet scaling (checked against scikit-learn in test_calibrators.py) are left out here: their
+  # unregularised fits on a barely trained 19-class model take most of a minute.
+  names = ["temperature", "vector", "isotonic", "histogram"]
+  run_cli(
+    "--config=experiments/calibrate_packages.py:tiny",
+    "--mode=calibrate",
+    f"--config.calibration.calibrators={tuple(names)}",
+    *common,
+  )
   calibration = tmp_path / "calibration"
   result = json.loads((calibration / "report.json").read_text())
-  names = ["temperature", "vector", "matrix", "dirichlet", "isotonic", "histogram"]  # 19 classes: no Platt
   assert sorted(result["metrics"]) == sorted(["uncalibrated"] + names)  # JSON keys are sorted
   assert sorted(result["versus_uncalibrated"]) == sorted(names)
   for name in names:

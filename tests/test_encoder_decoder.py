@@ -106,18 +106,23 @@ def test_span_corruption_statistics_on_a_large_sample():
 
 
 def _uncached_greedy(model, params, prompt, start, steps, start_id):
+  """Reference: every step runs encoder and decoder on the whole target so far (no cache) and takes the argmax;
+  one jitted call on a fixed-size buffer (the decoder is causal: the zeros after the current step do not matter)."""
   segments = (np.arange(prompt.shape[1])[None] >= start[:, None]).astype(np.int32)
   positions = np.maximum(np.arange(prompt.shape[1])[None] - start[:, None], 0)
-  out = np.full((prompt.shape[0], 1), start_id, np.int32)
-  for _ in range(steps):
-    logits = model.apply(
+  apply = jax.jit(
+    lambda tokens: model.apply(
       {"params": params},
-      jnp.asarray(out),
+      tokens,
       encoder_tokens=jnp.asarray(prompt),
       encoder_positions=jnp.asarray(positions),
       encoder_segment_ids=jnp.asarray(segments),
     )
-    out = np.concatenate([out, np.argmax(np.asarray(logits[:, -1]), axis=-1)[:, None].astype(np.int32)], axis=1)
+  )
+  out = np.zeros((prompt.shape[0], steps + 1), np.int32)
+  out[:, 0] = start_id
+  for step in range(steps):
+    out[:, step + 1] = np.argmax(np.asarray(apply(jnp.asarray(out))[:, step]), axis=-1)
   return out[:, 1:]
 
 
@@ -187,11 +192,17 @@ def test_t5_base_has_the_published_parameter_count():
 @pytest.mark.e2e
 def test_span_corruption_pretraining_then_generation_from_the_cli(data_dir, tmp_path):
   workdir = str(tmp_path / "t5")
-  run_cli("--config=experiments/pretrain_t5.py:tiny", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}")
+  # 150 of the config's 400 steps keep the suite short (the whole :tiny run ends below 0.7 of its first loss).
+  run_cli(
+    "--config=experiments/pretrain_t5.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.train.steps=150",
+  )
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   evals = [row for row in rows if row["split"] == "eval"]
   assert all({"loss", "token_accuracy"} <= set(row) for row in evals)
-  assert evals[-1]["loss"] < 0.75 * evals[0]["loss"]
+  assert evals[-1]["loss"] < 0.85 * evals[0]["loss"]
   process = run_cli(
     "--mode=generate",
     f"--config=experiments/workdir.py:{workdir}",
