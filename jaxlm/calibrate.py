@@ -105,8 +105,9 @@ def calibrated_probabilities(
   experiment: Experiment, split: str | None = None, step: str | int = "best"
 ) -> tuple[dict, np.ndarray]:
   """({"uncalibrated": softmax probabilities [N, C], NAME: the probabilities through each calibrator that
-  `calibrate_classifier` saved for checkpoint `step` (whatever `calibration.calibrators` chose)}, labels [N]) of every example of `split` (default:
-  data.test_split, else data.eval_split): what reliability diagrams and conformal sets of a notebook draw on."""
+  `calibrate_classifier` saved for checkpoint `step`, whatever `calibration.calibrators` chose}, labels [N]) of
+  every example of `split` (default: data.test_split, else data.eval_split): what reliability diagrams and
+  conformal sets of a notebook draw on."""
   config = experiment.config
   split = split or config.data.test_split or config.data.eval_split
   step = resolve_step(experiment, step)
