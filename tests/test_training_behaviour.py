@@ -12,6 +12,7 @@ import pytest
 
 from conftest import experiment_config, lm_batch, make_trainer, tiny_model_config, train_config
 from jaxlm import Experiment, sharding
+from jaxlm.errors import ConfigError
 from jaxlm.models import Decoder
 from jaxlm.tasks.causal_lm import CausalLm
 from jaxlm.training import checkpoint, optim
@@ -185,3 +186,12 @@ def test_early_stopping_and_the_best_checkpoint_survive_a_resume(data_dir, token
   assert (first, resumed) == ([1, 2], [1, 2, 3])
   best = checkpoint.find_checkpoint(experiment.workdir, "best", "loss", "max")
   assert best.step == 1
+
+
+def test_a_best_metric_the_task_does_not_report_is_refused_before_the_first_step(data_dir, tokenizer, tmp_path):
+  config = experiment_config("quickstart", "tiny")
+  config.data.data_dir = data_dir
+  config.train.best_metric = "accuracy"  # a classifier's metric; the language model reports token_accuracy
+  with pytest.raises(ConfigError, match=r"train.best_metric: 'accuracy' is not an eval metric .*'token_accuracy'"):
+    Experiment.from_config(config, str(tmp_path)).train()
+  assert not os.path.exists(tmp_path / "metrics.jsonl") and not os.path.exists(tmp_path / "checkpoints" / "1")
