@@ -20,12 +20,17 @@ _NAMES = {
   "CheckpointError": "jaxlm.errors",
 }
 _SUBMODULES = (
+  "calibrate",
+  "compress",
+  "compression",
   "configs",
   "data",
+  "ensemble",
   "errors",
   "evaluation",
   "experiment",
   "inference",
+  "interop",
   "models",
   "plan",
   "sharding",

@@ -4,17 +4,11 @@
     python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_24 --prune=2:4
     python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_p50 --prune=0.5 --quantize=int8
 
-The new workdir is a workdir like any other (config.json, tokenizer.model, checkpoints/<step>): a quantized one
-holds the integer kernels and their scales (its config says `model.quantize`), so its checkpoint is smaller and
-every mode builds the quantized model from it (`--mode=eval --step=latest`, `--mode=generate`). Pruning zeroes
-weights (`jaxlm.compression.pruning`; the per-layer sparsity goes to OUT/eval/sparsity.json); pruned, then
-quantized, zeros stay exactly zero. OUT/compression.json records the source, the recipe, the checkpoint bytes on
-disk of both and the parameters kept.
+What the new workdir holds: `jaxlm.compress` (the library function this script calls).
 """
 
 import json
 import os
-import shutil
 import sys
 
 from absl import app, flags
@@ -30,74 +24,10 @@ _TARGETS = flags.DEFINE_string("prune_targets", r"kernel$", "Regex of the parame
 _QUANTIZE = flags.DEFINE_string("quantize", "", "Quantization scheme (int8, int4, int4-g64, int8-asym, ...).")
 
 
-def directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
-
-
-def compress(
-  workdir: str,
-  out: str,
-  step="latest",
-  prune: str = "",
-  scope: str = "layer",
-  targets: str = r"kernel$",
-  quantize_scheme: str = "",
-) -> dict:
-  """Writes the compressed run of `workdir` to `out` (see the module docstring); returns compression.json."""
-  import jax
-
-  from jaxlm import Experiment
-  from jaxlm.compression import pruning
-  from jaxlm.errors import ConfigError
-  from jaxlm.models import params as params_lib
-  from jaxlm.models import quantize
-  from jaxlm.training import checkpoint
-  from jaxlm.training import workdir as workdir_lib
-
-  if os.path.exists(out):
-    raise FileExistsError(f"--out={out} exists; choose a new directory.")
-  source = Experiment.from_workdir(workdir)
-  ref = checkpoint.find_checkpoint(workdir, step, source.config.train.best_metric, source.config.train.best_mode)
-  params = source.load_params(ref.step)
-  record = {"source": os.path.abspath(workdir), "step": ref.step, "prune": prune, "quantize": quantize_scheme}
-  if prune:
-    if ":" in prune:
-      masks = pruning.nm_masks(params, *pruning.parse_structure(prune), targets=targets)
-    else:
-      if not 0 < float(prune) < 1:
-        raise ConfigError(f"--prune={prune}: a sparsity in (0, 1) or an N:M structure like 2:4.")
-      masks = pruning.magnitude_masks(params, float(prune), targets, scope)
-    params = jax.jit(pruning.apply_masks)(params, masks)
-    record["sparsity"] = pruning.sparsity(params, targets)
-    record["params_kept"] = sum(int((jax.device_get(leaf) != 0).sum()) for leaf in jax.tree.leaves(params))
-  config = source.config.copy_and_resolve_references()
-  config.model.fake_quantize = ""
-  if quantize_scheme:
-    config.model.quantize = quantize_scheme
-  os.makedirs(out)
-  shutil.copy(source.tokenizer.path, os.path.join(out, "tokenizer.model"))
-  target = Experiment.from_config(config, out)
-  if quantize_scheme:
-    params = quantize.convert_params(params, target.abstract_params(), quantize_scheme)
-  workdir_lib.write_config(out, config)
-  checkpoint.save_params(out, params, ref.step)
-  record.update(
-    total_params=params_lib.count(params),
-    weight_bytes=quantize.kernel_bytes(params),
-    checkpoint_bytes=directory_bytes(os.path.join(out, "checkpoints")),
-    source_checkpoint_bytes=directory_bytes(os.path.join(workdir, "checkpoints", str(ref.step))),
-  )
-  os.makedirs(os.path.join(out, "eval"), exist_ok=True)
-  if prune:
-    with open(os.path.join(out, "eval", "sparsity.json"), "w") as f:
-      json.dump(record["sparsity"], f, indent=2)
-  with open(os.path.join(out, "compression.json"), "w") as f:
-    json.dump(record, f, indent=2)
-  return record
-
-
 def main(argv):
   del argv
+  from jaxlm.compress import compress
+
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   record = compress(_WORKDIR.value, _OUT.value, step, _PRUNE.value, _SCOPE.value, _TARGETS.value, _QUANTIZE.value)
   record.pop("sparsity", None)

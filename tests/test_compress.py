@@ -1,7 +1,6 @@
-"""scripts/compress.py on the tiny run: a quantized (and pruned) workdir is smaller on disk, loads as such, and
-evaluates and generates through the library seam and the CLI."""
+"""`jaxlm.compress` (scripts/compress.py) on the tiny run: a quantized (and pruned) workdir is smaller on disk,
+loads as such, and evaluates and generates through the library seam and the CLI."""
 
-import importlib.util
 import json
 import os
 
@@ -9,19 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
-from jaxlm import Experiment
+from conftest import run_cli
+from jaxlm import Experiment, compress
 from jaxlm.compression import pruning
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("compress", os.path.join(REPO, "scripts", "compress.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-compress = _load_script()  # once: the script defines its absl flags at import
 
 
 @pytest.fixture(scope="module")
