@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
@@ -55,9 +54,6 @@ class Tokenizer:
 
       self._special_tokens = self._json.pop(SPECIAL_TOKENS_KEY, None) or hf_special_tokens(os.path.dirname(model_path))
       self._hf = tokenizers.Tokenizer.from_str(json.dumps(self._json))
-      # One call at a time: grain's reader threads tokenize concurrently, and a Rust panic in a concurrent call
-      # aborts the whole process (a training run with a tokenizer.json died with SIGABRT twice in tests).
-      self._hf_lock = threading.Lock()
       self._ids = {}
       for role, token in self._special_tokens.items():
         self._ids[role] = self._hf.token_to_id(token)
@@ -113,17 +109,13 @@ class Tokenizer:
     """Token ids of `text`, without bos/eos (the tasks add those where they belong)."""
     if self._json is None:
       return self._processor.encode(text)
-    with self._hf_lock:
-      return self._hf.encode(text, add_special_tokens=False).ids
+    return self._hf.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; pad, bos and eos ids are dropped."""
     special = {self.pad_id, self.bos_id, self.eos_id}
     ids = [int(i) for i in ids if int(i) not in special]
-    if self._json is None:
-      return self._processor.decode(ids)
-    with self._hf_lock:
-      return self._hf.decode(ids, skip_special_tokens=False)
+    return self._processor.decode(ids) if self._json is None else self._hf.decode(ids, skip_special_tokens=False)
 
   def save(self, path: str) -> None:
     """Writes a self-contained copy to `path` atomically (a tokenizer.json gets its special tokens inside)."""
