@@ -7,16 +7,38 @@ model, a batch, a train step, or run the CLI. Test modules import the helpers wi
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxlm
+from jaxlm import runtime  # noqa: E402  (imports no jax)
+
+runtime.set_recommended_xla_flags()  # as the CLI does: simulated devices wait for each other on a loaded CPU
+# One persistent XLA compilation cache for the whole test run, set before jax is imported: the xdist workers and
+# every CLI and notebook subprocess inherit this environment, and they compile the same tiny programs over and over
+# (a tiny CLI run spends about half its time compiling). The pytest process that starts first creates it (the
+# workers inherit its environment) and removes it at the end.
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_unconfigure(config):
+  if _OWN_COMPILATION_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
 TINY_VOCAB = 512  # the vocabulary of the quickstart:tiny tokenizer
 # A model of a few thousand parameters for unit tests of training pieces (batches of lm_batch fit it).
 TINY_MODEL = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16)
