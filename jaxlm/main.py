@@ -76,7 +76,7 @@ def main(argv):
 
   added = runtime.set_recommended_xla_flags()
   if added:
-    logging.info("Added XLA flags: %s", " ".join(added))
+    logging.info("Added XLA flags for the GPU: %s", " ".join(added))
   runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jaxlm.experiment import Experiment  # imported here so that --help stays fast
 

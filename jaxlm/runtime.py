@@ -1,4 +1,4 @@
-"""Process setup that must happen before JAX uses a device: XLA flags and multi-host initialisation.
+"""Process setup that must happen before JAX uses a device: XLA flags for GPUs and multi-host initialisation.
 
 `main.py` and `scripts/benchmark.py` call `set_recommended_xla_flags()` before importing jax, then
 `initialize_distributed(...)`. Multi-host runs (TPU pods, SLURM or Open MPI GPU clusters, or any set of
@@ -15,12 +15,6 @@ RECOMMENDED_GPU_XLA_FLAGS = (
   "--xla_gpu_enable_triton_gemm=false",
 )
 
-# XLA flags for simulated CPU devices (`--xla_force_host_platform_device_count` in XLA_FLAGS: tests, sharding on a
-# laptop). XLA:CPU runs their collectives as a rendezvous of threads and aborts the process (SIGABRT, "Termination
-# timeout ... of 40 seconds exceeded") when one device's thread arrives 40 s late, which a loaded CPU causes (a test
-# suite in parallel on 2 cores did, in ~1 of 3 runs). A late device is not a broken program: wait 10 minutes.
-SIMULATED_CPU_XLA_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=600",)
-
 # Environment variables that mean "this process is one of several" for a cluster jax can detect itself.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
@@ -30,16 +24,14 @@ def _has_nvidia_gpu() -> bool:
 
 
 def set_recommended_xla_flags() -> list[str]:
-  """Appends to XLA_FLAGS (before jax starts) RECOMMENDED_GPU_XLA_FLAGS on a machine with an NVIDIA GPU, and
-  SIMULATED_CPU_XLA_FLAGS when XLA_FLAGS asks for simulated CPU devices.
+  """Appends RECOMMENDED_GPU_XLA_FLAGS to XLA_FLAGS on a machine with an NVIDIA GPU (before jax starts).
 
   A flag whose name is already in XLA_FLAGS is left as the user set it. Returns the flags added.
   """
+  if not _has_nvidia_gpu() or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    return []
   current = os.environ.get("XLA_FLAGS", "")
-  recommended = SIMULATED_CPU_XLA_FLAGS if "--xla_force_host_platform_device_count" in current else ()
-  if _has_nvidia_gpu() and os.environ.get("JAX_PLATFORMS", "").strip() != "cpu":
-    recommended += RECOMMENDED_GPU_XLA_FLAGS
-  added = [flag for flag in recommended if flag.split("=")[0] not in current]
+  added = [flag for flag in RECOMMENDED_GPU_XLA_FLAGS if flag.split("=")[0] not in current]
   os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
   return added
 

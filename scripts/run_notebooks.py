@@ -19,10 +19,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from jaxlm import runtime  # noqa: E402  (imports no jax)
-
 COLAB = os.path.join(REPO, "colab")
 NOTEBOOKS = ("quickstart.ipynb", "finetune_and_calibrate.ipynb", "prompted_calibration.ipynb", "accelerators.ipynb")
 DEVICES = 4
@@ -34,7 +30,7 @@ def kernel_environment(notebook_dir: str) -> dict:
   env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   return {
     **env,
-    "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={DEVICES}", *runtime.SIMULATED_CPU_XLA_FLAGS]),
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
     "JAX_PLATFORMS": "cpu",
     "JAXLM_NOTEBOOK_DIR": notebook_dir,
     "TQDM_DISABLE": "1",

@@ -14,10 +14,6 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxlm
-from jaxlm import runtime  # noqa: E402  (imports no jax)
-
-runtime.set_recommended_xla_flags()  # as the CLI does: simulated devices wait for each other on a loaded CPU
 # One persistent XLA compilation cache for the whole test run, set before jax is imported: the xdist workers and
 # every CLI and notebook subprocess inherit this environment, and they compile the same tiny programs over and over
 # (a tiny CLI run spends about half its time compiling). The pytest process that starts first creates it (the
@@ -32,6 +28,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(items):
+  """The end-to-end runs (`e2e`: a minute or so each) start first, so that two xdist workers fill their tail with
+  the short tests rather than one worker finishing a long run alone."""
+  items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 def pytest_unconfigure(config):

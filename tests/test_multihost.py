@@ -75,20 +75,3 @@ def test_two_processes_match_one_process(data_dir, tokenizer, tmp_path):
   assert len([name for name in data_files if "process" in name]) == 2, data_files
   # Only process 0 prints the sample.
   assert "greedy sample" in outputs[0] and "greedy sample" not in outputs[1]
-
-
-def test_simulated_cpu_devices_wait_for_a_late_device_instead_of_aborting(monkeypatch):
-  """XLA:CPU aborts a process whose simulated devices meet in a collective more than 40 s apart (a loaded CPU);
-  the CLI raises that limit whenever XLA_FLAGS asks for simulated devices, and leaves a user's own value alone."""
-  from jaxlm import runtime
-
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert runtime.set_recommended_xla_flags()[:1] == ["--xla_cpu_collective_call_terminate_timeout_seconds=600"]
-  assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in os.environ["XLA_FLAGS"].split()
-  own = "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=5"
-  monkeypatch.setenv("XLA_FLAGS", own)
-  runtime.set_recommended_xla_flags()
-  assert os.environ["XLA_FLAGS"] == own
-  monkeypatch.setenv("XLA_FLAGS", "")
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert runtime.set_recommended_xla_flags() == []

@@ -39,10 +39,7 @@ def test_committed_notebooks_carry_a_small_run_with_its_plots(name):
 def test_notebook_kernels_run_on_cpu_with_this_checkout(tmp_path):
   env = run_notebooks.kernel_environment(str(tmp_path))
   assert env["JAX_PLATFORMS"] == "cpu" and env["JAXLM_NOTEBOOK_DIR"] == str(tmp_path)
-  assert env["XLA_FLAGS"].split() == [
-    f"--xla_force_host_platform_device_count={run_notebooks.DEVICES}",
-    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
-  ]
+  assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={run_notebooks.DEVICES}"
   assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO
 
 

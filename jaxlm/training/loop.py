@@ -231,14 +231,16 @@ def _train_and_evaluate(experiment) -> dict:
     unit="step",
     disable=jax.process_index() != 0 or not sys.stderr.isatty(),
   )
-  nonfinite = None  # on the device: updates not applied since the last check (no host sync per step)
+  # On the device: each step's count of updates not applied, since the last check (no host sync per step, and no
+  # small program per step either: see steps.evaluate for the XLA:CPU deadlock such programs can cause).
+  nonfinite = []
   skipped = 0  # updates skipped (train.skip_nonfinite_updates) in the current logging interval
 
   def check_updates(step: int) -> None:
     """At log steps and before every save (one host sync): stops on a non-finite update unless they are skipped."""
     nonlocal nonfinite, skipped
-    count = 0 if nonfinite is None else int(jax.device_get(nonfinite))
-    nonfinite = None
+    count = int(sum(jax.device_get(nonfinite)))
+    nonfinite = []
     if count and not train.skip_nonfinite_updates:
       raise NonFiniteLossError(
         f"{count} update(s) up to step {step} were not finite (NaN/Inf gradients or parameters). None was applied "
@@ -256,7 +258,7 @@ def _train_and_evaluate(experiment) -> dict:
       while step < train.steps:
         checkpointer.check_for_errors()  # a failed asynchronous save stops the run at the next step
         state, metrics = train_step(state, steps.to_global(next(train_iterator), mesh))
-        nonfinite = metrics["nonfinite"] if nonfinite is None else nonfinite + metrics["nonfinite"]
+        nonfinite.append(metrics["nonfinite"])
         step += 1
         interval_steps += 1
         progress.update(1)

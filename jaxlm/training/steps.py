@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxlm import sharding
@@ -124,10 +125,16 @@ def to_global(batch: dict, mesh) -> dict:
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
-  """Metric sums of `params` over `batches` (host batches of this process), on the host."""
+  """Metric sums of `params` over `batches` (host batches of this process), on the host.
+
+  Each batch's sums (a few scalars and counts) are fetched and added on the host, in their own dtype (the same
+  float32 additions the device would do). Adding them on the device instead dispatched one small program per metric
+  and batch ahead of the eval step they wait for, and XLA:CPU deadlocked on that with simulated devices: the
+  waiting programs took all of one device's in-flight slots, so its share of the eval step's all-reduce never ran.
+  """
   totals = None
   with sharding.mesh_context(mesh):
     for batch in batches:
-      sums = eval_step(params, to_global(batch, mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return jax.device_get(totals)
+      sums = jax.device_get(eval_step(params, to_global(batch, mesh)))
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  return totals
