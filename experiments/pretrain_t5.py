@@ -3,8 +3,9 @@
   python -m jaxlm.main --config=experiments/pretrain_t5.py --workdir=runs/t5
 
 The default is the quickstart's size and time (a few minutes on 2 CPU cores): pre-RMSNorm blocks, T5's
-relative position bias (shared across layers) and unscaled attention, tied embeddings; 15% of the tokens
-dropped in spans of mean length 3, each span a sentinel piece reserved in the tokenizer. Eval rows of
+relative position bias (shared across layers) and unscaled attention, tied embeddings (without T5's logit
+scale: see `configs.T5_STYLE`); 15% of the tokens dropped in spans of mean length 3, each span a sentinel
+piece reserved in the tokenizer. Eval rows of
 WORKDIR/metrics.jsonl have `loss` and `token_accuracy` of the targets. Variants:
   tiny     seconds on CPU: tests and smoke runs;
   t5_base  t5-base's shape (223M) for accelerators; point data.* at a real corpus and tokenizer.
