@@ -26,10 +26,6 @@ Public TFDS sets of the same shape (prepared once with `tfds build NAME --file_f
 
 from jaxlm import configs
 
-ENCODER = dict(
-  family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True, pooler=True
-)  # as in experiments/pretrain_mlm.py
-
 VARIANTS = ("full", "head_only", "lora", "distill", "scratch", "encoder", "tiny")
 
 
@@ -62,7 +58,7 @@ def get_config(arg: str | None = None):
 
   if "encoder" in variants:
     config.init_from = "runs/mlm"  # a pretrain_mlm.py workdir
-    config.model = configs.model_config_dict("small", **ENCODER)
+    config.model = configs.model_config_dict("small", **configs.ENCODER_STYLE)
     config.classification.pooling = "first"
   if "head_only" in variants:
     config.train.trainable = "head"
@@ -86,7 +82,7 @@ def get_config(arg: str | None = None):
       "tiny",
       lora_rank=config.model.lora_rank,
       lora_targets=config.model.lora_targets,
-      **(ENCODER if "encoder" in variants else {}),
+      **(configs.ENCODER_STYLE if "encoder" in variants else {}),
     )
     config.data.vocab_size = 512
     config.data.seq_len = 64

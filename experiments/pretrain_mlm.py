@@ -13,16 +13,11 @@ The encoder it trains is fine-tuned by `experiments/finetune_packages.py:encoder
 
 from jaxlm import configs
 
-# The encoder of the default and tiny variants (finetune_packages.py:encoder builds the same).
-ENCODER = dict(
-  family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True, pooler=True
-)
-
 
 def get_config(arg: str | None = None):
   config = configs.base_config()
   config.task = "masked_lm"
-  config.model = configs.model_config_dict("small", **ENCODER)
+  config.model = configs.model_config_dict("small", **configs.ENCODER_STYLE)
   config.corruption.rate = 0.15  # tokens predicted per row (BERT)
   config.data.seq_len = 128
   config.train.steps = 300
@@ -39,7 +34,7 @@ def get_config(arg: str | None = None):
   config.sample.prompt = ""  # an encoder does not continue text
 
   if arg == "tiny":  # seconds on CPU: tests and smoke runs
-    config.model = configs.model_config_dict("tiny", **ENCODER)
+    config.model = configs.model_config_dict("tiny", **configs.ENCODER_STYLE)
     config.data.vocab_size = 512
     config.data.seq_len = 64
     config.train.steps = 500

@@ -3,8 +3,9 @@
   python -m jaxlm.main --config=experiments/pretrain_t5.py --workdir=runs/t5
 
 The default is the quickstart's size and time (a few minutes on 2 CPU cores): pre-RMSNorm blocks, T5's
-relative position bias (shared across layers) and unscaled attention, tied embeddings; 15% of the tokens
-dropped in spans of mean length 3, each span a sentinel piece reserved in the tokenizer. Eval rows of
+relative position bias (shared across layers) and unscaled attention, tied embeddings (without T5's logit
+scale: see `configs.T5_STYLE`); 15% of the tokens dropped in spans of mean length 3, each span a sentinel
+piece reserved in the tokenizer. Eval rows of
 WORKDIR/metrics.jsonl have `loss` and `token_accuracy` of the targets. Variants:
   tiny     seconds on CPU: tests and smoke runs;
   t5_base  t5-base's shape (223M) for accelerators; point data.* at a real corpus and tokenizer.
@@ -13,20 +14,11 @@ WORKDIR/metrics.jsonl have `loss` and `token_accuracy` of the targets. Variants:
 
 from jaxlm import configs
 
-T5_STYLE = dict(
-  family="encoder_decoder",
-  position="relative",
-  norm="rmsnorm",
-  mlp="relu",
-  scale_attention=False,
-  tied_logits_scale=True,
-)
-
 
 def get_config(arg: str | None = None):
   config = configs.base_config()
   config.task = "span_corruption"
-  config.model = configs.model_config_dict("small", **T5_STYLE)
+  config.model = configs.model_config_dict("small", **configs.T5_STYLE)
   config.corruption.rate = 0.15  # noise density
   config.corruption.mean_span_length = 3.0
   config.corruption.num_sentinels = 32  # >= the spans of a row (14 for 256-token inputs)
@@ -43,7 +35,7 @@ def get_config(arg: str | None = None):
   config.sample.prompt = "    def __init__(self"
 
   if arg == "tiny":  # seconds on CPU: tests and smoke runs
-    config.model = configs.model_config_dict("tiny", **T5_STYLE)
+    config.model = configs.model_config_dict("tiny", **configs.T5_STYLE)
     config.corruption.num_sentinels = 8
     config.data.vocab_size = 512
     config.data.seq_len = 64

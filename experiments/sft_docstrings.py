@@ -15,12 +15,14 @@ Variants (`--config=experiments/sft_docstrings.py:VARIANT`, combinable with comm
   full      (default) every parameter trains;
   lora      rank-8 LoRA adapters on attention query/value and the MLP; base weights frozen;
   distill   KL to a teacher on the target tokens: set --config.distill.teacher=WORKDIR_OF_A_FULL_RUN;
-  tiny      seconds on CPU, for tests (from a `quickstart.py:tiny` workdir).
+  t5        seq2seq on the span-corruption-pretrained encoder-decoder of `experiments/pretrain_t5.py`
+            (init_from=runs/t5): the function to the encoder, the docstring line to the decoder;
+  tiny      seconds on CPU, for tests (from a `quickstart.py:tiny` workdir, or `pretrain_t5.py:tiny` with t5).
 """
 
 from jaxlm import configs
 
-VARIANTS = ("full", "lora", "distill", "tiny")
+VARIANTS = ("full", "lora", "distill", "t5", "tiny")
 
 
 def get_config(arg: str | None = None):
@@ -54,6 +56,9 @@ def get_config(arg: str | None = None):
   config.eval.max_new_tokens = 32
   config.sample.prompt = ""
 
+  if "t5" in variants:
+    config.init_from = "runs/t5"  # a pretrain_t5.py workdir
+    config.model = configs.model_config_dict("small", **configs.T5_STYLE)
   if "lora" in variants:
     config.model.lora_rank = 8
     config.model.lora_targets = "attention/(query|value)|mlp/(gate|up|down)"
@@ -64,7 +69,10 @@ def get_config(arg: str | None = None):
   if "tiny" in variants:
     config.init_from = ""  # tests point it at a quickstart.py:tiny workdir
     config.model = configs.model_config_dict(
-      "tiny", lora_rank=config.model.lora_rank, lora_targets=config.model.lora_targets
+      "tiny",
+      lora_rank=config.model.lora_rank,
+      lora_targets=config.model.lora_targets,
+      **(configs.T5_STYLE if "t5" in variants else {}),
     )
     config.data.vocab_size = 512
     config.data.seq_len = 64

@@ -22,6 +22,20 @@ from jaxlm.models.config import PRESETS, ModelConfig
 # The experiment files of the checkout this jaxlm is imported from (a clone, or an editable install of one).
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
+# The architectures of the small encoder and encoder-decoder runs, on top of a size preset: a pretraining run and
+# the fine-tunes that start from it must build the same model, so they read it from here.
+# BERT-like encoder, pre-LayerNorm with rotary positions (at the small size it learns much faster than BERT's
+# post-norm with learned positions, which the `bert_base` preset keeps): pretrain_mlm.py, finetune_packages.py:encoder.
+ENCODER_STYLE = dict(
+  family="encoder", position="rotary", norm="layernorm", embed_norm=True, mlp="gelu", use_bias=True, pooler=True
+)
+# T5: pre-RMSNorm, relative position bias, unscaled attention, ReLU MLP, tied head: pretrain_t5.py,
+# sft_docstrings.py:t5. Without T5's D**-0.5 on the tied head's input (`tied_logits_scale`, kept by the t5_base
+# preset and Hugging Face imports): T5 pairs it with N(0, 1) embeddings; with jaxlm's N(0, init_std) ones it
+# leaves the logits ~100x too small, and pretrain_t5.py's default stalled at the unigram distribution (eval
+# token accuracy flat at 0.079 over its 220 steps; without the scale: 0.092 after 30 steps).
+T5_STYLE = dict(family="encoder_decoder", position="relative", norm="rmsnorm", mlp="relu", scale_attention=False)
+
 
 def model_config_dict(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
   """The `model` section: every ModelConfig field, from a preset plus overrides (0 sizes left for

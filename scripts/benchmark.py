@@ -3,21 +3,37 @@
   python scripts/benchmark.py --config=experiments/pretrain.py:gpt2_124m --config.train.batch_size=16 --peer=torch
 
 Prints one JSON line. jaxlm's step is the real one (`training.steps.jit_train_step`: forward, backward,
-AdamW, clipping; sharded over `config.mesh`), fed random tokens of `data.seq_len` (the input pipeline is
-not timed). Compile time is reported apart from step time; each timing is the median of `--repeats`
-runs of `--steps` steps after `--warmup` steps.
+AdamW, clipping; sharded over `config.mesh`), fed the task's random batch (`Task.random_batch`: random tokens
+of the batch's shapes; the input pipeline is not timed), so every task and model family is timed the same
+way. Compile time is reported apart from step time; each timing is the median of `--repeats` runs of
+`--steps` steps after `--warmup` steps. `tokens_per_sec` counts every token the step reads: an
+encoder-decoder's source (encoder) tokens and target (decoder) tokens.
 
-FLOPs per token (remat recomputation not counted):
-  causal (MaxText, llm.c):  6 N + 6 L T N_heads H   -> `model_tflops_per_sec`, `mfu`
-  non-causal (PaLM, nanoGPT): 6 N + 12 L T N_heads H -> `mfu_palm`
-with N the parameters of the matrix multiplies (attention, MLP and the V x D output projection; no
-embedding lookups, norms or biases). The peak is the device's datasheet dense bf16 peak when known
-(e.g. 989 TFLOP/s for an H100 SXM) and otherwise the large-matmul rate measured here in the model's
-compute dtype (`measured_matmul_tflops`, always reported).
+Training FLOPs per token (`token_flops`; forward 2 per multiply-add, backward twice the forward; remat
+recomputation not counted), N the parameters of the matrix multiplies a token goes through (attention, MLP,
+the MLM transform, the V x D output projection, tied or not; no embedding lookups, norms, biases or pooler),
+L layers, T the length of the token's sequence, N_heads H the attention width:
+  decoder:  6 N + 12 f L T N_heads H  (causal self-attention: a query sees f = 1/2 of the keys on average)
+  encoder:  6 N + 12 L T N_heads H    (bidirectional self-attention over T; the MLM head is in N)
+  encoder-decoder, counted per token of each side (S source, T target length):
+    source token:  6 (N_encoder + N_cross_kv) + 12 L_enc S N_heads H   (the cross-attention keys and values
+                                                                         are projections of source tokens)
+    target token:  6 N_decoder + 12 L_dec (f T + S) N_heads H           (causal self-attention + T x S
+                                                                         cross-attention; N_decoder has the
+                                                                         rest: self/cross queries and outputs,
+                                                                         MLP, output projection)
+`model_tflops_per_sec` and `mfu` use f = 1/2 (MaxText, llm.c); `mfu_palm` f = 1 (PaLM, nanoGPT: the dense
+T x T scores that XLA's attention computes; equal to `mfu` for an encoder). tests/test_benchmark_families.py
+checks f = 1 against the matrix multiplies of the jitted loss, counted one by one. The peak is the device's
+datasheet dense bf16 peak when known (e.g. 989 TFLOP/s for an H100 SXM) and otherwise the large-matmul rate
+measured here in the model's compute dtype (`measured_matmul_tflops`, always reported).
 
-`--peer=torch`: the same architecture and batch in Hugging Face `transformers` (GPT-2 or Llama built from
-the config, random weights; `torch.compile` unless --nopeer_compile or it fails), AdamW and clipping,
-bf16 autocast when the model computes in bf16; `vs_peer` = jaxlm tokens/s over the peer's.
+`--peer=torch`: the same architecture and batch in Hugging Face `transformers`, built from the config the model
+exports as (GPT-2, Llama, BERT/RoBERTa for masked LM, T5 for span corruption; a model with no Hugging Face
+twin is refused with the reason), random weights, the model class's loss on the same scored positions
+(refused for tasks other than these pretraining objectives); `torch.compile` unless --nopeer_compile or it
+fails, AdamW and clipping, bf16 autocast when the model computes in bf16; `vs_peer` = jaxlm tokens/s over
+the peer's.
 
 `--decode` (instead of the train step): KV-cached greedy decoding of random prompts of `--prompt_len`
 tokens, `--new_tokens` each (no EOS), at each of `--decode_batch_sizes`, with the config's model (and
@@ -101,6 +117,9 @@ DATASHEET_PEAK_FLOPS = {
 }
 
 
+CAUSAL_FRACTION = 0.5  # a causal query sees half the keys on average (MaxText, llm.c); 1.0 = dense (PaLM)
+
+
 def datasheet_peak(device_kind: str) -> float | None:
   for prefix, flops in DATASHEET_PEAK_FLOPS.items():
     if device_kind.startswith(prefix):
@@ -108,23 +127,63 @@ def datasheet_peak(device_kind: str) -> float | None:
   return None
 
 
-def matmul_params(params) -> int:
-  """N: parameters that take part in matrix multiplies, counting the output projection (tied or not)."""
+def matmul_params(params, prefix: str = "") -> int:
+  """N: parameters (under the path `prefix`) that take part in a matrix multiply once per token, counting the
+  output projection (tied or not); the pooler, which reads one token per row, is left out."""
   import jax
 
+  tied = "lm_head" not in params  # the embedding is also the output projection
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [getattr(key, "key", "") for key in path]
-    if names[-1] == "kernel" or names[:2] == ["token_embed", "embedding"]:
+    per_token = names[-1] == "kernel" and names[0] != "pooler" or tied and names[:2] == ["token_embed", "embedding"]
+    if per_token and "/".join(names).startswith(prefix):
       total += leaf.size
   return total
 
 
-def flops_per_token(model_config, params, seq_len: int) -> tuple[float, float]:
-  """(causal, non-causal) training FLOPs per token."""
-  n = matmul_params(params)
-  attention = model_config.num_layers * seq_len * model_config.num_heads * model_config.head_dim
-  return 6 * n + 6 * attention, 6 * n + 12 * attention
+def token_flops(model_config, params, lengths: dict, causal_fraction: float = CAUSAL_FRACTION) -> dict:
+  """Training FLOPs per token of each token array of the batch ({"tokens": T} and, for an encoder-decoder,
+  {"encoder_tokens": S}), with N as in `matmul_params` and `causal_fraction` of the keys seen by a causal
+  query (see the module docstring)."""
+  m = model_config
+  width = m.num_heads * m.head_dim  # N H: the contraction of q.k and the output of p.v, per query
+  seq_len = lengths["tokens"]
+  if m.family == "decoder":
+    return {"tokens": 6 * matmul_params(params) + 12 * causal_fraction * m.num_layers * seq_len * width}
+  if m.family == "encoder":
+    return {"tokens": 6 * matmul_params(params) + 12 * m.num_layers * seq_len * width}
+  source_len = lengths["encoder_tokens"]
+  cross_kv = sum(matmul_params(params, f"decoder/layers/cross_attention/{name}/") for name in ("key", "value"))
+  source = matmul_params(params, "encoder/") + cross_kv
+  return {
+    "encoder_tokens": 6 * source + 12 * m.num_layers * source_len * width,
+    "tokens": 6 * (matmul_params(params) - source)
+    + 12 * m.decoder_layers * (causal_fraction * seq_len + source_len) * width,
+  }
+
+
+def step_tokens(shapes: dict) -> int:
+  """Tokens a step reads: decoder (or encoder) tokens plus an encoder-decoder's source tokens."""
+  return sum(shapes[key][0] * shapes[key][1] for key in ("tokens", "encoder_tokens") if key in shapes)
+
+
+def step_flops(model_config, params, shapes: dict, causal_fraction: float = CAUSAL_FRACTION) -> float:
+  """Training FLOPs of one step on a batch of `shapes` ({key: (B, T)}): per-token FLOPs times tokens."""
+  lengths = {key: shape[1] for key, shape in shapes.items()}
+  flops = token_flops(model_config, params, lengths, causal_fraction)
+  return sum(shapes[key][0] * shapes[key][1] * per_token for key, per_token in flops.items())
+
+
+def random_batch(task, rows: int, vocab_size: int) -> dict:
+  """The task's random host batch (`Task.random_batch`), checked against the keys its steps compile for."""
+  import numpy as np
+
+  batch = task.random_batch(rows, vocab_size, np.random.default_rng(0))
+  expected = task.batch_shapes(rows)
+  if {key: value.shape for key, value in batch.items()} != expected:
+    raise ValueError(f"Task {task.name!r}: random_batch gives {sorted(batch)}, its batches have {expected}.")
+  return batch
 
 
 def time_steps(run_step, steps: int, warmup: int, repeats: int, synchronize) -> float:
@@ -164,7 +223,6 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
   """The train step of `config`; `measured` (FLOP/s) is the matmul rate to use as the peak where there is no
   datasheet figure (default: measured here; a sweep measures it once for all its points)."""
   import jax
-  import numpy as np
 
   from jaxlm import sharding
   from jaxlm.experiment import Experiment
@@ -189,12 +247,7 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
     mesh=mesh,
   )
   eval_step = steps_lib.jit_eval_step(model=model, task=task, param_sharding=shardings.params, mesh=mesh)
-  rng = np.random.default_rng(0)
-  host_batch = {
-    "tokens": rng.integers(4, model_config.vocab_size, (batch_size, seq_len), dtype=np.int32),
-    "segment_ids": np.ones((batch_size, seq_len), np.int32),
-    "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-  }
+  host_batch = random_batch(task, batch_size, model_config.vocab_size)
   batch = {key: jax.device_put(value, sharding.batch_sharding(mesh)) for key, value in host_batch.items()}
 
   with sharding.mesh_context(mesh):
@@ -220,8 +273,9 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
     lambda: jax.block_until_ready(forward["out"]),
   )
 
-  causal, palm = flops_per_token(model_config, state.params, seq_len)
-  tokens_per_sec = batch_size * seq_len / step_time
+  shapes = {key: value.shape for key, value in host_batch.items()}
+  flops, dense_flops = (step_flops(model_config, state.params, shapes, fraction) for fraction in (CAUSAL_FRACTION, 1))
+  tokens_per_sec = step_tokens(shapes) / step_time
   device = jax.devices()[0]
   measured = measured or measured_matmul_flops(model_config.compute_dtype)
   peak = datasheet_peak(device.device_kind)
@@ -244,10 +298,11 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
     "step_time_s": step_time,
     "tokens_per_sec": tokens_per_sec,
     "forward_step_time_s": forward_time,
-    "forward_tokens_per_sec": batch_size * seq_len / forward_time,
-    "model_tflops_per_sec": causal * tokens_per_sec / 1e12,
-    "mfu": causal * tokens_per_sec / peak_per_run,
-    "mfu_palm": palm * tokens_per_sec / peak_per_run,
+    "forward_tokens_per_sec": step_tokens(shapes) / forward_time,
+    "train_flops_per_step": flops,
+    "model_tflops_per_sec": flops / step_time / 1e12,
+    "mfu": flops / step_time / peak_per_run,
+    "mfu_palm": dense_flops / step_time / peak_per_run,
     "peak_tflops_per_device": (peak or measured) / 1e12,
     "peak_source": "datasheet bf16 dense" if peak else "measured matmul",
     "measured_matmul_tflops": measured / 1e12,
@@ -266,56 +321,64 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
   }
 
 
+# Dropout keys of each Hugging Face family's config (Llama has no residual dropout).
+HF_DROPOUT_KEYS = {
+  "gpt2": ("resid_pdrop", "embd_pdrop"),
+  "llama": (),
+  "bert": ("hidden_dropout_prob",),
+  "roberta": ("hidden_dropout_prob",),
+  "t5": ("dropout_rate",),
+}
+PEER_TASKS = ("causal_lm", "masked_lm", "span_corruption")  # objectives the peer computes with the model's own loss
+
+
 def hf_model(model_config):
-  """The `transformers` model of the same architecture as a jaxlm ModelConfig (random weights)."""
+  """The `transformers` model of the same architecture as a jaxlm ModelConfig (random weights): the config that
+  `jaxlm.interop.hf` exports the model as (GPT-2, Llama, BERT/RoBERTa with the MLM head, T5); a ConfigError
+  names what has no Hugging Face equivalent."""
   import transformers
 
-  m = model_config
-  if m.position == "learned" and m.norm == "layernorm" and m.mlp == "gelu":
-    config = transformers.GPT2Config(
-      vocab_size=m.vocab_size,
-      n_positions=m.max_len,
-      n_embd=m.embed_dim,
-      n_layer=m.num_layers,
-      n_head=m.num_heads,
-      n_inner=m.mlp_dim,
-      activation_function="gelu_new",
-      layer_norm_epsilon=m.norm_eps,
-      resid_pdrop=m.dropout_rate,
-      embd_pdrop=m.dropout_rate,
-      attn_pdrop=0.0,
-      tie_word_embeddings=m.tie_embeddings,
+  from jaxlm.interop import hf
+
+  hf_config = hf.export_family(model_config).to_hf_config(model_config)
+  hf_config.pop("architectures")
+  model_type = hf_config.pop("model_type")
+  hf_config.update({key: model_config.dropout_rate for key in HF_DROPOUT_KEYS[model_type]})
+  config = transformers.AutoConfig.for_model(model_type, **hf_config)
+  auto = {
+    "decoder": transformers.AutoModelForCausalLM,
+    "encoder": transformers.AutoModelForMaskedLM,
+    "encoder_decoder": transformers.AutoModelForSeq2SeqLM,
+  }
+  return auto[model_config.family].from_config(config)
+
+
+def peer_inputs(model_config, batch: dict, device) -> dict:
+  """The peer's arguments for the jaxlm batch: the same tokens and the same scored positions (causal LM: every
+  next token; MLM: the masked tokens; T5: the decoder's next tokens, the source to the encoder)."""
+  import numpy as np
+  import torch
+
+  def tensor(x):
+    return torch.as_tensor(np.asarray(x), dtype=torch.long, device=device)
+
+  if model_config.family == "encoder":
+    return dict(input_ids=tensor(batch["tokens"]), labels=tensor(np.where(batch["masked"], batch["targets"], -100)))
+  if model_config.family == "encoder_decoder":
+    labels = np.roll(batch["tokens"], -1, axis=1)
+    return dict(
+      input_ids=tensor(batch["encoder_tokens"]), decoder_input_ids=tensor(batch["tokens"]), labels=tensor(labels)
     )
-    return transformers.GPT2LMHeadModel(config)
-  if m.position == "rotary" and m.norm == "rmsnorm" and m.mlp == "swiglu":
-    config = transformers.LlamaConfig(
-      vocab_size=m.vocab_size,
-      hidden_size=m.embed_dim,
-      intermediate_size=m.mlp_dim,
-      num_hidden_layers=m.num_layers,
-      num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads,
-      head_dim=m.head_dim,
-      max_position_embeddings=m.max_len,
-      rms_norm_eps=m.norm_eps,
-      rope_theta=m.rope_theta,
-      tie_word_embeddings=m.tie_embeddings,
-      attention_bias=m.use_bias,
-      mlp_bias=m.use_bias,
-    )
-    return transformers.LlamaForCausalLM(config)
-  raise ValueError(
-    f"No transformers peer for position={m.position}, norm={m.norm}, mlp={m.mlp}: the peer covers "
-    "GPT-2 (learned, layernorm, gelu) and Llama (rotary, rmsnorm, swiglu)."
-  )
+  return dict(input_ids=tensor(batch["tokens"]), labels=tensor(batch["tokens"]))
 
 
 def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model: bool) -> dict:
   import torch
 
-  from jaxlm.experiment import validate
+  from jaxlm.experiment import Experiment
 
-  model_config = validate(config)
+  experiment = Experiment.from_config(config)
+  model_config = experiment.model_config
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   if device == "cuda":
@@ -331,19 +394,20 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
     eps=train.eps,
     weight_decay=train.weight_decay,
   )
-  tokens = torch.randint(4, model_config.vocab_size, (train.batch_size, config.data.seq_len), device=device)
+  host_batch = random_batch(experiment.task, train.batch_size, model_config.vocab_size)  # jaxlm's batch
+  inputs = peer_inputs(model_config, host_batch, device)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=model_config.dtype == "bfloat16")
 
-  def loss_fn(ids):
+  def loss_fn(inputs):
     with autocast:
-      return model(input_ids=ids, labels=ids).loss
+      return model(**inputs).loss
 
   compiled = False
   if compile_model:
     try:
       compiled_loss = torch.compile(loss_fn)
       start = time.perf_counter()
-      compiled_loss(tokens).backward()
+      compiled_loss(inputs).backward()
       compile_s = time.perf_counter() - start
       loss_fn, compiled = compiled_loss, True
     except Exception as error:  # noqa: BLE001 -- any compiler failure means "measure eager"
@@ -351,7 +415,7 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
   optimizer.zero_grad(set_to_none=True)
 
   def step():
-    loss_fn(tokens).backward()
+    loss_fn(inputs).backward()
     if train.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     optimizer.step()
@@ -364,7 +428,7 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
     "peer": f"transformers {type(model).__name__} (torch {torch.__version__}, {device}, "
     f"{'torch.compile' if compiled else 'eager'}, {torch.get_num_threads()} threads)",
     "peer_step_time_s": step_time,
-    "peer_tokens_per_sec": train.batch_size * config.data.seq_len / step_time,
+    "peer_tokens_per_sec": step_tokens({key: value.shape for key, value in host_batch.items()}) / step_time,
     "peer_peak_memory_gib": peak_memory,
   }
   if compiled:
@@ -701,6 +765,8 @@ def main(argv):
     import torch
 
     torch.set_num_threads(_TORCH_THREADS.value)
+  if _PEER.value == "torch" and config.task not in PEER_TASKS:
+    raise app.UsageError(f"--peer=torch times the objectives {PEER_TASKS} (task={config.task!r}): use --peer=none.")
   if _DECODE.value:
     print(json.dumps(decode_main(config)), flush=True)
     return

@@ -20,7 +20,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
-NOTEBOOKS = ("quickstart.ipynb", "finetune_and_calibrate.ipynb", "prompted_calibration.ipynb", "accelerators.ipynb")
+NOTEBOOKS = (
+  "quickstart.ipynb",
+  "finetune_and_calibrate.ipynb",
+  "prompted_calibration.ipynb",
+  "pretrained_encoder.ipynb",
+  "accelerators.ipynb",
+)
 DEVICES = 4
 CELL_TIMEOUT_S = 600
 

@@ -27,9 +27,10 @@ def test_flops_per_token_of_gpt2_124m():
   # 12 layers x (4 D^2 attention + 2 D F MLP) + V D output projection; no position table, norms or biases.
   n = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50304 * 768
   assert benchmark.matmul_params(params["params"]) == n == 123_568_128
-  causal, palm = benchmark.flops_per_token(model_config, params["params"], seq_len=1024)
-  assert causal == 6 * n + 6 * 12 * 1024 * 768
-  assert palm == 6 * n + 12 * 12 * 1024 * 768
+  causal = benchmark.token_flops(model_config, params["params"], {"tokens": 1024})
+  palm = benchmark.token_flops(model_config, params["params"], {"tokens": 1024}, causal_fraction=1)
+  assert causal == {"tokens": 6 * n + 6 * 12 * 1024 * 768}
+  assert palm == {"tokens": 6 * n + 12 * 12 * 1024 * 768}
 
 
 def test_datasheet_peaks():

@@ -29,7 +29,7 @@ VARIANTS = {
   ],
   "pretrain_mlm.py": [None, "tiny", "bert_base"],
   "pretrain_t5.py": [None, "tiny", "t5_base"],
-  "sft_docstrings.py": [None, "lora", "distill", "tiny", "tiny,lora"],
+  "sft_docstrings.py": [None, "lora", "distill", "t5", "tiny", "tiny,lora", "tiny,t5"],
   "calibrate_packages.py": [None, "tiny", "tiny,lora"],
   "prompted_packages.py": [None, "tiny"],
   "workdir.py": [],

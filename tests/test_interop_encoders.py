@@ -19,7 +19,7 @@ from conftest import REPO, run_cli
 from jaxlm import sharding
 from jaxlm.errors import ConfigError
 from jaxlm.experiment import Experiment
-from jaxlm.interop import hf
+from jaxlm.interop import hf, random_checkpoints
 from jaxlm.models import params as params_lib
 
 VOCAB = 320
@@ -227,61 +227,11 @@ def test_unsupported_config_is_a_clear_error(family, change, key):
 
 # ------------------------------------------------------------------------------- fine-tuning an imported BERT
 
-SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-
-
-def stdlib_lines(count: int) -> list[str]:
-  """The first `count` non-empty lines of a few standard-library modules (local text, no download)."""
-  import email
-  import json as json_module
-
-  lines = []
-  for module in (os, json_module, email):
-    path = module.__file__
-    with open(path, encoding="utf-8") as f:
-      lines += [line for line in f.read().splitlines() if line.strip()]
-  return lines[:count]
-
-
-def save_wordpiece_tokenizer(directory: str, vocab_size: int) -> None:
-  """A BERT-style WordPiece tokenizer.json trained here (with BERT's [CLS] text [SEP] post-processor) and a
-  tokenizer_config.json naming [CLS]/[SEP]/[PAD]/[MASK] (no bos/eos: jaxlm maps [CLS] -> bos, [SEP] -> eos)."""
-  import tokenizers
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-  tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tokenizer.decoder = decoders.WordPiece()
-  tokenizer.train_from_iterator(
-    stdlib_lines(3000),
-    trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
-  )
-  cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-  tokenizer.post_processor = processors.TemplateProcessing(
-    single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-  )
-  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIALS).save_pretrained(directory)
-
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
   """A tiny random BertForPreTraining (pooler, MLM head) with its WordPiece tokenizer, as a Hugging Face directory."""
-  directory = str(tmp_path_factory.mktemp("tiny_bert"))
-  save_wordpiece_tokenizer(directory, vocab_size=512)
-  vocab_size = hf.load_tokenizer(directory).vocab_size
-  torch.manual_seed(0)
-  transformers.BertForPreTraining(
-    transformers.BertConfig(
-      vocab_size=vocab_size,
-      hidden_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      intermediate_size=128,
-      max_position_embeddings=64,
-    )
-  ).save_pretrained(directory)
-  return directory
+  return random_checkpoints.save_random_bert(str(tmp_path_factory.mktemp("tiny_bert")), vocab_size=512)
 
 
 def finetune_config(variant: str):

@@ -14,6 +14,7 @@ accumulation and multi-batch evaluation add exactly.
 from typing import Any, Callable, ClassVar, Protocol
 
 import flax.linen as nn
+import numpy as np
 
 REGISTRY: dict[str, type] = {}  # config.task -> task class
 
@@ -74,6 +75,11 @@ class Task(Protocol):
   def batch_shapes(self, rows: int) -> dict[str, tuple]:
     """{key: shape} of a batch of `rows` rows: what the steps are compiled for."""
 
+  def random_batch(self, rows: int, vocab_size: int, rng: np.random.Generator) -> dict:
+    """Hook: a host batch of `batch_shapes(rows)` with random tokens, each row one full segment: what
+    `scripts/benchmark.py` times (the data pipeline is not timed). The default fills the keys every task
+    shares (`tokens`, `segment_ids`, `positions`, and their `encoder_` twins); a task with more keys adds them."""
+
   def logits(self, model, params, batch, *, train: bool, rng=None):
     """[B, C] (one prediction per row) or [B, T, V] (one per token)."""
 
@@ -115,6 +121,18 @@ class BaseTask:
   @classmethod
   def resolve_config(cls, config) -> None:
     del config
+
+  def random_batch(self, rows: int, vocab_size: int, rng: np.random.Generator) -> dict:
+    batch = {}
+    for key, shape in self.batch_shapes(rows).items():
+      field = key.removeprefix("encoder_")
+      if field == "tokens":
+        batch[key] = rng.integers(0, vocab_size, shape, dtype=np.int32)
+      elif field == "segment_ids":
+        batch[key] = np.ones(shape, np.int32)
+      elif field == "positions":
+        batch[key] = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()
+    return batch
 
   def logits(self, model, params, batch, *, train: bool, rng=None):
     return self.apply(model, params, batch, train=train, rng=rng)

@@ -154,6 +154,9 @@ class Classification(base.BaseTask):
   def batch_shapes(self, rows):
     return {**{key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions")}, "label": (rows,)}
 
+  def random_batch(self, rows, vocab_size, rng):
+    return {**super().random_batch(rows, vocab_size, rng), "label": rng.integers(0, self.num_classes, rows, np.int32)}
+
   def weights(self, batch):
     """[B]: 1 for rows that hold an example, 0 for padding rows."""
     return jnp.any(batch["segment_ids"] != 0, axis=1).astype(jnp.float32)

@@ -56,6 +56,9 @@ class Distillation:
   def batch_shapes(self, rows):
     return self.student.batch_shapes(rows)
 
+  def random_batch(self, rows, vocab_size, rng):
+    return self.student.random_batch(rows, vocab_size, rng)
+
   def weights(self, batch):
     return self.student.weights(batch)
 

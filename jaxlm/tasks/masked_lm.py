@@ -112,6 +112,12 @@ class MaskedLm(base.BaseTask):
   def batch_shapes(self, rows):
     return {key: (rows, self.seq_len) for key in ("tokens", "segment_ids", "positions", "targets", "masked")}
 
+  def random_batch(self, rows, vocab_size, rng):
+    batch = super().random_batch(rows, vocab_size, rng)
+    batch["targets"] = rng.integers(0, vocab_size, (rows, self.seq_len), dtype=np.int32)
+    batch["masked"] = (rng.random((rows, self.seq_len)) < self.rate).astype(np.int32)
+    return batch
+
   def weights(self, batch):
     return batch["masked"].astype(jnp.float32)
 

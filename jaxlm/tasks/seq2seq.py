@@ -13,6 +13,7 @@ reference: exact match and ROUGE-L F1 (`jaxlm.evaluation.metrics`), in the loop'
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from jaxlm.data import pipeline
@@ -93,6 +94,10 @@ class Seq2Seq(causal_lm.CausalLm):
     if self.encoder_decoder:
       keys += ("encoder_tokens", "encoder_segment_ids", "encoder_positions")
     return {key: (rows, self.seq_len) for key in keys}
+
+  def random_batch(self, rows, vocab_size, rng):
+    """Every decoder token a target (`loss_mask` 1)."""
+    return {**super().random_batch(rows, vocab_size, rng), "loss_mask": np.ones((rows, self.seq_len), np.int32)}
 
   def weights(self, batch):
     return target_weights(batch["loss_mask"])
