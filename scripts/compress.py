@@ -25,6 +25,7 @@ _PRUNE = flags.DEFINE_string(
 _SCOPE = flags.DEFINE_enum("prune_scope", "layer", ["layer", "global"], "Weights or heads ranked per layer or global.")
 _HEAD_BATCHES = flags.DEFINE_integer("head_batches", 8, "--prune=heads:F: validation batches scoring the heads.")
 _TARGETS = flags.DEFINE_string("prune_targets", r"kernel$", "Regex of the parameter paths pruned.")
+_REPORT = flags.DEFINE_bool("report", True, "Write OUT/compression_report.{json,md} against --workdir.")
 _QUANTIZE = flags.DEFINE_string("quantize", "", "Quantization scheme (int8, int4, int4-g64, int8-asym, ...).")
 
 
@@ -34,7 +35,15 @@ def main(argv):
 
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   record = compress(
-    _WORKDIR.value, _OUT.value, step, _PRUNE.value, _SCOPE.value, _TARGETS.value, _QUANTIZE.value, _HEAD_BATCHES.value
+    _WORKDIR.value,
+    _OUT.value,
+    step,
+    _PRUNE.value,
+    _SCOPE.value,
+    _TARGETS.value,
+    _QUANTIZE.value,
+    _HEAD_BATCHES.value,
+    _REPORT.value,
   )
   record.pop("sparsity", None)
   print(json.dumps(record, indent=2), flush=True)

@@ -70,7 +70,7 @@ def test_the_lowest_scoring_heads_are_pruned_and_add_exactly_nothing(run):
 
 
 def test_compress_prunes_heads_one_shot(tiny_workdir, tmp_path):
-  record = compress.compress(tiny_workdir, str(tmp_path / "heads"), prune="heads:0.5", head_batches=2)
+  record = compress.compress(tiny_workdir, str(tmp_path / "heads"), prune="heads:0.5", head_batches=2, report=False)
   assert len(record["heads_pruned"][OUT]) == 4  # 2 of 4 heads in each of 2 layers
   kernel = np.asarray(
     Experiment.from_workdir(str(tmp_path / "heads")).load_params()["layers"]["attention"]["out"]["kernel"]
