@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from jaxlm.errors import ConfigError, check
+from jaxlm.training.writer import read_rows
 
 MODES = ("max", "min")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
@@ -104,13 +105,14 @@ def random_points(config, specs: list[str], budget: int, seed: int = 0) -> list[
     bounds = args.split(":")
     check(len(bounds) == 2, key, f"{distribution} takes LO:HI, e.g. {distribution}:1e-4:1e-2; got {args!r}.")
     is_int = type(_field(config, key)) is int
-    low, high = (float(parse_value(config, key, bound) if is_int else float(bound)) for bound in bounds)
+    check(is_int or type(_field(config, key)) is float, key, f"{distribution} draws numbers; use choice:A,B,...")
+    low, high = (float(parse_value(config, key, bound)) for bound in bounds)
     check(low < high and (distribution == "uniform" or low > 0), key, f"needs 0 < LO < HI (log) or LO < HI: {args!r}.")
     if distribution == "loguniform":
       values = np.exp(rng.uniform(math.log(low), math.log(high), size=budget))
     else:
-      values = rng.uniform(low, high + (1 if is_int else 0), size=budget)
-    draws.append((key, [int(v) if is_int else _round(float(v)) for v in (np.floor(values) if is_int else values)]))
+      values = rng.uniform(low, high + (1 if is_int else 0), size=budget)  # an int field: LO..HI inclusive
+    draws.append((key, [int(np.floor(v)) if is_int else _round(float(v)) for v in values]))
   return [{key: values[i] for key, values in draws} for i in range(budget)]
 
 
@@ -139,23 +141,10 @@ def read_metric(workdir: str, metric: str, mode: str) -> float | None:
     with open(path) as f:
       value = json.load(f)["metrics"].get(name)
     return None if value is None else float(value)
-  values = [row[name] for row in _rows(workdir) if row["split"] == split and name in row]
-  values = [v for v in values if math.isfinite(v)]
+  values = [row[name] for row in read_rows(workdir, split) if name in row and math.isfinite(row[name])]
   if not values:
     return None
   return max(values) if mode == "max" else min(values)
-
-
-def _rows(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _steps(workdir: str) -> int:
-  return max((row["step"] for row in _rows(workdir)), default=0)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -255,7 +244,7 @@ def write_results(sweepdir: str, header: dict, rows: list[dict]) -> dict:
   results.png (atomically replaced, so an interrupted sweep leaves a readable table)."""
   for row in rows:
     row["metric"] = read_metric(row["workdir"], header["metric"], header["mode"])
-    row["steps"] = _steps(row["workdir"])
+    row["steps"] = max((r["step"] for r in read_rows(row["workdir"], "train")), default=0)
   scored = [row for row in rows if row["status"] == "done" and row["metric"] is not None]
   pick = max if header["mode"] == "max" else min
   best = pick(scored, key=lambda row: row["metric"])["name"] if scored else None
