@@ -302,8 +302,11 @@ def plot(results: dict, path: str) -> None:
     values.sort(key=lambda pair: pair[0])
     axis.plot([x for x, _ in values], [y for _, y in values], marker="o", label=label)
   xs = [row["overrides"][keys[0]] for row in done]
-  if all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in xs) and max(xs) > 10 * min(xs):
-    axis.set_xscale("log")
+  if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+    if min(xs) > 0 and max(xs) > 10 * min(xs):
+      axis.set_xscale("log")
+    axis.set_xticks(sorted(set(xs)), [_text(x) for x in sorted(set(xs))], minor=False)
+    axis.set_xticks([], minor=True)
   axis.set_xlabel(keys[0])
   axis.set_ylabel(results["metric"])
   axis.set_title(f"{os.path.basename(results['config'])}: best {results['best']}", fontsize=9)
