@@ -11,17 +11,19 @@ disk of both and the parameters kept.
 
 `compression_report(run, baseline)` (written by `compress` for the run it makes, and callable on any run, e.g. a
 gradually pruned or quantization-aware fine-tune, against the original) writes RUN/compression_report.json and
-.md: the checkpoint's bytes on disk, the parameters kept (non-zero / total, per parameter and per layer of a
-stack), greedy decode tokens/s of a decoder (`inference.timing.time_decode`, one device, a fixed batch), and the
-task's metrics with bootstrap confidence intervals (`evaluation.report`) next to the baseline's on the same
-examples: for a classifier accuracy, macro-F1, NLL, Brier, ECE and MCE on `data.test_split` with paired
-differences, for a language model loss (perplexity = exp), token accuracy and token-level ECE on `data.eval_split`.
+.md: the parameters' bytes on disk saved alone (a training checkpoint also holds the optimizer state) and the
+checkpoint's, the parameters kept (non-zero / total, per parameter and per layer of a stack), greedy decode
+tokens/s of a decoder (`inference.timing.time_decode`, one device, a fixed batch), and the task's metrics with
+bootstrap confidence intervals (`evaluation.report`) next to the baseline's on the same examples: for a
+classifier accuracy, macro-F1, NLL, Brier, ECE and MCE on `data.test_split` with paired differences, for a
+language model loss (perplexity = exp), token accuracy and token-level ECE on `data.eval_split`.
 """
 
 import json
 import math
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -133,6 +135,14 @@ def params_kept(params) -> dict:
   return kept
 
 
+def params_bytes(params) -> int:
+  """Bytes on disk of `params` saved alone as a checkpoint (`checkpoint.save_params`): the size of a model, where a
+  training checkpoint also holds the optimizer state."""
+  with tempfile.TemporaryDirectory() as directory:
+    checkpoint.save_params(directory, params)
+    return directory_bytes(directory)
+
+
 def _token_arrays(experiment: Experiment, params, split: str, num_batches: int) -> dict:
   """`report.token_arrays` of a language model on `split`, batch by batch (the logits [N, T, V] never all held)."""
   task, model = experiment.task, experiment.model
@@ -178,6 +188,7 @@ def compression_report(
     entry = {
       "step": at,
       "checkpoint_bytes": directory_bytes(os.path.join(path, "checkpoints", str(at))),
+      "params_bytes": params_bytes(params),
       "params_kept": params_kept(params),
     }
     if classifier:
@@ -208,15 +219,14 @@ def compression_report(
       intervals["perplexity"] = {key: math.exp(intervals["loss"][key]) for key in ("value", "low", "high")}
     comparisons = None
   result.update(split=split, metrics=metrics, comparisons=comparisons)
-  lines = [f"# Compression report: {workdir} against {baseline} ({split} split)", "", "| system | checkpoint bytes | "
-           "parameters kept | decode tokens/s |", "|---|---|---|---|"]  # fmt: skip
+  lines = [f"# Compression report: {workdir} against {baseline} ({split} split)", "", "| system | parameter bytes on "
+           "disk | checkpoint bytes | parameters kept | decode tokens/s |", "|---|---|---|---|---|"]  # fmt: skip
   for system, entry in result["systems"].items():
     nonzero, total = entry["params_kept"]["total"]
     speed = entry.get("decode", {}).get("tokens_per_sec")
     speed = f"{speed:.1f} (batch {decode_batch})" if speed else "n/a"
-    lines.append(
-      f"| {system} | {entry['checkpoint_bytes']:,} | {nonzero:,} / {total:,} ({nonzero / total:.1%}) | {speed} |"
-    )
+    sizes = f"{entry['params_bytes']:,} | {entry['checkpoint_bytes']:,}"
+    lines.append(f"| {system} | {sizes} | {nonzero:,} / {total:,} ({nonzero / total:.1%}) | {speed} |")
   lines += ["", report_lib.markdown_table(metrics, comparisons=comparisons)]
   for suffix, text in (("json", json.dumps(result, indent=2)), ("md", "\n".join(lines) + "\n")):
     with open(os.path.join(workdir, f"compression_report.{suffix}"), "w") as f:
