@@ -34,6 +34,7 @@ _SUBMODULES = (
   "models",
   "plan",
   "sharding",
+  "sweep",
   "tasks",
   "training",
 )

@@ -440,26 +440,6 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
 # Decoding (--decode)
 
 
-def median_seconds(run, repeats: int) -> float:
-  """Median wall time of `run()` (which must block until done) over `repeats` calls after one warm-up call."""
-  run()
-  timings = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    timings.append(time.perf_counter() - start)
-  return statistics.median(timings)
-
-
-def decode_row(batch: int, new_tokens: int, prefill_s: float, one_token_s: float, total_s: float) -> dict:
-  return {
-    "batch": batch,
-    "prefill_ms": 1e3 * prefill_s,
-    "per_token_ms": 1e3 * (total_s - one_token_s) / max(new_tokens - 1, 1),
-    "tokens_per_sec": batch * new_tokens / total_s,
-  }
-
-
 def decode_variant(model_config, variant: str):
   """The ModelConfig of a decode variant: "float32" / "bfloat16" (weights and activations in that dtype) or
   "int8" (int8 weight-only kernels, activations in the config's dtype)."""
@@ -486,8 +466,8 @@ def benchmark_decode_jaxlm(
   import numpy as np
 
   from jaxlm.experiment import Experiment
-  from jaxlm.inference import generate
-  from jaxlm.inference.decode import CachedDecoder, DecodeSettings
+  from jaxlm.inference import timing
+  from jaxlm.inference.decode import CachedDecoder
   from jaxlm.models import params as params_lib
   from jaxlm.models import quantize
   from jaxlm.training import steps as steps_lib
@@ -517,22 +497,8 @@ def benchmark_decode_jaxlm(
     weight_bytes = quantize.kernel_bytes(params)
     step_model = CachedDecoder(model)
     slots = prompt_len + new_tokens
-    prefill = jax.jit(lambda params, tokens, start: step_model.prefill(params, tokens, start, slots))
     for batch in batch_sizes:
-      tokens = np.random.default_rng(batch).integers(4, model_config.vocab_size, (batch, prompt_len), dtype=np.int32)
-      start = np.zeros(batch, np.int32)
-
-      def decode(count):
-        settings = DecodeSettings(max_new_tokens=count)
-        jax.block_until_ready(generate.decode(step_model, params, tokens, start, jax.random.key(0), settings))
-
-      row = decode_row(
-        batch,
-        new_tokens,
-        median_seconds(lambda: jax.block_until_ready(prefill(params, tokens, start)), repeats),
-        median_seconds(lambda: decode(1), repeats),
-        median_seconds(lambda: decode(new_tokens), repeats),
-      )
+      row = timing.time_decode(step_model, params, batch, prompt_len, new_tokens, repeats, model_config.vocab_size)
       # Each step reads every weight once and every cache slot (the cache has prompt_len + new_tokens slots).
       cache_bytes = (
         2
@@ -589,6 +555,7 @@ def benchmark_decode_torch(config, batch_sizes: list[int], prompt_len: int, new_
   import torch
 
   from jaxlm.experiment import validate
+  from jaxlm.inference.timing import decode_row, median_seconds
 
   model_config = validate(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,7 +16,7 @@ from jaxlm.compression import pruning
 @pytest.fixture(scope="module")
 def int4_workdir(tiny_workdir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("compressed") / "int4")
-  compress.compress(tiny_workdir, out, prune="2:4", quantize_scheme="int4-g8")
+  compress.compress(tiny_workdir, out, prune="2:4", quantize_scheme="int4-g8", report=False)
   return out
 
 
@@ -41,7 +41,7 @@ def test_quantized_pruned_workdir_is_smaller_and_loads_as_such(tiny_workdir, int
 
 
 def test_magnitude_pruning_one_shot_keeps_the_largest(tiny_workdir, tmp_path):
-  record = compress.compress(tiny_workdir, str(tmp_path / "p50"), prune="0.5")
+  record = compress.compress(tiny_workdir, str(tmp_path / "p50"), prune="0.5", report=False)
   assert record["sparsity"]["total"] == pytest.approx(0.5, abs=1e-3)
   params = Experiment.from_workdir(str(tmp_path / "p50")).load_params()
   assert pruning.sparsity(params)["layers/mlp/up/kernel[0]"] == pytest.approx(0.5, abs=1e-3)

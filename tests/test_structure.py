@@ -20,7 +20,7 @@ LAYERS = [
   ("jaxlm.configs",),
   ("jaxlm.plan",),
   ("jaxlm.experiment",),
-  ("jaxlm.calibrate", "jaxlm.ensemble", "jaxlm.compress"),  # evaluation and calibration workflows on an Experiment
+  ("jaxlm.calibrate", "jaxlm.ensemble", "jaxlm.compress", "jaxlm.sweep"),  # workflows on Experiments and runs
   ("jaxlm.main", "jaxlm"),  # `jaxlm/__init__.py` re-exports lazily from the top
 ]
 

@@ -13,6 +13,13 @@ MLP, heads), never norms, biases or embeddings. Stacked layers (a `layers` path 
 axis L) are pruned per layer along that axis when `scope="layer"`; `scope="global"` ranks all targets together.
 N:M groups are M consecutive weights along the first axis after the layer axis (the input axis of every kernel
 but the attention output projection, where it is the heads axis); each group keeps its N largest.
+
+Attention heads (`head_masks`): a pruned head's rows of the attention output projection (kernel [L, N, H, D]) are
+zero, so its output adds exactly nothing; the masks are the same bool trees, so heads go through `apply_masks`
+like any pruning. The heads pruned are those of lowest importance (Michel et al. 2019): |dL/dxi_h| of a gate xi_h
+on head h's output, averaged over batches. Gating head h scales its rows of the output projection, so at xi = 1
+dL/dxi_h = sum(W_h * dL/dW_h), read from the ordinary gradient of the loss (`head_scores`): a first-order estimate
+of what removing the head costs the loss, where a weight norm says nothing about how the head is used.
 """
 
 import re
@@ -88,6 +95,47 @@ def nm_masks(params, n: int = 2, m: int = 4, targets: str = TARGETS):
     ranks = jnp.argsort(jnp.argsort(-groups, axis=-1, stable=True), axis=-1, stable=True)
     masks[name] = jnp.moveaxis((ranks < n).reshape(scores.shape), -1, axis)
   return _masks_tree(params, masks)
+
+
+HEAD_TARGETS = r"attention/out/kernel$"  # the output projections [L, N, H, D] (or [N, H, D]) of every attention
+
+
+def head_scores(params, grads, targets: str = HEAD_TARGETS) -> dict:
+  """{name: [L, N] (or [N])} |sum over head n's rows of W * dL/dW| of each attention output projection: one
+  batch's |dL/dxi| of the head gates (see the module docstring). Traceable."""
+  grads = _targeted(grads, targets)
+  return {
+    name: jnp.abs((leaf.astype(jnp.float32) * grads[name].astype(jnp.float32)).sum(axis=(-2, -1)))
+    for name, leaf in _targeted(params, targets).items()
+  }
+
+
+def head_masks(params, scores: dict, fraction: float, scope: str = "layer", targets: str = HEAD_TARGETS):
+  """Masks pruning the `fraction` of heads of lowest `scores` ({name: [L, N]} as `head_scores`) in every layer
+  (`scope="layer"`) or over all layers together (`"global"`): whole rows [.., n, :, :] of the output projections."""
+  check(scope in SCOPES, "prune_scope", f"{scope!r} is not one of {SCOPES}.")
+  check(0 < fraction < 1, "prune", f"the fraction of heads pruned must be in (0, 1), got {fraction}.")
+  leaves = _targeted(params, targets)
+  check(set(scores) == set(leaves), "prune", f"head scores for {sorted(scores)}, but the heads are {sorted(leaves)}.")
+  if scope == "global":
+    flat = jnp.concatenate([scores[name].reshape(-1) for name in leaves])
+    keep, kept, start = _keep_largest(flat, fraction), {}, 0
+    for name in leaves:
+      kept[name] = keep[start : start + scores[name].size].reshape(scores[name].shape)
+      start += scores[name].size
+  else:
+    per_layer = lambda name: jax.vmap(_keep_largest, (0, None)) if _stacked(name) else _keep_largest
+    kept = {name: per_layer(name)(scores[name], fraction) for name in leaves}
+  masks = {name: jnp.broadcast_to(kept[name][..., None, None], leaf.shape) for name, leaf in leaves.items()}
+  return _masks_tree(params, masks)
+
+
+def pruned_heads(masks, targets: str = HEAD_TARGETS) -> dict:
+  """{name: [[layer, head], ...]} (or [[head], ...] unstacked) of the heads `head_masks` prunes."""
+  return {
+    name: [[int(i) for i in index] for index in zip(*(~jax.device_get(mask)[..., 0, 0]).nonzero())]
+    for name, mask in _targeted(masks, targets).items()
+  }
 
 
 def parse_structure(structure: str) -> tuple[int, int]:

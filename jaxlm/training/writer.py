@@ -19,12 +19,13 @@ def _kept(line: str, step: int) -> bool:
 
 
 def read_rows(workdir: str, split: str) -> list[dict]:
-  """The rows of `split` in WORKDIR/metrics.jsonl, in the order written (none if the file does not exist)."""
+  """The rows of `split` in WORKDIR/metrics.jsonl, in the order written (none if the file does not exist); a last
+  line still being written (a running or killed run) is not read."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [row for row in map(json.loads, f) if row["split"] == split]
+    return [row for row in map(json.loads, (line for line in f if line.endswith("\n"))) if row["split"] == split]
 
 
 class MetricWriter:
