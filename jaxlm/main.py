@@ -77,6 +77,8 @@ def main(argv):
   added = runtime.set_recommended_xla_flags()
   if added:
     logging.info("Added XLA flags for the GPU: %s", " ".join(added))
+  if runtime.keep_freed_host_memory():
+    logging.info("CPU run: malloc keeps freed memory for reuse (see jaxlm.runtime.keep_freed_host_memory).")
   runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jaxlm.experiment import Experiment  # imported here so that --help stays fast
 

@@ -754,4 +754,5 @@ def main(argv):
 
 if __name__ == "__main__":
   runtime.set_recommended_xla_flags()
+  runtime.keep_freed_host_memory()
   app.run(main)

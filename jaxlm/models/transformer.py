@@ -97,9 +97,19 @@ class Decoder(nn.Module):
     return logits if cache is None else (logits, cache)
 
 
-def token_embedding(config: ModelConfig, name: str | None = "token_embed") -> nn.Embed:
+class TokenEmbed(nn.Embed):
+  """`nn.Embed` (the same parameters) whose `attend`, the tied output projection [..., D] -> [..., V], runs on all
+  leading axes merged into one: the same numbers, and XLA then computes the embedding's gradient from the logits'
+  gradient as it is, where [B, T, D] contracted over B and T first copies that gradient transposed to [V, B, T]
+  (on CPU the largest copy of the train step at V = 4k, and a second pass over it)."""
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    return super().attend(query.reshape(-1, query.shape[-1])).reshape(*query.shape[:-1], self.num_embeddings)
+
+
+def token_embedding(config: ModelConfig, name: str | None = "token_embed") -> TokenEmbed:
   init = layers.weight_init(config.init_std, (VOCAB, EMBED))
-  return nn.Embed(
+  return TokenEmbed(
     config.vocab_size,
     config.embed_dim,
     embedding_init=init,
@@ -183,7 +193,7 @@ class Stack(nn.Module):
     return x, cache, (None if cross_cache is None else carry[2][:2])
 
 
-def embed(config: ModelConfig, token_embed: nn.Embed, tokens, positions, token_types, deterministic: bool):
+def embed(config: ModelConfig, token_embed: TokenEmbed, tokens, positions, token_types, deterministic: bool):
   """Token (+ learned position) (+ token type) embeddings (-> embedding norm) -> dropout: [B, T, D].
 
   Creates `position_embed`, `type_embed` and `embed_norm` in the calling module as the config asks.
