@@ -20,6 +20,10 @@ Heads: an encoder always carries BERT's MLM head; a checkpoint of the bare `Bert
 freshly initialised (logged) and export writes the `*ForMaskedLM` layout. BERT's next-sentence head is skipped
 (logged). Tied copies that some checkpoints store (T5's `encoder.embed_tokens`, BERT's MLM decoder) are checked
 equal to their source and not written back.
+
+Framing: a T5 comes with the token framing it was trained with, which jaxlm's tasks and generation then use: its
+encoder reads `text </s>` (`model.encoder_eos`; its tokenizer has no bos, so nothing comes before the text) and its
+decoder starts with `decoder_start_token_id` (`model.decoder_start_id`, pad for T5).
 """
 
 import contextlib
@@ -986,6 +990,11 @@ def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tok
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if model_config.family == "encoder_decoder":  # -1: jaxlm's own encoder-decoders start the decoder with bos
       hf_config.update(decoder_start_token_id=tokenizer.bos_id)
+  if model_config.family == "encoder_decoder" and not model_config.encoder_eos:
+    logging.warning(
+      "model.encoder_eos=False: this encoder-decoder was trained on `[bos] prompt` encoder inputs; Hugging Face T5 "
+      "frames `prompt </s>`, and so does jaxlm when it imports this export (feed it the framing it was trained on)."
+    )
   hf_config.update(family.to_hf_config(model_config))  # the family's own ids win (RoBERTa's pad = its padding_idx)
   flat = params_lib.flatten(params)
   table = family.tensors(model_config)

@@ -69,6 +69,7 @@ def save_random_bert(directory: str, vocab_size: int = 512, seed: int = 0, **ber
 
 # T5's sentinels <extra_id_0> ... <extra_id_99>: the last ids of its vocabulary, <extra_id_0> the very last.
 T5_EXTRA_IDS = 100
+T5_PADDING_ROWS = 12  # embedding rows past the tokenizer's pieces (T5 pads its 32,100 pieces to 32,128 rows)
 
 
 def save_t5_tokenizer(directory: str, vocab_size: int, texts: list[str] | None = None) -> None:
@@ -121,12 +122,11 @@ def t5_model(version: str = "1.0", **t5_config):
 
 def save_random_t5(directory: str, vocab_size: int = 512, version: str = "1.0", seed: int = 0, **t5_config) -> str:
   """A random T5 of `version` (`t5_model`) with its T5-style tokenizer (`save_t5_tokenizer`), saved in `directory`,
-  which is returned. The model has `vocab_size` rows, the tokenizer a few pieces fewer (real T5 pads its 32,100
-  pieces to 32,128 rows). `t5_config`: `transformers.T5Config` fields over a tiny default (D=64, 2 + 2 layers of 4
-  heads of 16, F=128)."""
+  which is returned. The model has `vocab_size` rows, the tokenizer `T5_PADDING_ROWS` pieces fewer. `t5_config`:
+  `transformers.T5Config` fields over a tiny default (D=64, 2 + 2 layers of 4 heads of 16, F=128)."""
   import torch
 
-  save_t5_tokenizer(directory, vocab_size - 12)
+  save_t5_tokenizer(directory, vocab_size - T5_PADDING_ROWS)
   config = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16)
   config.update(relative_attention_max_distance=32, dropout_rate=0.0, **t5_config)
   torch.manual_seed(seed)
