@@ -16,7 +16,8 @@ Variants (`--config=experiments/sft_docstrings.py:VARIANT`, combinable with comm
   lora      rank-8 LoRA adapters on attention query/value and the MLP; base weights frozen;
   distill   KL to a teacher on the target tokens: set --config.distill.teacher=WORKDIR_OF_A_FULL_RUN;
   t5        seq2seq on the span-corruption-pretrained encoder-decoder of `experiments/pretrain_t5.py`
-            (init_from=runs/t5): the function to the encoder, the docstring line to the decoder;
+            (init_from=runs/t5): the function to the encoder, the docstring line to the decoder; or on a
+            Hugging Face T5 with --config.init_from=hf:PATH (its architecture, tokenizer and framing);
   tiny      seconds on CPU, for tests (from a `quickstart.py:tiny` workdir, or `pretrain_t5.py:tiny` with t5).
 """
 

@@ -265,7 +265,10 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
 
   def scores(template, inputs, demonstrations):
     return score(
-      [[tokenizer.bos_id] + tokenizer.encode(prompting.build_prompt(template, text, demonstrations)) for text in inputs]
+      [
+        tokenizer.bos_prefix + tokenizer.encode(prompting.build_prompt(template, text, demonstrations))
+        for text in inputs
+      ]
     )
 
   runs = []
@@ -282,7 +285,7 @@ def prompted_classification(experiment: Experiment, step: str | int = "latest") 
         priors = {
           "contextual": lambda: scores(template, list(options.content_free), demonstrations),
           "domain": lambda: scores(template, domain, demonstrations),
-          "pmi": lambda: score([[tokenizer.bos_id] + tokenizer.encode(prompting.answer_prefix(template))]),
+          "pmi": lambda: score([tokenizer.bos_prefix + tokenizer.encode(prompting.answer_prefix(template))]),
         }
         probs = {}
         for name in options.corrections:

@@ -43,17 +43,6 @@ T5 = dict(
 )
 
 
-def untied_t5_v11():
-  """T5 v1.1: gated GELU, lm_head of its own, no logit scale. (transformers >= 5 forces tie_word_embeddings=True in
-  T5Config; set after construction it unties the model as v1.1 checkpoints are.)"""
-  config = transformers.T5Config(**T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-  config.tie_word_embeddings = False
-  model = transformers.T5ForConditionalGeneration(config)
-  for stack in (model.encoder, model.decoder):  # v1.1 shares the input embedding (untied, transformers 5 does not)
-    stack.embed_tokens.weight.data.copy_(model.shared.weight.data)
-  return model
-
-
 VARIANTS = {
   "bert": lambda: transformers.BertForPreTraining(transformers.BertConfig(**BERT, type_vocab_size=2)),
   "roberta": lambda: transformers.RobertaForMaskedLM(
@@ -72,7 +61,7 @@ VARIANTS = {
     )
   ),
   "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, num_decoder_layers=3)),
-  "t5_v11": untied_t5_v11,
+  "t5_v11": lambda: random_checkpoints.t5_model("1.1", **T5),
 }
 
 

@@ -4,7 +4,7 @@ Pretraining packs documents (`lm_batches`); fine-tuning pads one example per
 row (`padded_batches` of `classification_example` or `sft_example`), so that each
 row has one label or one prompt/target pair. A language-modelling batch is a
 dict of int32 `[B, T]` arrays:
-- `tokens`: documents as `[bos] + ids + [eos]`, concatenated and cut into rows
+- `tokens`: documents as `[bos] + ids + [eos]` (no bos for a tokenizer without one), concatenated and cut into rows
   of T tokens (a long document continues in the next row);
 - `segment_ids`: 1, 2, ... for the document pieces of a row, 0 for padding;
 - `positions`: index of each token within its piece of the row (restarts at 0).
@@ -120,7 +120,7 @@ def lm_batches(
 
   def tokenize(index, record):
     ids = tokenizer.encode(record_text(record, text_field, index, dataset_name))
-    return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)}
+    return {"tokens": np.asarray([*tokenizer.bos_prefix, *ids, tokenizer.eos_id], dtype=np.int32)}
 
   documents = grain.MapDataset.source(source).map_with_index(tokenize)
   documents = documents[stream_index::stream_count]
@@ -197,8 +197,15 @@ def padded_row(ids: list[int], seq_len: int) -> dict:
 
 def classification_example(tokenizer: Tokenizer, text: str, label: int, seq_len: int, truncation: str) -> dict:
   """`[bos] + text + [eos]`, the text cut to fit (`truncation`: which side is cut), with its `label`."""
-  ids = truncate(tokenizer.encode(text), seq_len - 2, truncation)
-  return {**padded_row([tokenizer.bos_id, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
+  ids = truncate(tokenizer.encode(text), seq_len - 1 - len(tokenizer.bos_prefix), truncation)
+  return {**padded_row([*tokenizer.bos_prefix, *ids, tokenizer.eos_id], seq_len), "label": np.int32(label)}
+
+
+def frame_prompt(tokenizer: Tokenizer, ids: list[int], encoder_eos: bool) -> list[int]:
+  """A prompt's `ids` as a model reads them: `[bos] + ids` (nothing before them for a tokenizer without bos), then
+  eos for an encoder trained so (`model.encoder_eos`; T5's `prompt </s>`). Training rows and generation frame
+  prompts here alike."""
+  return [*tokenizer.bos_prefix, *ids, *([tokenizer.eos_id] if encoder_eos else [])]
 
 
 def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str, separator: str) -> dict:
@@ -209,25 +216,48 @@ def sft_example(tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, tr
   """
   target_ids = truncate(tokenizer.encode(target), seq_len // 2 - 1, "right") + [tokenizer.eos_id]
   separator_ids = tokenizer.encode(separator) if separator else []
-  prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids) - len(target_ids), truncation)
-  context = [tokenizer.bos_id, *prompt_ids, *separator_ids]
+  room = seq_len - len(frame_prompt(tokenizer, separator_ids, False)) - len(target_ids)
+  context = frame_prompt(tokenizer, truncate(tokenizer.encode(prompt), room, truncation) + separator_ids, False)
   row = padded_row(context + target_ids, seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
   row["loss_mask"][len(context) : len(context) + len(target_ids)] = 1
   return row
 
 
+def decoder_start_id(tokenizer: Tokenizer, configured: int) -> int:
+  """The token an encoder-decoder's decoder starts with: `model.decoder_start_id` (`configured`; T5: 0, its pad),
+  or for -1 the tokenizer's bos (jaxlm's own encoder-decoders)."""
+  if configured >= 0:
+    return configured
+  check(
+    tokenizer.bos_id is not None,
+    "model.decoder_start_id",
+    f"is -1 (start the decoder with bos) and the tokenizer {tokenizer.path} has no bos; set the id the model "
+    "was trained to start its decoder with (T5: 0, its pad).",
+  )
+  return tokenizer.bos_id
+
+
 def encoder_decoder_example(
-  tokenizer: Tokenizer, prompt: str, target: str, seq_len: int, truncation: str, separator: str
+  tokenizer: Tokenizer,
+  prompt: str,
+  target: str,
+  seq_len: int,
+  truncation: str,
+  separator: str,
+  *,
+  decoder_start_id: int,
+  encoder_eos: bool,
 ) -> dict:
-  """Encoder `[bos] + prompt + separator` (`encoder_*` keys; the prompt cut to fit, `truncation` its side),
-  decoder `[bos] + target + [eos]` (the target cut to fit; `loss_mask` 1 on target and eos), each `seq_len` long.
-  The encoder row is what generation feeds the encoder (bos + the prompt text with its separator)."""
+  """Encoder `frame_prompt(prompt + separator)` (`encoder_*` keys; the prompt cut to fit, `truncation` its side),
+  decoder `[decoder_start_id] + target + [eos]` (the target cut to fit; `loss_mask` 1 on target and eos), each
+  `seq_len` long. The encoder row is what generation feeds the encoder for the prompt text with its separator."""
   separator_ids = tokenizer.encode(separator) if separator else []
-  prompt_ids = truncate(tokenizer.encode(prompt), seq_len - 1 - len(separator_ids), truncation)
-  encoder = padded_row([tokenizer.bos_id, *prompt_ids, *separator_ids], seq_len)
+  room = seq_len - len(frame_prompt(tokenizer, separator_ids, encoder_eos))
+  prompt_ids = truncate(tokenizer.encode(prompt), room, truncation)
+  encoder = padded_row(frame_prompt(tokenizer, prompt_ids + separator_ids, encoder_eos), seq_len)
   target_ids = truncate(tokenizer.encode(target), seq_len - 2, "right") + [tokenizer.eos_id]
-  row = padded_row([tokenizer.bos_id, *target_ids], seq_len)
+  row = padded_row([decoder_start_id, *target_ids], seq_len)
   row["loss_mask"] = np.zeros(seq_len, np.int32)
   row["loss_mask"][1 : 1 + len(target_ids)] = 1
   return {**row, **{f"encoder_{key}": value for key, value in encoder.items()}}

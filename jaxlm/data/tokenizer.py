@@ -6,7 +6,8 @@ does not say which tokens are bos, eos and pad; they come from a top-level `"jax
 `Tokenizer.save` writes into jaxlm's copy (e.g. a workdir's), else from the `tokenizer_config.json` beside it
 (the Hugging Face layout). A tokenizer without a pad token (GPT-2) pads with its eos token; one without bos and eos
 but with [CLS] and [SEP] (BERT, RoBERTa's <s> and </s> are named both ways) uses [CLS] as bos and [SEP] as eos, so
-that every task frames a text as BERT does: [CLS] text [SEP].
+that every task frames a text as BERT does: [CLS] text [SEP]. A tokenizer may have no bos at all (T5's SentencePiece
+model or tokenizer.json): the tasks then start a text with nothing (`bos_prefix` is empty), as T5 was trained.
 
 Tokenizers trained here are lossless: identity normalisation, no dummy
 prefix, whitespace kept, and byte fallback for any character not in the
@@ -46,9 +47,10 @@ class Tokenizer:
     self._json = json.loads(content) if content.lstrip().startswith(b"{") else None
     if self._json is None:
       self._processor = spm.SentencePieceProcessor(model_file=model_path)
-      if self._processor.pad_id() < 0 or self._processor.eos_id() < 0 or self._processor.bos_id() < 0:
-        raise ValueError(f"Tokenizer {model_path!r} must define pad, bos and eos pieces (pad_id/bos_id/eos_id >= 0).")
-      self._ids = dict(pad=self._processor.pad_id(), bos=self._processor.bos_id(), eos=self._processor.eos_id())
+      if self._processor.pad_id() < 0 or self._processor.eos_id() < 0:
+        raise ValueError(f"Tokenizer {model_path!r} must define pad and eos pieces (pad_id/eos_id >= 0).")
+      roles = dict(pad=self._processor.pad_id(), bos=self._processor.bos_id(), eos=self._processor.eos_id())
+      self._ids = {role: piece_id for role, piece_id in roles.items() if piece_id >= 0}  # T5's has no bos
     else:
       import tokenizers  # only Hugging Face tokenizers need it
 
@@ -74,8 +76,14 @@ class Tokenizer:
     return self._ids["pad"]
 
   @property
-  def bos_id(self) -> int:
-    return self._ids["bos"]
+  def bos_id(self) -> int | None:
+    """None for a tokenizer without bos (T5's)."""
+    return self._ids.get("bos")
+
+  @property
+  def bos_prefix(self) -> list[int]:
+    """What the tasks start a text with: [bos_id], or [] for a tokenizer without bos."""
+    return [] if self.bos_id is None else [self.bos_id]
 
   @property
   def eos_id(self) -> int:
@@ -140,9 +148,9 @@ class Tokenizer:
 
 
 def hf_special_tokens(directory: str) -> dict[str, str]:
-  """{"bos", "eos", "pad"} tokens of the Hugging Face tokenizer in `directory`, from its tokenizer_config.json
-  (else special_tokens_map.json). No pad token: the eos token pads (GPT-2 has none). No bos / eos token: the
-  cls / sep token (BERT)."""
+  """{"eos", "pad", and "bos" if it has one} tokens of the Hugging Face tokenizer in `directory`, from its
+  tokenizer_config.json (else special_tokens_map.json). No pad token: the eos token pads (GPT-2 has none). No bos /
+  eos token: the cls / sep token (BERT). Neither bos nor cls (T5): no bos."""
   found = {}
   for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
     path = os.path.join(directory, name)
@@ -158,12 +166,11 @@ def hf_special_tokens(directory: str) -> dict[str, str]:
     if fallback in found:
       found.setdefault(role, found[fallback])
   found = {role: found[role] for role in ("bos", "eos", "pad") if role in found}
-  for role in ("bos", "eos"):
-    if role not in found:
-      raise ValueError(
-        f"The tokenizer in {directory} names no {role}_token (tokenizer_config.json or "
-        f'special_tokens_map.json); jaxlm needs one: add `"{role}_token": "..."` there.'
-      )
+  if "eos" not in found:
+    raise ValueError(
+      f"The tokenizer in {directory} names no eos_token (tokenizer_config.json or "
+      'special_tokens_map.json); jaxlm needs one: add `"eos_token": "..."` there.'
+    )
   found.setdefault("pad", found["eos"])
   return found
 

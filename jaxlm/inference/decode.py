@@ -119,7 +119,7 @@ class CachedEncoderDecoder:
   decoder starts from `start_id` and continues over an `EncoderDecoderCache`."""
 
   model: EncoderDecoder
-  start_id: int  # the decoder's first token (bos, as in training)
+  start_id: int  # the decoder's first token, as in training (`pipeline.decoder_start_id`: bos, or T5's pad)
 
   def prefill(self, params, tokens, start, length):
     slots = jnp.arange(tokens.shape[1])[None, :]

@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import sharding
+from jaxlm.data import pipeline
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference import beam_search
 from jaxlm.inference.decode import DecodeOutput, DecodeSettings, StepModel, sample_loop, step_model
@@ -82,7 +83,9 @@ def generate(
   mesh=None,
   **overrides,
 ) -> list[Generation]:
-  """Continues each prompt (after a BOS token), e.g. `generate(model, params, tokenizer, ["def "], top_k=40,
+  """Continues each prompt, framed as the model was trained (`pipeline.frame_prompt`: after bos; an encoder-decoder
+  reads it in its encoder, with eos after it if `model.config.encoder_eos`, and its decoder starts with
+  `model.config.decoder_start_id`), e.g. `generate(model, params, tokenizer, ["def "], top_k=40,
   strategy="sample", rng=jax.random.key(0))`; `overrides` replace fields of `settings`.
 
   With a `mesh`, `params` must be laid out on it (as in training) and the batch and cache are sharded by
@@ -93,22 +96,28 @@ def generate(
     raise ValueError("strategy='sample' needs an explicit PRNG key: pass rng=jax.random.key(seed).")
   if not prompts:
     raise ValueError("generate needs at least one prompt.")
-  prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(prompt)] for prompt in prompts]
+  model_config = model.config
+  prompt_ids = [
+    pipeline.frame_prompt(tokenizer, tokenizer.encode(prompt), model_config.encoder_eos) for prompt in prompts
+  ]
   longest = max(len(ids) for ids in prompt_ids) + settings.max_new_tokens
-  if longest > model.config.max_len:
+  if longest > model_config.max_len:
     raise ValueError(
       f"the longest prompt + max_new_tokens = {longest} tokens exceeds model.max_len="
-      f"{model.config.max_len}; shorten the prompt or lower decode.max_new_tokens."
+      f"{model_config.max_len}; shorten the prompt or lower decode.max_new_tokens."
     )
   rows = len(prompts)
   if mesh is not None:  # every data-parallel shard gets the same number of rows
     shards = sharding.data_parallel_size(mesh)
     rows = -(-rows // shards) * shards
   tokens, start = left_pad(prompt_ids, tokenizer.pad_id, rows)
+  start_id = -1  # a decoder continues its prompt; an encoder-decoder's decoder starts with its start token
+  if model_config.family == "encoder_decoder":
+    start_id = pipeline.decoder_start_id(tokenizer, model_config.decoder_start_id)
   rng = jax.random.key(0) if rng is None else rng
   run = functools.partial(
     decode,
-    step_model(model, tokenizer.bos_id),
+    step_model(model, start_id),
     params,
     settings=settings,
     eos_id=tokenizer.eos_id,

@@ -20,6 +20,10 @@ Heads: an encoder always carries BERT's MLM head; a checkpoint of the bare `Bert
 freshly initialised (logged) and export writes the `*ForMaskedLM` layout. BERT's next-sentence head is skipped
 (logged). Tied copies that some checkpoints store (T5's `encoder.embed_tokens`, BERT's MLM decoder) are checked
 equal to their source and not written back.
+
+Framing: a T5 comes with the token framing it was trained with, which jaxlm's tasks and generation then use: its
+encoder reads `text </s>` (`model.encoder_eos`; its tokenizer has no bos, so nothing comes before the text) and its
+decoder starts with `decoder_start_token_id` (`model.decoder_start_id`, pad for T5).
 """
 
 import contextlib
@@ -509,7 +513,12 @@ def _t5_config(keys: _Keys) -> dict:
   keys.ignore("dense_act_fn", "is_gated_act")  # derived from feed_forward_proj by transformers
   keys.require("is_encoder_decoder", (True,), True)
   keys.require("is_decoder", (False,), False)
-  keys.ignore("dropout_rate", "classifier_dropout", "initializer_factor", "decoder_start_token_id")
+  keys.ignore("dropout_rate", "classifier_dropout", "initializer_factor")
+  # T5 starts its decoder with decoder_start_token_id (pad, 0); configs transformers >= 5 writes in code lack it,
+  # and T5's convention is its pad token (what transformers' own error message asks for).
+  start = keys.get("decoder_start_token_id", keys.values.get("pad_token_id"))
+  if start is None:
+    raise ConfigError("config.json names no decoder_start_token_id (nor pad_token_id); T5 starts its decoder with 0.")
   tie = keys.get("tie_word_embeddings", True)
   # transformers >= 5 writes scale_decoder_outputs (and always ties); before, untied (v1.1) meant unscaled.
   scale = keys.get("scale_decoder_outputs", tie)
@@ -539,6 +548,8 @@ def _t5_config(keys: _Keys) -> dict:
     scale_attention=False,
     tied_logits_scale=bool(scale),
     tie_embeddings=tie,
+    decoder_start_id=start,
+    encoder_eos=True,  # T5's tokenizer ends every input with </s>
   )
 
 
@@ -576,6 +587,7 @@ def _t5_hf_config(c: ModelConfig) -> dict:
     dropout_rate=0.0,
     tie_word_embeddings=c.tie_embeddings,
     scale_decoder_outputs=scale,
+    **({"decoder_start_token_id": c.decoder_start_id} if c.decoder_start_id >= 0 else {}),
   )
 
 
@@ -976,8 +988,13 @@ def save_pretrained(path: str, model_config: ModelConfig, params, tokenizer: Tok
   )
   if tokenizer is not None:
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    if model_config.family == "encoder_decoder":  # jaxlm's seq2seq tasks start the decoder with bos
+    if model_config.family == "encoder_decoder":  # -1: jaxlm's own encoder-decoders start the decoder with bos
       hf_config.update(decoder_start_token_id=tokenizer.bos_id)
+  if model_config.family == "encoder_decoder" and not model_config.encoder_eos:
+    logging.warning(
+      "model.encoder_eos=False: this encoder-decoder was trained on `[bos] prompt` encoder inputs; Hugging Face T5 "
+      "frames `prompt </s>`, and so does jaxlm when it imports this export (feed it the framing it was trained on)."
+    )
   hf_config.update(family.to_hf_config(model_config))  # the family's own ids win (RoBERTa's pad = its padding_idx)
   flat = params_lib.flatten(params)
   table = family.tensors(model_config)

@@ -160,6 +160,11 @@ class ModelConfig:
   tied_logits_scale: bool = False  # tied output head reads x * D**-0.5 (T5)
   use_bias: bool = False  # biases in dense layers and LayerNorm (GPT-2: True)
   tie_embeddings: bool = True  # output projection = transposed input embedding
+  # The token framing an encoder_decoder was trained with (Hugging Face T5: 0 and True). jaxlm's own start the
+  # decoder with the tokenizer's bos (-1) and feed the encoder `[bos] prompt`; T5 starts it with its
+  # decoder_start_token_id (pad) and feeds the encoder `prompt </s>` (its tokenizer has no bos).
+  decoder_start_id: int = -1  # encoder_decoder: the decoder's first token; -1 = the tokenizer's bos
+  encoder_eos: bool = False  # encoder_decoder: prompts reach the encoder with eos at their end
   dropout_rate: float = 0.0  # dropout on embeddings and residual branches
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
@@ -205,6 +210,18 @@ class ModelConfig:
         f"model.{key}",
         f"is an encoder option; the decoder family keeps its default {default!r}.",
       )
+    for key in ("decoder_start_id", "encoder_eos"):
+      default = {field.name: field.default for field in dataclasses.fields(self)}[key]
+      check(
+        self.family == "encoder_decoder" or getattr(self, key) == default,
+        f"model.{key}",
+        f"is an encoder_decoder option; the {self.family} family keeps its default {default!r}.",
+      )
+    check(
+      -1 <= self.decoder_start_id < self.vocab_size,
+      "model.decoder_start_id",
+      f"must be a token id below model.vocab_size={self.vocab_size}, or -1 (the tokenizer's bos).",
+    )
     check(self.mlp in MLPS, "model.mlp", f"{self.mlp!r} is not one of {MLPS}.")
     check(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
     check(

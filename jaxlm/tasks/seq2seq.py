@@ -5,7 +5,9 @@ Decoder: rows are `[bos] prompt separator target [eos]` (`pipeline.sft_example`)
 model reads the whole row, but only predictions of target tokens (and the
 final eos) count: logits[t] is scored when `loss_mask[t + 1]` is 1.
 Encoder-decoder: the encoder reads `[bos] prompt separator`, the decoder `[bos] target [eos]`
-(`pipeline.encoder_decoder_example`), every target token and eos predicted. Generation
+(`pipeline.encoder_decoder_example`), every target token and eos predicted; a model trained with another framing
+says so in its config (an imported T5: the encoder reads `prompt separator </s>`, the decoder starts with pad:
+`model.encoder_eos`, `model.decoder_start_id`; its tokenizer has no bos). Generation
 quality is measured by greedy decoding from the prompt and comparing with the
 reference: exact match and ROUGE-L F1 (`jaxlm.evaluation.metrics`), in the loop's test report.
 """
@@ -37,6 +39,8 @@ class Seq2Seq(causal_lm.CausalLm):
   separator: str = "\n"  # text between prompt and target (never truncated)
   truncation: str = "right"  # which end of a too-long prompt is cut: "right" (keep its start) or "left"
   encoder_decoder: bool = False  # model.family == "encoder_decoder"
+  decoder_start_id: int = -1  # encoder-decoder: model.decoder_start_id (-1: the tokenizer's bos)
+  encoder_eos: bool = False  # encoder-decoder: model.encoder_eos (the encoder reads the prompt, then eos)
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -57,20 +61,28 @@ class Seq2Seq(causal_lm.CausalLm):
       separator=data.separator,
       truncation=data.truncation,
       encoder_decoder=config.model.family == "encoder_decoder",
+      decoder_start_id=config.model.decoder_start_id,
+      encoder_eos=config.model.encoder_eos,
     )
 
   def build_model(self, model_config):
     return backbone(model_config)
 
   def encode(self, tokenizer, record, index):
-    example = pipeline.encoder_decoder_example if self.encoder_decoder else pipeline.sft_example
-    return example(
+    args = (
       tokenizer,
       pipeline.record_text(record, self.text_field, index, self.dataset_name),
       pipeline.record_text(record, self.target_field, index, self.dataset_name),
       self.seq_len,
       self.truncation,
       self.separator,
+    )
+    if not self.encoder_decoder:
+      return pipeline.sft_example(*args)
+    return pipeline.encoder_decoder_example(
+      *args,
+      decoder_start_id=pipeline.decoder_start_id(tokenizer, self.decoder_start_id),
+      encoder_eos=self.encoder_eos,
     )
 
   def logits(self, model, params, batch, *, train, rng=None):
@@ -106,7 +118,8 @@ class Seq2Seq(causal_lm.CausalLm):
     return {}
 
   def prompt_text(self, tokenizer, record, index) -> str:
-    """The text a generation continues (after bos): the row's prompt, truncated as in training, and the separator."""
+    """The text a generation continues (framed by `generate` as in training): the row's prompt, truncated as in
+    training, and the separator."""
     row = self.encode(tokenizer, record, index)
     if self.encoder_decoder:
       return tokenizer.decode(row["encoder_tokens"][row["encoder_segment_ids"] != 0])

@@ -4,8 +4,9 @@ Documents are concatenated and cut into chunks of `tokens_length` tokens (as T5'
 `split_tokens`: one chunk is one example). In each chunk a fraction `corruption.rate` (0.15) of the tokens,
 in spans of mean length `corruption.mean_span_length` (3), is noise (`random_spans_noise_mask`, T5's
 algorithm). The encoder reads the chunk with each noise span replaced by one sentinel (`<extra_id_0>`,
-`<extra_id_1>`, ... in order) and eos; the decoder reads `[bos]` then, for each span, its sentinel and its
-tokens, then eos, and predicts each next token. `tokens_length` is the longest chunk whose corrupted input
+`<extra_id_1>`, ... in order) and eos; the decoder reads its start token (`model.decoder_start_id`: the
+tokenizer's bos, or T5's pad) then, for each span, its sentinel and its tokens, then eos, and predicts each next
+token. `tokens_length` is the longest chunk whose corrupted input
 fits `data.seq_len` (T5's `random_spans_helper`); the decoder length follows from it. Metric: token accuracy
 of the targets. Sentinels are pieces reserved in the tokenizer, so no text ever encodes to them.
 
@@ -80,6 +81,7 @@ class SpanCorruption(base.BaseTask):
   seq_len: int = 256  # S: encoder input length
   dataset_name: str = ""
   shuffle_window: int = 0
+  decoder_start_id: int = -1  # model.decoder_start_id (-1: the tokenizer's bos)
 
   generates_text = True
 
@@ -117,6 +119,7 @@ class SpanCorruption(base.BaseTask):
       seq_len=data.seq_len,
       dataset_name=data.name,
       shuffle_window=data.shuffle_window,
+      decoder_start_id=config.model.decoder_start_id,
     )
 
   @property
@@ -125,7 +128,7 @@ class SpanCorruption(base.BaseTask):
 
   @property
   def lengths(self) -> tuple[int, int]:
-    """(chunk length, decoder length: [bos] + targets + eos)."""
+    """(chunk length, decoder length: start token + targets + eos)."""
     length = chunk_length(self.seq_len, self.noise_density, self.mean_span_length)
     return length, corrupted_lengths(length, self.noise_density, self.mean_span_length)[1] + 1
 
@@ -134,7 +137,7 @@ class SpanCorruption(base.BaseTask):
 
   def example(self, tokens: np.ndarray, rng: np.random.Generator, tokenizer_ids: tuple[int, int, np.ndarray]) -> dict:
     """One padded encoder/decoder example of a chunk (all padding for an empty chunk)."""
-    bos, eos, sentinels = tokenizer_ids
+    start, eos, sentinels = tokenizer_ids
     decoder_length = self.lengths[1]
     if len(tokens) < 2:
       return {
@@ -146,7 +149,7 @@ class SpanCorruption(base.BaseTask):
     encoder = pipeline.padded_row([*inputs, eos], self.seq_len)
     return {
       **{f"encoder_{key}": value for key, value in encoder.items()},
-      **pipeline.padded_row([bos, *targets, eos], decoder_length),
+      **pipeline.padded_row([start, *targets, eos], decoder_length),
     }
 
   def batches(self, source, tokenizer, *, batch_size, shuffle_seed, repeat, stream_index, stream_count):
@@ -164,7 +167,7 @@ class SpanCorruption(base.BaseTask):
       stream_count=stream_count,
     )
     ids = (
-      tokenizer.bos_id,
+      pipeline.decoder_start_id(tokenizer, self.decoder_start_id),
       tokenizer.eos_id,
       np.asarray([tokenizer.piece_id(piece) for piece in self.reserved_pieces], np.int32),
     )
