@@ -2,12 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import experiment_config, lm_batch, make_trainer, tiny_model_config, train_config
+from conftest import REPO, experiment_config, lm_batch, make_trainer, tiny_model_config, train_config
 from jaxlm import Experiment, sharding
 from jaxlm.models import Decoder
 from jaxlm.models import params as params_lib
@@ -124,3 +126,13 @@ def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert kept == sorted({12, best})
   assert "--- greedy sample (step 12) ---" in capsys.readouterr().out
+
+
+def test_metric_writer_leaves_torch_unimported(tmp_path):
+  """tensorboardX would import torch (1.3 s and a second OpenMP runtime) in every training process; it must not."""
+  code = (
+    "import sys; from jaxlm.training import writer; w = writer.MetricWriter(sys.argv[1]); "
+    "w.write(1, 'train', {'loss': 1.5}); assert 'torch' not in sys.modules; import torch"
+  )
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True)
+  assert os.listdir(tmp_path / "tensorboard")

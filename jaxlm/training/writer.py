@@ -3,9 +3,9 @@
 import json
 import math
 import os
+import sys
 
 import jax
-import tensorboardX
 
 from jaxlm.errors import NonFiniteLossError
 
@@ -16,6 +16,22 @@ def _kept(line: str, step: int) -> bool:
     return line.endswith("\n") and int(json.loads(line)["step"]) <= step
   except (ValueError, KeyError, TypeError):
     return False
+
+
+def _tensorboardx():
+  """The tensorboardX module, imported without torch when torch is not imported yet: tensorboardX imports torch
+  whenever it is installed, only to accept torch tensors (1.3 s of CPU and torch's OpenMP runtime in every training
+  process); jaxlm writes Python floats. A later `import torch` works as usual."""
+  if "torch" in sys.modules:
+    import tensorboardX
+
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
 
 
 def read_rows(workdir: str, split: str) -> list[dict]:
@@ -53,7 +69,7 @@ class MetricWriter:
     for row in map(json.loads, kept):
       self._last_step[row["split"]] = max(self._last_step.get(row["split"], 0), row["step"])
     self._jsonl = open(path, "a", buffering=1)
-    self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=step + 1)
+    self._tensorboard = _tensorboardx().SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=step + 1)
 
   def write(self, step: int, split: str, metrics: dict, require_finite_loss: bool = True) -> None:
     """Writes `{"step", "split", **metrics}`; raises NonFiniteLossError on a NaN/Inf loss (on every process)
