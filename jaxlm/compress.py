@@ -55,9 +55,9 @@ def head_importance(experiment: Experiment, params, num_batches: int = 8) -> dic
   total = None
   with sharding.mesh_context(experiment.mesh):
     for batch in experiment.eval_batches(None, num_batches):
-      scores = scores_fn(params, steps.to_global(batch, experiment.mesh))
-      total = scores if total is None else jax.tree.map(lambda a, b: a + b, total, scores)
-  return jax.device_get(total)
+      scores = jax.device_get(scores_fn(params, steps.to_global(batch, experiment.mesh)))
+      total = scores if total is None else jax.tree.map(np.add, total, scores)  # on the host: see steps.evaluate
+  return total
 
 
 def compress(
