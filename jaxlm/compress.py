@@ -92,7 +92,7 @@ def compress(
       masks = pruning.magnitude_masks(params, float(prune), targets, scope)
     params = jax.jit(pruning.apply_masks)(params, masks)
     record["sparsity"] = pruning.sparsity(params, targets)
-    record["params_kept"] = sum(int((jax.device_get(leaf) != 0).sum()) for leaf in jax.tree.leaves(params))
+    record["params_kept"] = params_kept(params)["total"][0]
   config = source.config.copy_and_resolve_references()
   config.model.fake_quantize = ""
   if quantize_scheme:
