@@ -190,7 +190,8 @@ def time_steps(run_step, steps: int, warmup: int, repeats: int, synchronize) -> 
   """Median seconds per step of `run_step()` over `repeats` runs of `steps` steps."""
   for _ in range(warmup):
     run_step()
-  synchronize()
+  if warmup:
+    synchronize()
   timings = []
   for _ in range(repeats):
     start = time.perf_counter()

@@ -3,10 +3,12 @@
 #
 #   bash scripts/gpu_benchmark.sh [RESULTS_DIR]        # default: ${OUT:-gpu_results}
 #
-# 1. Installs what a bare GPU machine with jax lacks (jaxlm's dependencies, the PyTorch peer), from local
-#    wheels when WHEELS (default shared/wheels) holds them, else from PyPI.
-# 2. Train step against the PyTorch peer (bfloat16): gpt2_124m at seq 1024 and llama_1b at seq 2048, each with
-#    the XLA, cuDNN and Pallas-flash (segment ids) attention. Goals: causal MFU >= 40% (124M), >= 50% (1B),
+# 1. Installs what a GPU machine with jax lacks: from the wheels in WHEELS (default .whl; `pip download --no-deps`
+#    of the missing packages, installed with --no-deps into /tmp/site, for a machine with no network) when that
+#    folder exists, else jaxlm with its dependencies from PyPI. Then checks the Pallas flash kernel against XLA
+#    and cuDNN attention on packed rows (scripts/gpu_attention_check.py: errors and times).
+# 2. Train step (bfloat16): gpt2_124m at seq 1024 and llama_1b at seq 2048, each with the cuDNN (against the
+#    PyTorch peer), Pallas-flash (segment ids) and XLA attention. Goals: causal MFU >= 40% (124M), >= 50% (1B),
 #    vs_peer >= 1.
 # 3. KV-cached decoding at batch 1 and 64, bfloat16 and int8 weight-only, against the peer's generate(); each
 #    row prints roofline_fraction (bytes read per token / time / HBM bandwidth). Goals: 124M at batch 1
@@ -14,12 +16,14 @@
 #    with XLA's Triton GEMM fusion on, which can fuse the int8 -> bf16 convert into the matmul (without it the
 #    dequantized kernel is materialised and int8 reads more bytes, not fewer).
 #
-# Every result is one JSON line in RESULTS_DIR/*.jsonl; stderr logs next to them. Sizes can be changed with
-# GPT2_BATCH, LLAMA_BATCH, LLAMA_REMAT and STEPS. Budget: about 10 minutes on one H100 (compiles included).
+# Every result is one JSON line in RESULTS_DIR/*.jsonl; stderr logs next to them; the runs go most important
+# first, each under RUN_TIMEOUT seconds, so a run cut short still leaves the earlier results. Sizes can be
+# changed with GPT2_BATCH, LLAMA_BATCH, LLAMA_REMAT and STEPS. Budget: about 10 minutes on one H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-gpu_results}}
-WHEELS=${WHEELS:-shared/wheels}
+WHEELS=${WHEELS:-.whl}
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}
 GPT2_BATCH=${GPT2_BATCH:-16}
 LLAMA_BATCH=${LLAMA_BATCH:-8}
 LLAMA_REMAT=${LLAMA_REMAT:-save_dots}
@@ -27,49 +31,43 @@ STEPS=${STEPS:-10}
 mkdir -p "$RESULTS"
 
 # ------------------------------------------------------------------------------------------------- installs
-missing=()
-for module in flax optax orbax.checkpoint grain tensorflow_datasets sentencepiece ml_collections absl \
-              tensorboardX scipy tqdm matplotlib torch transformers; do
-  python -c "import ${module}" 2>/dev/null || missing+=("${module}")
-done
-if ((${#missing[@]})); then
-  echo "installing for: ${missing[*]}" >&2
-  if [[ -d "$WHEELS" ]]; then
-    pip install --no-index --find-links "$WHEELS" -e ".[test]" >&2 || exit 1
-  else
-    pip install -e ".[test]" --extra-index-url https://download.pytorch.org/whl/cu124 >&2 || exit 1
-  fi
+if [[ -d "$WHEELS" ]]; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl >&2 || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
-  pip install --no-deps -e . >/dev/null 2>&1 || true  # jaxlm itself; its dependencies are all there
+  python -m pip install -e ".[test]" >&2 || exit 1
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+python -c "import jaxlm, ml_collections, grain, tensorflow_datasets, torch, transformers" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RESULTS/gpu.txt"
 python -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$RESULTS/gpu.txt"
 
-run() {  # run NAME ARGS...: one benchmark, its JSON line(s) appended to NAME.jsonl, a timeout per run
+run() {  # run NAME ARGS...: one benchmark, its JSON line(s) appended to NAME.jsonl, under RUN_TIMEOUT seconds
   local name=$1; shift
   echo "== ${name}: $*" >&2
-  timeout 900 python scripts/benchmark.py "$@" >>"$RESULTS/${name}.jsonl" 2>>"$RESULTS/${name}.log" \
+  timeout "$RUN_TIMEOUT" python scripts/benchmark.py "$@" >>"$RESULTS/${name}.jsonl" 2>>"$RESULTS/${name}.log" \
     || echo "!! ${name} failed (see $RESULTS/${name}.log)" >&2
   tail -n 1 "$RESULTS/${name}.jsonl" >&2
 }
+gpt2=(--config=experiments/pretrain.py:gpt2_124m --config.data.seq_len=1024 --config.train.batch_size="$GPT2_BATCH")
+llama=(--config=experiments/pretrain.py:llama_1b --config.data.seq_len=2048 --config.train.batch_size="$LLAMA_BATCH"
+       --config.model.remat="$LLAMA_REMAT")
+decode=(--decode --decode_batch_sizes=1,64 --decode_variants=bfloat16,int8 --prompt_len=128 --new_tokens=256)
 
-# -------------------------------------------------------------------------------------------- train steps
-for attention in xla cudnn pallas; do
-  run train_gpt2_124m --config=experiments/pretrain.py:gpt2_124m --config.data.seq_len=1024 \
-      --config.train.batch_size="$GPT2_BATCH" --config.model.attention="$attention" --steps="$STEPS" --peer=torch
-  run train_llama_1b --config=experiments/pretrain.py:llama_1b --config.data.seq_len=2048 \
-      --config.train.batch_size="$LLAMA_BATCH" --config.model.remat="$LLAMA_REMAT" \
-      --config.model.attention="$attention" --steps="$STEPS" --peer=torch
-done
-
-# ----------------------------------------------------------------------------------------------- decoding
-for preset in gpt2_124m llama_1b; do
-  run "decode_${preset}" --config=experiments/pretrain.py:"$preset" --decode --decode_batch_sizes=1,64 \
-      --decode_variants=bfloat16,int8 --prompt_len=128 --new_tokens=256 --peer=torch
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=true" run "decode_${preset}_triton_gemm" \
-      --config=experiments/pretrain.py:"$preset" --decode --decode_batch_sizes=1,64 --decode_variants=bfloat16,int8 \
-      --prompt_len=128 --new_tokens=256
-done
+# ------------------------------------------------------------------------ kernels, then steps, most important first
+timeout "$RUN_TIMEOUT" python scripts/gpu_attention_check.py >"$RESULTS/attention_check.jsonl" \
+  2>"$RESULTS/attention_check.log" || echo "!! attention check failed (see $RESULTS/attention_check.log)" >&2
+cat "$RESULTS/attention_check.jsonl" >&2
+run train_gpt2_124m "${gpt2[@]}" --config.model.attention=cudnn --steps="$STEPS" --peer=torch
+run decode_gpt2_124m --config=experiments/pretrain.py:gpt2_124m "${decode[@]}" --peer=torch
+run train_llama_1b "${llama[@]}" --config.model.attention=cudnn --steps="$STEPS" --peer=torch
+run train_gpt2_124m "${gpt2[@]}" --config.model.attention=pallas --steps="$STEPS"
+run train_llama_1b "${llama[@]}" --config.model.attention=pallas --steps="$STEPS"
+run decode_llama_1b --config=experiments/pretrain.py:llama_1b "${decode[@]}" --peer=torch
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=true" run decode_gpt2_124m_triton_gemm \
+  --config=experiments/pretrain.py:gpt2_124m "${decode[@]}"
+run train_gpt2_124m "${gpt2[@]}" --config.model.attention=xla --steps="$STEPS"
+run train_llama_1b "${llama[@]}" --config.model.attention=xla --steps="$STEPS"
 
 # ------------------------------------------------------------------------------------------------ summary
 python - "$RESULTS" <<'EOF'

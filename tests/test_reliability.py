@@ -242,8 +242,9 @@ def test_a_full_disk_fails_at_the_save_with_a_clear_message_and_keeps_the_previo
     full = run_cli(
       f"--config=experiments/workdir.py:{workdir}", f"--workdir={workdir}", "--config.train.steps=6", check=False
     )
-    assert full.returncode == 1
-    message = next(line for line in message_lines(full.stderr) if line.startswith("jaxlm: CheckpointError"))
+    assert full.returncode == 1, full.stderr[-3000:]
+    message = next((line for line in message_lines(full.stderr) if line.startswith("jaxlm: CheckpointError")), None)
+    assert message, full.stderr[-3000:]
     assert f"Saving a checkpoint in {workdir}/checkpoints failed" in message and "MiB free" in message
     assert "(step 4)" in message
     os.remove(disk / "ballast")

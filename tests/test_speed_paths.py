@@ -168,6 +168,13 @@ def test_decoder_with_pallas_attention_equals_xla_on_a_sharded_batch():
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_pallas_decoder_initialises_from_the_default_sample_input():
+  """The train state's shapes come from `model.init` on the default sample row, which the kernel must tile (a
+  [1, 1] sample made every Pallas run fail before its first step; the tests above init on longer rows)."""
+  abstract = params_lib.abstract_params(Decoder(tiny(**LLAMA_LIKE, attention="pallas")))
+  assert jax.tree.structure(abstract) == jax.tree.structure(params_lib.abstract_params(Decoder(tiny(**LLAMA_LIKE))))
+
+
 def test_flash_attention_needs_whole_tiles():
   with pytest.raises(ConfigError, match="model.attention"):
     flash_attention.block_size(24)

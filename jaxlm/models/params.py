@@ -18,10 +18,11 @@ from jaxlm import sharding
 def boxed_init_fn(model: nn.Module, sample_inputs: tuple | None = None) -> Callable:
   """`rng -> params` whose leaves are still boxed with their logical axis names (`nn.Partitioned`).
 
-  `sample_inputs` are positional arguments of `model.init` after the key; the default, one [1, 1] token
-  array, fits every jaxlm model (parameter shapes never depend on the input length).
+  `sample_inputs` are positional arguments of `model.init` after the key; the default, one [1, 16] token
+  array, fits every jaxlm model (parameter shapes never depend on the input length; 16 is the shortest row the
+  Pallas flash-attention kernel tiles).
   """
-  inputs = sample_inputs if sample_inputs is not None else (jnp.zeros((1, 1), jnp.int32),)
+  inputs = sample_inputs if sample_inputs is not None else (jnp.zeros((1, 16), jnp.int32),)
   return lambda rng: model.init(rng, *inputs)["params"]
 
 
