@@ -107,18 +107,20 @@ def _numpy_rotary(x, positions, theta):
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@pytest.mark.parametrize("position", ["rotary", "learned"])
-def test_attention_module_matches_numpy_reference(position):
-  """jaxlm's Attention (projections, rotary, grouped-query heads, packed causal mask, output projection)
-  against a float64 NumPy computation from its own parameters."""
-  config = tiny(embed_dim=32, num_heads=4, num_kv_heads=2, position=position, rope_theta=100.0)
-  B, T, D, N, K, H = 2, 6, 32, 4, 2, 8
+@pytest.mark.parametrize("position, attention", [("rotary", "xla"), ("learned", "xla"), ("rotary", "blocks")])
+def test_attention_module_matches_numpy_reference(position, attention):
+  """jaxlm's Attention (projections, rotary, grouped-query heads, packed causal mask, output projection; dense,
+  or in causal query blocks that skip the keys after them) against a float64 NumPy computation from its own
+  parameters."""
+  config = tiny(embed_dim=32, num_heads=4, num_kv_heads=2, position=position, rope_theta=100.0, attention=attention)
+  B, T, D, N, K, H = 2, 16, 32, 4, 2, 8
   rng = np.random.default_rng(1)
   x = rng.normal(size=(B, T, D))
-  segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
-  positions = np.array([[0, 1, 2, 0, 1, 2], [3, 4, 5, 6, 7, 8]])
+  segments = np.array([[1] * 3 + [2] * 7 + [3] * 6, [1] * 13 + [0] * 3])
+  positions = np.array([[0, 1, 2, *range(7), *range(6)], list(range(3, 19))])
   mask = layers.attention_mask(jnp.asarray(segments), jnp.asarray(segments), causal=True)
-  module = layers.Attention(config)
+  assert layers.causal_query_blocks(config, T) == (4 if attention == "blocks" else 1)
+  module = layers.Attention(config, causal=True)
   args = (jnp.asarray(x, jnp.float32), jnp.asarray(positions), mask)
   params = nn.meta.unbox(module.init(jax.random.key(0), *args)["params"])
   out = module.apply({"params": params}, *args)

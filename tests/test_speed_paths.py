@@ -168,6 +168,31 @@ def test_decoder_with_pallas_attention_equals_xla_on_a_sharded_batch():
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_causal_query_blocks_equal_dense_attention_values_and_gradients(with_bias):
+  """`model.attention = "blocks"` (the CPU default): 4 query blocks, each over the keys up to its end, against
+  one dense attention under the same packed causal mask, with grouped-query heads and (T5) a logit bias."""
+  batch, length, heads, kv_heads, head_dim = 2, 32, 4, 2, 16
+  keys = jax.random.split(jax.random.key(0), 5)
+  query = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  key, value = (jax.random.normal(k, (batch, length, kv_heads, head_dim)) for k in keys[1:3])
+  probe = jax.random.normal(keys[3], (batch, length, heads, head_dim))
+  bias = jax.random.normal(keys[4], (batch, heads, length, length)) if with_bias else None
+  segment_ids = jnp.asarray(packed_segments(batch, length))
+  mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+
+  def attention(blocks):
+    def fn(q, k, v):
+      return jnp.sum(layers.causal_block_attention(q, k, v, bias, mask, None, blocks, "xla") * probe)
+
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+
+  (blocked, blocked_grads), (dense, dense_grads) = attention(4)(query, key, value), attention(1)(query, key, value)
+  np.testing.assert_allclose(blocked, dense, rtol=1e-5)
+  for name, actual, expected in zip("qkv", blocked_grads, dense_grads):
+    np.testing.assert_allclose(actual, expected, atol=2e-5, err_msg=name)
+
+
 def test_a_pallas_decoder_initialises_from_the_default_sample_input():
   """The train state's shapes come from `model.init` on the default sample row, which the kernel must tile (a
   [1, 1] sample made every Pallas run fail before its first step; the tests above init on longer rows)."""

@@ -80,10 +80,10 @@ class Decoder(nn.Module):
     if cache is None:
       # The flash kernel builds each block's mask from the segment ids; the others take a dense mask.
       mask = segment_ids if layers.uses_segment_ids(config) else layers.attention_mask(segment_ids, segment_ids, True)
-      (x, _), _ = layers.stacked_blocks(config, deterministic)((x, None), positions, mask)
+      (x, _), _ = layers.stacked_blocks(config, deterministic, causal=True)((x, None), positions, mask)
     else:
       layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
-      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic)((x, layer_cache), positions, mask)
+      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic, causal=True)((x, layer_cache), positions, mask)
       cache = cache.replace(key=key, value=value, index=cache.index + tokens.shape[1])
     x = layers.norm(config, "final_norm")(x)
     if return_hidden:
@@ -177,7 +177,7 @@ class Stack(nn.Module):
     cross = None
     if self.cross_attention:
       cross = (encoded, layers.attention_mask(segment_ids, encoder_segment_ids, causal=False))
-    blocks = layers.stacked_blocks(config, deterministic, cross_attention=self.cross_attention)
+    blocks = layers.stacked_blocks(config, deterministic, cross_attention=self.cross_attention, causal=self.causal)
     layer_cache = None if cache is None else (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
     carry = (x, layer_cache)
     if self.cross_attention:
