@@ -61,9 +61,9 @@ def keep_freed_host_memory() -> bool:
   in system time; 5 ms with this). One arena, because glibc's other arenas serve a block larger than 64 MiB (a
   step's temporaries are one such block) with a fresh mmap whatever is set here: with two arenas the quickstart
   step ran at 7.5k or 11.8k tokens/s depending on which arena XLA's executing thread had drawn (13M vs 5M page
-  faults per run), with one at 8.9k-10.9k every run. The numbers computed are the same. The price: the process keeps its peak heap
-  until it exits, which a training run reaches at every step anyway. Left alone where jax may use an accelerator,
-  on other C libraries, and when GLIBC_TUNABLES or MALLOC_* variables set malloc options.
+  faults per run), with one at 8.9k-10.9k every run. The numbers computed are the same. The price: the process
+  keeps its peak heap until it exits, which a training run reaches at every step anyway. Left alone where jax may
+  use an accelerator, on other C libraries, and when GLIBC_TUNABLES or MALLOC_* variables set malloc options.
   """
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _cpu_only():
     return False

@@ -228,7 +228,9 @@ class ModelConfig:
     )
     check(self.mlp in MLPS, "model.mlp", f"{self.mlp!r} is not one of {MLPS}.")
     check(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}.")
-    check(self.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1 (1 = a loop over the layers), got {self.scan_unroll}.")
+    check(
+      self.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1 (1 = a loop over the layers), got {self.scan_unroll}."
+    )
     check(
       self.attention in ATTENTION_IMPLEMENTATIONS,
       "model.attention",

@@ -83,7 +83,9 @@ class Decoder(nn.Module):
       (x, _), _ = layers.stacked_blocks(config, deterministic, causal=True)((x, None), positions, mask)
     else:
       layer_cache = (cache.key, cache.value, jnp.zeros((), jnp.int32), cache.index)
-      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic, causal=True)((x, layer_cache), positions, mask)
+      (x, (key, value, _, _)), _ = layers.stacked_blocks(config, deterministic, causal=True)(
+        (x, layer_cache), positions, mask
+      )
       cache = cache.replace(key=key, value=value, index=cache.index + tokens.shape[1])
     x = layers.norm(config, "final_norm")(x)
     if return_hidden:
