@@ -18,9 +18,12 @@ target shardings, with every mismatch listed in one error).
 import contextlib
 import dataclasses
 import json
+import logging as python_logging
 import os
 import re
 import shutil
+import sys
+import warnings
 
 import grain
 import jax
@@ -72,6 +75,7 @@ class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
   def __init__(self, directory: str, keep: int = 1, best_metric: str = "loss", best_mode: str = "min"):
+    _ignore_callbacks_into_closed_event_loops()
     policy = preservation_policy.AnyPreservationPolicy(
       [
         preservation_policy.LatestN(keep),
@@ -185,9 +189,14 @@ class Checkpointer:
       self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and closes; a failed save is reported by `check_for_errors`/`wait` (once)."""
+    """Waits for pending saves and closes; a failed save is reported by `check_for_errors`/`wait` (once). The
+    manager is closed after a failed save too: otherwise Orbax's background threads outlive the event loop and
+    print pages of "Event loop is closed" tracebacks under the one error message at exit."""
     with self._save_errors():
-      self.manager.close()
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        self.manager.close()
 
   @contextlib.contextmanager
   def _save_errors(self):
@@ -200,11 +209,33 @@ class Checkpointer:
         cause = cause.__cause__ or cause.__context__
       free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
       previous = self.manager.latest_step()
+      # Orbax's other write tasks failed with the same cause, or never ran; when they are collected, asyncio would
+      # log each one's traceback ("Task exception was never retrieved") and Python warn of each unawaited write.
+      python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+      warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
       raise CheckpointError(
         f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. "
         f"{free:.1f} MiB free there. Free some space (or use another --workdir) and rerun the same command: it "
         f"resumes from the last complete checkpoint{f' (step {previous})' if previous is not None else ''}."
       ) from error
+
+
+def _ignore_callbacks_into_closed_event_loops() -> None:
+  """When one write of a save fails (a full disk), Orbax's event loop stops at that error while TensorStore's
+  other writes are still running; each of those then calls back into the closed loop, and TensorStore reports
+  that callback's RuntimeError ("Event loop is closed") as unraisable: pages of tracebacks before the one
+  CheckpointError that names the cause. This `sys.unraisablehook` drops exactly those (idempotent)."""
+  if getattr(sys.unraisablehook, "jaxlm_closed_loop_filter", False):
+    return
+  previous = sys.unraisablehook
+
+  def unraisablehook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  unraisablehook.jaxlm_closed_loop_filter = True
+  sys.unraisablehook = unraisablehook
 
 
 @dataclasses.dataclass(frozen=True)
