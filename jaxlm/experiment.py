@@ -426,6 +426,9 @@ class Experiment:
       changes.update(dtype=decode_config.dtype, param_dtype=decode_config.dtype)
     if decode_config.quantize:  # quantized kernels, quantized once here (LoRA adapters merged into them first)
       changes.update(quantize=decode_config.quantize, fake_quantize="", lora_rank=0)
+      # The other weights (embeddings, norms) stored in the compute dtype they are used in: the same numbers,
+      # and a float32 master copy of the embedding would be read at every generated token.
+      changes.setdefault("param_dtype", changes.get("dtype", model_config.dtype))
       if model_config.lora_rank:
         params = lora.merge_lora(params, model_config.lora_alpha)
     if changes:  # the decoding model, and the parameters converted to its tree in their shardings

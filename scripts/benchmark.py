@@ -443,11 +443,12 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
 
 def decode_variant(model_config, variant: str):
   """The ModelConfig of a decode variant: "float32" / "bfloat16" (weights and activations in that dtype) or
-  "int8" (int8 weight-only kernels, activations in the config's dtype)."""
+  "int8" (int8 weight-only kernels; activations and the other weights, embeddings included, in the config's
+  compute dtype: float32 master copies would read more bytes per token than the kernels save)."""
   import dataclasses
 
   if variant == "int8":
-    return dataclasses.replace(model_config, quantize="int8")
+    return dataclasses.replace(model_config, quantize="int8", param_dtype=model_config.dtype)
   return dataclasses.replace(model_config, dtype=variant, param_dtype=variant)
 
 

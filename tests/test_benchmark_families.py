@@ -49,14 +49,11 @@ def matmul_flops(jaxpr) -> int:
   return total
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
-def test_flop_count_equals_the_matmuls_of_the_gradient(name):
-  """The dense count (every query against every key: what the jitted step computes) equals the FLOPs of the
-  matrix multiplies of the loss's gradient (forward and backward), read from its jaxpr with dead code removed."""
-  from jaxlm.experiment import Experiment
+def gradient_matmul_flops(experiment) -> int:
+  """The FLOPs of the matrix multiplies of the loss's gradient (forward and backward) on a random batch of 2 rows,
+  read from its jaxpr with dead code removed."""
   from jaxlm.models import params as params_lib
 
-  experiment = Experiment.from_config(family_config(name))
   task, model = experiment.task, experiment.model
   params = params_lib.abstract_params(model, experiment.mesh)
   batch = task.random_batch(2, experiment.model_config.vocab_size, np.random.default_rng(0))
@@ -66,8 +63,40 @@ def test_flop_count_equals_the_matmuls_of_the_gradient(name):
 
   closed = jax.make_jaxpr(jax.grad(loss))(params)
   jaxpr, _ = partial_eval.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-  shapes = {key: value.shape for key, value in batch.items()}
-  assert benchmark.step_flops(experiment.model_config, params, shapes, causal_fraction=1) == matmul_flops(jaxpr)
+  return matmul_flops(jaxpr)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+def test_flop_count_equals_the_matmuls_of_the_gradient(name):
+  """The dense count (every query against every key: what XLA's dense attention computes) equals the FLOPs of the
+  matrix multiplies of the loss's gradient."""
+  from jaxlm.experiment import Experiment
+  from jaxlm.models import params as params_lib
+
+  experiment = Experiment.from_config(family_config(name, attention="xla"))
+  assert gradient_matmul_flops(experiment) == benchmark.step_flops(
+    experiment.model_config,
+    params_lib.abstract_params(experiment.model, experiment.mesh),
+    {key: value.shape for key, value in experiment.task.random_batch(2, 8, np.random.default_rng(0)).items()},
+    causal_fraction=1,
+  )
+
+
+def test_causal_query_blocks_compute_five_eighths_of_the_scores():
+  """`model.attention = "blocks"` (4 query blocks, block i over the first (i + 1) / 4 of the keys) multiplies
+  (1 + 2 + 3 + 4) / 16 = 5/8 of the dense causal scores: the count with f = 5/8 equals its matrix multiplies."""
+  from jaxlm.experiment import Experiment
+  from jaxlm.models import layers
+  from jaxlm.models import params as params_lib
+
+  experiment = Experiment.from_config(family_config("decoder", attention="blocks"))
+  length = experiment.config.data.seq_len
+  assert layers.causal_query_blocks(experiment.model_config, length) == 4
+  params = params_lib.abstract_params(experiment.model, experiment.mesh)
+  shapes = {"tokens": (2, length), "segment_ids": (2, length), "positions": (2, length)}
+  assert gradient_matmul_flops(experiment) == benchmark.step_flops(
+    experiment.model_config, params, shapes, causal_fraction=5 / 8
+  )
 
 
 def test_causal_attention_counts_half_the_scores():

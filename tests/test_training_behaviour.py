@@ -61,7 +61,10 @@ def test_remat_gives_the_same_step():
     results.append((float(metrics["grad_norm"]), jax.device_get(state.params)))
   for grad_norm, params in results[1:]:
     assert grad_norm == pytest.approx(results[0][0], rel=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, results[0][1])
+    # Adam's first step is lr * g / (|g| + eps): where a gradient is near zero, the float noise of a recomputed
+    # forward (fused differently) moved a parameter by 1.4e-6 here (1.4e-4 of lr); 5e-6 bounds that, while a
+    # wrong rematerialisation moves parameters by ~lr = 1e-2.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6), params, results[0][1])
 
 
 @pytest.fixture(scope="module")
