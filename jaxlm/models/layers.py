@@ -307,14 +307,17 @@ def attention_implementation(config: ModelConfig) -> str | None:
 
 
 CAUSAL_BLOCKS = 4  # query blocks of causal self-attention under model.attention = "blocks" (or "auto" on CPU)
+MIN_BLOCK_ROWS = 4  # queries per block at least
 
 
 def causal_query_blocks(config: ModelConfig, length: int) -> int:
   """How many query blocks causal self-attention over `length` positions runs in: CAUSAL_BLOCKS with
   `model.attention = "blocks"`, and with "auto" on a CPU backend (where XLA's attention is the dense [T, T]
-  computation); 1 (one dense attention) otherwise, or when `length` does not split into whole blocks."""
+  computation); 1 (one dense attention) otherwise, or when `length` does not split into whole blocks of at least
+  MIN_BLOCK_ROWS queries (shorter blocks save nothing worth their extra operations)."""
   wanted = config.attention == "blocks" or (config.attention == "auto" and jax.default_backend() == "cpu")
-  return CAUSAL_BLOCKS if wanted and length % CAUSAL_BLOCKS == 0 and length >= 4 * CAUSAL_BLOCKS else 1
+  whole = length % CAUSAL_BLOCKS == 0 and length // CAUSAL_BLOCKS >= MIN_BLOCK_ROWS
+  return CAUSAL_BLOCKS if wanted and whole else 1
 
 
 def causal_block_attention(query, key, value, bias, mask, scale, blocks: int, implementation: str | None):
