@@ -31,12 +31,13 @@ DEVICES = 4
 CELL_TIMEOUT_S = 600
 
 
-def kernel_environment(notebook_dir: str) -> dict:
-  """The environment of every notebook kernel (see the module docstring)."""
+def kernel_environment(notebook_dir: str, xla_flags: str = "") -> dict:
+  """The environment of every notebook kernel (see the module docstring); `xla_flags` go after the device count
+  (the tests pass their faster-compiling ones)."""
   env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   return {
     **env,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES} {xla_flags}".strip(),
     "JAX_PLATFORMS": "cpu",
     "JAXLM_NOTEBOOK_DIR": notebook_dir,
     "TQDM_DISABLE": "1",
@@ -44,7 +45,7 @@ def kernel_environment(notebook_dir: str) -> dict:
   }
 
 
-def execute(path: str, notebook_dir: str, kernel_dir: str):
+def execute(path: str, notebook_dir: str, kernel_dir: str, xla_flags: str = ""):
   """Runs the notebook at `path` in a fresh kernel; returns (the executed notebook, seconds). A cell error raises
   `nbclient.exceptions.CellExecutionError` with the cell's source and traceback."""
   import nbclient
@@ -68,13 +69,14 @@ def execute(path: str, notebook_dir: str, kernel_dir: str):
     resources={"metadata": {"path": os.path.dirname(path)}},
   )
   start = time.perf_counter()
-  client.execute(env=kernel_environment(notebook_dir))
+  client.execute(env=kernel_environment(notebook_dir, xla_flags))
   return notebook, time.perf_counter() - start
 
 
-def run(names=NOTEBOOKS, notebook_dir: str | None = None, write: bool = False) -> dict:
-  """Executes `names` (files of colab/) in order, sharing `notebook_dir` (default: a new temporary directory);
-  with `write`, saves each executed notebook over its file. Returns {name: seconds}."""
+def run(names=NOTEBOOKS, notebook_dir: str | None = None, write: bool = False, xla_flags: str = "") -> dict:
+  """Executes `names` (files of colab/) in order, sharing `notebook_dir` (default: a new temporary directory),
+  with `xla_flags` added to the kernels' XLA_FLAGS; with `write`, saves each executed notebook over its file.
+  Returns {name: seconds}."""
   import nbformat
   from ipykernel.kernelspec import write_kernel_spec
 
@@ -83,7 +85,7 @@ def run(names=NOTEBOOKS, notebook_dir: str | None = None, write: bool = False) -
     write_kernel_spec(os.path.join(kernel_dir, "python3"))  # argv: [sys.executable, -m, ipykernel_launcher, ...]
     for name in names:
       path = os.path.join(COLAB, name)
-      notebook, seconds[name] = execute(path, notebook_dir or scratch, kernel_dir)
+      notebook, seconds[name] = execute(path, notebook_dir or scratch, kernel_dir, xla_flags)
       print(f"{name}: {seconds[name]:.1f} s", flush=True)
       if write:
         nbformat.write(notebook, path)

@@ -12,7 +12,32 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU flags of every test process (this one, the xdist workers, and each CLI, notebook and benchmark
+# subprocess through `cpu_env`): the tests run tiny programs a few steps each, so compiling dominates their time,
+# and LLVM's optimisation level 0 compiles them ~30% faster (the suite: see README) for slower code that they
+# barely run. The numbers are the same IEEE float32 arithmetic (XLA:CPU uses no fast-math), and every test that
+# compares two runs compiles both with the same flags.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a test process with `devices` simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+
+
+def cpu_env(devices: int = 2, **extra: str) -> dict:
+  """The environment of a test subprocess: this one's, with `devices` CPU devices, this checkout's jaxlm first
+  on PYTHONPATH (whatever its working directory or installed copy), and `extra` on top."""
+  return {
+    **os.environ,
+    "XLA_FLAGS": xla_flags(devices),
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    **extra,
+  }
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole test run, set before jax is imported: the xdist workers and
 # every CLI and notebook subprocess inherit this environment, and they compile the same tiny programs over and over
@@ -26,8 +51,6 @@ if _OWN_COMPILATION_CACHE:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_collection_modifyitems(items):
@@ -118,14 +141,13 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
   """`python -m jaxlm.main ARGS` in a subprocess with `devices` CPU devices (cwd: the repository), importing this
   checkout's jaxlm from any `cwd` (not an installed copy)."""
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-    **(env or {}),
-  }
   process = subprocess.run(
-    [sys.executable, "-m", "jaxlm.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    [sys.executable, "-m", "jaxlm.main", *args],
+    cwd=cwd,
+    env=cpu_env(devices, **(env or {})),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
   if check:
     assert process.returncode == 0, process.stderr[-3000:]

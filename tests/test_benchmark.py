@@ -13,7 +13,7 @@ import pytest
 
 from jaxlm.models.config import PRESETS, ModelConfig
 from jaxlm.models.transformer import Decoder
-from conftest import REPO, experiment_config
+from conftest import REPO, cpu_env, experiment_config
 
 spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
 benchmark = importlib.util.module_from_spec(spec)
@@ -147,7 +147,7 @@ def test_a_batch_sweep_prints_a_line_per_point_and_writes_the_plot(tmp_path):
     capture_output=True,
     text=True,
     timeout=600,
-    env={**os.environ, "XLA_FLAGS": ""},
+    env=cpu_env(1),
   )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]

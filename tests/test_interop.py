@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, cpu_env, run_cli
 from jaxlm import configs, sharding
 from jaxlm.errors import ConfigError
 from jaxlm.experiment import Experiment
@@ -233,7 +233,7 @@ def test_convert_cli_workdir_generates_plans_and_initialises(tmp_path):
   reference = VARIANTS["llama_gqa_untied_llama3"]().eval()
   reference.save_pretrained(hf_dir)
   save_hf_tokenizer(hf_dir, gpt2=False)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = cpu_env(2)
   convert = [sys.executable, os.path.join(REPO, "scripts", "convert_hf.py")]
   subprocess.run(
     [*convert, f"--hf_dir={hf_dir}", f"--workdir={workdir}"],

@@ -9,7 +9,7 @@ import sys
 import portpicker
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 from test_resume import train_losses
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def _command(workdir, data_dir, *extra):
 
 
 def _run_all(commands, devices_per_process: int):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  env = cpu_env(devices_per_process)
   processes = [
     subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for command in commands

@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 
 spec = importlib.util.spec_from_file_location("run_notebooks", os.path.join(REPO, "scripts", "run_notebooks.py"))
 run_notebooks = importlib.util.module_from_spec(spec)
@@ -31,7 +31,9 @@ def test_the_groups_hold_every_notebook_once():
 @pytest.mark.parametrize("group", sorted(NOTEBOOK_GROUPS))
 def test_every_notebook_runs_top_to_bottom(group, tmp_path):
   names = NOTEBOOK_GROUPS[group]
-  seconds = run_notebooks.run(names, notebook_dir=str(tmp_path))  # raises CellExecutionError on any cell error
+  seconds = run_notebooks.run(
+    names, notebook_dir=str(tmp_path), xla_flags=TEST_XLA_FLAGS
+  )  # raises CellExecutionError on any cell error
   assert list(seconds) == list(names)
   if group == "language_model":  # trained once, reused by the two after it
     assert os.path.exists(tmp_path / "quickstart_small" / "config.json")

@@ -17,7 +17,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cpu_env, run_cli
 from test_resume import train_losses
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,7 @@ def tiny(workdir, data_dir, *extra) -> list[str]:
 
 
 def start(*args, devices: int = 2, env: dict | None = None) -> subprocess.Popen:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  env = cpu_env(devices, **(env or {}))
   return subprocess.Popen(
     [sys.executable, "-m", "jaxlm.main", *args],
     cwd=REPO,

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def command(workdir, data_dir):
 
 
 def start(workdir, data_dir):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = cpu_env(2)
   return subprocess.Popen(
     command(workdir, data_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )

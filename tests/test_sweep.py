@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, experiment_config
+from conftest import REPO, experiment_config, xla_flags
 from jaxlm import sweep
 from jaxlm.errors import ConfigError
 
@@ -62,7 +62,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_points(data_dir
     "--config.train.checkpoint_every=2",
     "--config.sample.max_new_tokens=0",
   ]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"}
   first = {"train.learning_rate": 0.001}
   # The sweep stopped after its first point: only that point has run.
   os.chdir(REPO)
