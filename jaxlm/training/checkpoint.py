@@ -75,7 +75,7 @@ class Checkpointer:
   """Saves and restores (state, data iterator) pairs in one directory."""
 
   def __init__(self, directory: str, keep: int = 1, best_metric: str = "loss", best_mode: str = "min"):
-    _ignore_callbacks_into_closed_event_loops()
+    _quiet_failed_save_noise()
     policy = preservation_policy.AnyPreservationPolicy(
       [
         preservation_policy.LatestN(keep),
@@ -209,9 +209,7 @@ class Checkpointer:
         cause = cause.__cause__ or cause.__context__
       free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
       previous = self.manager.latest_step()
-      # Orbax's other write tasks failed with the same cause, or never ran; when they are collected, asyncio would
-      # log each one's traceback ("Task exception was never retrieved") and Python warn of each unawaited write.
-      python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+      # Orbax's other writes never ran; when they are collected, Python would warn of each unawaited one.
       warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
       raise CheckpointError(
         f"Saving a checkpoint in {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. "
@@ -220,11 +218,16 @@ class Checkpointer:
       ) from error
 
 
-def _ignore_callbacks_into_closed_event_loops() -> None:
-  """When one write of a save fails (a full disk), Orbax's event loop stops at that error while TensorStore's
-  other writes are still running; each of those then calls back into the closed loop, and TensorStore reports
-  that callback's RuntimeError ("Event loop is closed") as unraisable: pages of tracebacks before the one
-  CheckpointError that names the cause. This `sys.unraisablehook` drops exactly those (idempotent)."""
+def _quiet_failed_save_noise() -> None:
+  """When one write of a save fails (a full disk), the other writes fail with the same cause in Orbax's background
+  thread, each printing a traceback before the one CheckpointError that names the cause: asyncio logs every failed
+  Orbax write task nobody awaited ("Task exception was never retrieved"), and once Orbax's event loop has stopped
+  at the first error, TensorStore's still-running writes call back into the closed loop and report that
+  RuntimeError ("Event loop is closed") as unraisable. A filter on the asyncio logger drops the first kind (for
+  Orbax's tasks only) and a `sys.unraisablehook` exactly the second. Idempotent."""
+  asyncio_logger = python_logging.getLogger("asyncio")
+  if not any(isinstance(f, _UnretrievedOrbaxTaskFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_UnretrievedOrbaxTaskFilter())
   if getattr(sys.unraisablehook, "jaxlm_closed_loop_filter", False):
     return
   previous = sys.unraisablehook
@@ -236,6 +239,15 @@ def _ignore_callbacks_into_closed_event_loops() -> None:
 
   unraisablehook.jaxlm_closed_loop_filter = True
   sys.unraisablehook = unraisablehook
+
+
+class _UnretrievedOrbaxTaskFilter(python_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for Orbax's tasks: the failed save reports their cause
+  once, as a CheckpointError (`Checkpointer._save_errors`)."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
 @dataclasses.dataclass(frozen=True)
