@@ -420,25 +420,31 @@ class Experiment:
     decode_config = self.config.decode.copy_and_resolve_references()
     decode_config.update(overrides)
     decode.check_config(decode_config)
-    model, model_config = self.model, self.model_config
-    changes = {}
-    if decode_config.dtype:  # weights and activations in decode.dtype
-      changes.update(dtype=decode_config.dtype, param_dtype=decode_config.dtype)
-    if decode_config.quantize:  # quantized kernels, quantized once here (LoRA adapters merged into them first)
-      changes.update(quantize=decode_config.quantize, fake_quantize="", lora_rank=0)
-      # The other weights (embeddings, norms) stored in the compute dtype they are used in: the same numbers,
-      # and a float32 master copy of the embedding would be read at every generated token.
-      changes.setdefault("param_dtype", changes.get("dtype", model_config.dtype))
-      if model_config.lora_rank:
-        params = lora.merge_lora(params, model_config.lora_alpha)
-    if changes:  # the decoding model, and the parameters converted to its tree in their shardings
-      model_config = dataclasses.replace(model_config, **changes)
-      model = self.task.build_model(model_config)
-      params = quantize.convert_params(params, self.abstract_params(model=model), decode_config.quantize)
+    _, model, params = self.decoding_model(params, decode_config.dtype, decode_config.quantize)
     settings = decode.DecodeSettings.from_config(decode_config)
     return generate_lib.generate(
       model, params, self.tokenizer, prompts, settings, rng=jax.random.key(decode_config.seed), mesh=self.mesh
     )
+
+  def decoding_model(self, params, dtype: str = "", quantize_scheme: str = ""):
+    """(ModelConfig, model, parameters) to decode with: the run's own; with `dtype`, weights and activations in
+    it; with `quantize_scheme` ("int8", "int4"), the kernels quantized once here (LoRA adapters merged into them
+    first, fake quantization off) and the other weights (embeddings, norms) stored in the compute dtype they are
+    used in: the same numbers, where float32 master copies would be read at every generated token. The parameters
+    come back in the decoding model's tree and shardings. `generate` and `scripts/benchmark.py --decode` use it."""
+    model_config, changes = self.model_config, {}
+    if dtype:
+      changes.update(dtype=dtype, param_dtype=dtype)
+    if quantize_scheme:
+      changes.update(quantize=quantize_scheme, fake_quantize="", lora_rank=0)
+      changes.setdefault("param_dtype", model_config.dtype)
+      if model_config.lora_rank:
+        params = lora.merge_lora(params, model_config.lora_alpha)
+    if not changes:
+      return model_config, self.model, params
+    model_config = dataclasses.replace(model_config, **changes)
+    model = self.task.build_model(model_config)
+    return model_config, model, quantize.convert_params(params, self.abstract_params(model=model), quantize_scheme)
 
   def plan(self, num_devices: int | None = None) -> plan.MemoryPlan:
     """Per-device memory of training this experiment on `num_devices` (default: this machine's), with no

@@ -441,15 +441,12 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
 # Decoding (--decode)
 
 
-def decode_variant(model_config, variant: str):
-  """The ModelConfig of a decode variant: "float32" / "bfloat16" (weights and activations in that dtype) or
-  "int8" (int8 weight-only kernels; activations and the other weights, embeddings included, in the config's
-  compute dtype: float32 master copies would read more bytes per token than the kernels save)."""
-  import dataclasses
-
+def decode_variant(experiment, params, variant: str):
+  """(ModelConfig, model, parameters) of a decode variant, by `Experiment.decoding_model`: "float32" / "bfloat16"
+  (weights and activations in that dtype) or "int8" (int8 weight-only kernels, activations in the config's dtype)."""
   if variant == "int8":
-    return dataclasses.replace(model_config, quantize="int8", param_dtype=model_config.dtype)
-  return dataclasses.replace(model_config, dtype=variant, param_dtype=variant)
+    return experiment.decoding_model(params, quantize_scheme="int8")
+  return experiment.decoding_model(params, dtype=variant)
 
 
 def benchmark_decode_jaxlm(
@@ -484,14 +481,11 @@ def benchmark_decode_jaxlm(
   bandwidth, bandwidth_source = memory_bandwidth(device)
   rows = []
   for variant in variants:
-    model_config = decode_variant(experiment.model_config, variant)
-    model = experiment.task.build_model(model_config)
-    abstract = params_lib.abstract_params(model, mesh)
-    params = quantize.convert_params(float_params, abstract, model_config.quantize)
+    model_config, model, params = decode_variant(experiment, float_params, variant)
     perplexity = None
     if perplexity_batches:  # on the experiment's mesh, as Experiment.evaluate
       eval_step = steps_lib.jit_eval_step(
-        model=model, task=experiment.task, mesh=mesh, param_sharding=jax.tree.map(lambda x: x.sharding, abstract)
+        model=model, task=experiment.task, mesh=mesh, param_sharding=jax.tree.map(lambda x: x.sharding, params)
       )
       batches = experiment.eval_batches(experiment.config.data.eval_split, perplexity_batches)
       perplexity = experiment.task.summarize(steps_lib.evaluate(eval_step, params, batches, mesh))["perplexity"]

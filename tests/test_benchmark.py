@@ -119,13 +119,42 @@ def test_sweep_points_change_one_thing():
   assert bigger.data.seq_len == config.data.seq_len
 
 
-def test_decode_variants():
-  from jaxlm.models.config import ModelConfig
+def test_decode_variants_merge_lora_into_int8_kernels_and_keep_the_rest_in_the_compute_dtype():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
 
-  model_config = ModelConfig(dtype="bfloat16")
-  assert benchmark.decode_variant(model_config, "int8").quantize == "int8"
-  assert benchmark.decode_variant(model_config, "int8").dtype == "bfloat16"
-  assert benchmark.decode_variant(model_config, "float32").param_dtype == "float32"
+  from jaxlm import Experiment
+
+  config = experiment_config("quickstart", "tiny")
+  config.model.update(dtype="bfloat16", lora_rank=4)
+  experiment = Experiment.from_config(config)
+  rng = np.random.default_rng(0)
+  # Trained-looking adapters (B is zero at init), large enough that dropping them would change the logits.
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype) if "lora_b" in jax.tree_util.keystr(path) else x,
+    experiment.init_params(),
+  )
+  tokens = jnp.asarray(rng.integers(0, config.model.vocab_size, (2, 16)), jnp.int32)
+  reference = experiment.model.apply({"params": params}, tokens).astype(jnp.float32)
+
+  model_config, model, int8 = benchmark.decode_variant(experiment, params, "int8")
+  assert (model_config.quantize, model_config.lora_rank, model_config.dtype) == ("int8", 0, "bfloat16")
+  assert int8["layers"]["attention"]["query"]["kernel"].dtype == jnp.int8
+  assert int8["token_embed"]["embedding"].dtype == jnp.bfloat16  # not a float32 master copy
+  error = jnp.abs(model.apply({"params": int8}, tokens).astype(jnp.float32) - reference).max()
+  assert error < 0.05 * jnp.abs(reference).max()  # int8 and bfloat16 rounding
+  # The adapters are in the int8 kernels: without them the logits are much further off.
+  no_adapters = jax.tree_util.tree_map_with_path(
+    lambda path, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(path) else x, params
+  )
+  assert (
+    jnp.abs(experiment.model.apply({"params": no_adapters}, tokens).astype(jnp.float32) - reference).max() > 4 * error
+  )
+
+  model_config, _, float32 = benchmark.decode_variant(experiment, params, "float32")
+  assert model_config.dtype == model_config.param_dtype == "float32" and model_config.lora_rank == 4
+  assert {x.dtype for x in jax.tree.leaves(float32)} == {jnp.dtype("float32")}
 
 
 @pytest.mark.e2e
