@@ -136,3 +136,35 @@ def test_metric_writer_leaves_torch_unimported(tmp_path):
   )
   subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True)
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_failed_orbax_writes_log_no_unretrieved_task_tracebacks(caplog):
+  """A full disk fails every write of a save; asyncio would log each failed Orbax task that nobody awaited (with its
+  traceback) around the one CheckpointError. Those are dropped; any other task's unretrieved error is kept."""
+  import asyncio
+  import gc
+
+  from jaxlm.training import checkpoint
+
+  checkpoint._quiet_failed_save_noise()
+  namespace = {}
+  for name in ("orbax", "elsewhere"):  # a function "defined in" Orbax's package, and one that is not
+    exec(compile(f"def {name}():\n  raise OSError('No space left on device')", f"/x/{name}/f.py", "exec"), namespace)
+
+  def fail_unawaited(function):
+    async def write():
+      function()
+
+    async def main():
+      task = asyncio.ensure_future(write())
+      await asyncio.sleep(0)
+      del task
+
+    asyncio.run(main())
+    gc.collect()
+
+  with caplog.at_level("ERROR", logger="asyncio"):
+    fail_unawaited(namespace["orbax"])
+    assert not caplog.records
+    fail_unawaited(namespace["elsewhere"])
+    assert [record.getMessage().splitlines()[0] for record in caplog.records] == ["Task exception was never retrieved"]

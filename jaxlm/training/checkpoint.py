@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 import warnings
 
 import grain
@@ -242,12 +243,15 @@ def _quiet_failed_save_noise() -> None:
 
 
 class _UnretrievedOrbaxTaskFilter(python_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for Orbax's tasks: the failed save reports their cause
-  once, as a CheckpointError (`Checkpointer._save_errors`)."""
+  """Drops asyncio's "... exception was never retrieved" (of a task or a gathering future) whose exception was
+  raised in Orbax's code: the failed save reports that cause once, as a CheckpointError
+  (`Checkpointer._save_errors`)."""
 
   def filter(self, record: python_logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+      return True
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 @dataclasses.dataclass(frozen=True)
