@@ -6,8 +6,8 @@ Prints one JSON line. jaxlm's step is the real one (`training.steps.jit_train_st
 AdamW, clipping; sharded over `config.mesh`), fed the task's random batch (`Task.random_batch`: random tokens
 of the batch's shapes; the input pipeline is not timed), so every task and model family is timed the same
 way. Compile time is reported apart from step time; each timing is the median of `--repeats` runs of
-`--steps` steps after `--warmup` steps. `tokens_per_sec` counts every token the step reads: an
-encoder-decoder's source (encoder) tokens and target (decoder) tokens.
+`--steps` steps (more where those take under `--min_repeat_s`) after `--warmup` steps. `tokens_per_sec`
+counts every token the step reads: an encoder-decoder's source (encoder) tokens and target (decoder) tokens.
 
 Training FLOPs per token (`token_flops`; forward 2 per multiply-add, backward twice the forward; remat
 recomputation not counted), N the parameters of the matrix multiplies a token goes through (attention, MLP,
@@ -60,6 +60,7 @@ per device (the device's peak where it keeps statistics, else XLA's buffer assig
 """
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -78,6 +79,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
+_MIN_REPEAT_S = flags.DEFINE_float(
+  "min_repeat_s", 1.0, "Each timed repeat runs at least about this long: more than --steps steps where they are short."
+)
 _PEER = flags.DEFINE_enum("peer", "none", ["none", "torch"], "Also time a PyTorch implementation of the same model.")
 _PEER_COMPILE = flags.DEFINE_bool("peer_compile", True, "torch.compile the peer (falls back to eager on failure).")
 _DECODE = flags.DEFINE_bool("decode", False, "Time KV-cached decoding instead of the train step.")
@@ -186,20 +190,25 @@ def random_batch(task, rows: int, vocab_size: int) -> dict:
   return batch
 
 
-def time_steps(run_step, steps: int, warmup: int, repeats: int, synchronize) -> float:
-  """Median seconds per step of `run_step()` over `repeats` runs of `steps` steps."""
+def time_steps(run_step, steps: int, warmup: int, repeats: int, synchronize, min_seconds: float = 0.0) -> float:
+  """Median seconds per step of `run_step()` over `repeats` runs of `steps` steps each; where `steps` steps take
+  under `min_seconds`, each run takes as many steps as last about that long (measured by one more run first): a
+  few-millisecond step timed over 10 steps is mostly scheduling noise."""
   for _ in range(warmup):
     run_step()
   if warmup:
     synchronize()
-  timings = []
-  for _ in range(repeats):
+
+  def run(count: int) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(count):
       run_step()
     synchronize()
-    timings.append((time.perf_counter() - start) / steps)
-  return statistics.median(timings)
+    return time.perf_counter() - start
+
+  if min_seconds:
+    steps = max(steps, math.ceil(steps * min_seconds / run(steps)))
+  return statistics.median(run(steps) / steps for _ in range(repeats))
 
 
 def measured_matmul_flops(dtype) -> float:
@@ -220,9 +229,12 @@ def measured_matmul_flops(dtype) -> float:
   return 2 * size**3 / best
 
 
-def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: float | None = None) -> dict:
+def benchmark_jaxlm(
+  config, steps: int, warmup: int, repeats: int, measured: float | None = None, min_repeat_s: float = 0.0
+) -> dict:
   """The train step of `config`; `measured` (FLOP/s) is the matmul rate to use as the peak where there is no
-  datasheet figure (default: measured here; a sweep measures it once for all its points)."""
+  datasheet figure (default: measured here; a sweep measures it once for all its points); `min_repeat_s` as in
+  `time_steps`."""
   import jax
 
   from jaxlm import sharding
@@ -264,7 +276,7 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
   def synchronize():
     jax.block_until_ready(state)
 
-  step_time = time_steps(train, steps, warmup, repeats, synchronize)
+  step_time = time_steps(train, steps, warmup, repeats, synchronize, min_repeat_s)
   forward = {}
   forward_time = time_steps(
     lambda: forward.update(out=eval_step(state.params, batch)),
@@ -272,6 +284,7 @@ def benchmark_jaxlm(config, steps: int, warmup: int, repeats: int, measured: flo
     warmup,
     repeats,
     lambda: jax.block_until_ready(forward["out"]),
+    min_repeat_s,
   )
 
   shapes = {key: value.shape for key, value in host_batch.items()}
@@ -373,7 +386,9 @@ def peer_inputs(model_config, batch: dict, device) -> dict:
   return dict(input_ids=tensor(batch["tokens"]), labels=tensor(batch["tokens"]))
 
 
-def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model: bool) -> dict:
+def benchmark_torch(
+  config, steps: int, warmup: int, repeats: int, compile_model: bool, min_repeat_s: float = 0.0
+) -> dict:
   import torch
 
   from jaxlm.experiment import Experiment
@@ -423,7 +438,7 @@ def benchmark_torch(config, steps: int, warmup: int, repeats: int, compile_model
     optimizer.zero_grad(set_to_none=True)
 
   synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  step_time = time_steps(step, steps, warmup, repeats, synchronize)
+  step_time = time_steps(step, steps, warmup, repeats, synchronize, min_repeat_s)
   peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
   result = {
     "peer": f"transformers {type(model).__name__} (torch {torch.__version__}, {device}, "
@@ -675,10 +690,14 @@ def sweep_main(config, sweep: str, points: list[str], plot_path: str) -> list[di
     row = {
       "sweep": sweep,
       "point": point,
-      **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured),
+      **benchmark_jaxlm(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, measured, _MIN_REPEAT_S.value),
     }
     if _PEER.value == "torch":
-      row.update(benchmark_torch(point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))
+      row.update(
+        benchmark_torch(
+          point_config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value, _MIN_REPEAT_S.value
+        )
+      )
       row["vs_peer"] = row["tokens_per_sec"] / row["peer_tokens_per_sec"]
       row["peer_mfu"] = row["mfu"] / row["vs_peer"]  # same FLOPs per token, same peak
     print(json.dumps(row), flush=True)
@@ -741,9 +760,11 @@ def main(argv):
       _PLOT.value or f"sweep_{_SWEEP.value}.png",
     )
     return
-  result = benchmark_jaxlm(config, _STEPS.value, _WARMUP.value, _REPEATS.value)
+  result = benchmark_jaxlm(config, _STEPS.value, _WARMUP.value, _REPEATS.value, min_repeat_s=_MIN_REPEAT_S.value)
   if _PEER.value == "torch":
-    result.update(benchmark_torch(config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value))
+    result.update(
+      benchmark_torch(config, _STEPS.value, _WARMUP.value, _REPEATS.value, _PEER_COMPILE.value, _MIN_REPEAT_S.value)
+    )
     result["vs_peer"] = result["tokens_per_sec"] / result["peer_tokens_per_sec"]
   print(json.dumps(result), flush=True)
 

@@ -50,6 +50,7 @@ def test_benchmark_runs_against_the_torch_peer():
       "--steps=2",
       "--warmup=1",
       "--repeats=1",
+      "--min_repeat_s=0",
       "--peer=torch",
       "--nopeer_compile",
     ],
@@ -107,6 +108,24 @@ def test_decode_benchmark_runs_against_the_torch_peer():
   assert row["batch"] == peer["batch"] == 2 and (result["prompt_len"], result["new_tokens"]) == (8, 4)
   assert row["prefill_ms"] > 0 and row["tokens_per_sec"] > 0 and peer["tokens_per_sec"] > 0
   assert result["vs_peer"]["2"] == pytest.approx(row["tokens_per_sec"] / peer["tokens_per_sec"])
+
+
+def test_short_steps_are_timed_over_at_least_min_seconds():
+  import time
+
+  calls = []
+
+  def step():  # about 2 ms
+    calls.append(1)
+    time.sleep(0.002)
+
+  seconds = benchmark.time_steps(step, steps=2, warmup=1, repeats=3, synchronize=lambda: None, min_seconds=0.05)
+  timed = len(calls) - 1 - 2  # less the warm-up step and the 2-step sizing run
+  assert timed % 3 == 0 and 3 * 10 <= timed <= 3 * 25  # 3 repeats of ~50 ms / 2 ms steps, not of 2 steps
+  assert 0.002 <= seconds < 0.004
+  calls.clear()
+  benchmark.time_steps(step, steps=2, warmup=0, repeats=3, synchronize=lambda: None)  # no minimum: as asked
+  assert len(calls) == 3 * 2
 
 
 def test_sweep_points_change_one_thing():
@@ -170,6 +189,7 @@ def test_a_batch_sweep_prints_a_line_per_point_and_writes_the_plot(tmp_path):
       "--steps=1",
       "--warmup=0",  # no untimed step: the timing must still wait for the first timed one
       "--repeats=1",
+      "--min_repeat_s=0",
       f"--plot={plot}",
     ],
     cwd=REPO,
