@@ -278,8 +278,17 @@ def benchmark_jaxlm(
 
   step_time = time_steps(train, steps, warmup, repeats, synchronize, min_repeat_s)
   forward = {}
+
+  def forward_step():
+    # The next call queued, then the previous one awaited: at most two in flight. Forward calls depend on nothing,
+    # so without that all of them were queued at once, and on simulated CPU devices that deadlocks XLA:CPU's
+    # collectives (the queued calls take a device's in-flight slots; see `steps.evaluate`).
+    previous = forward.get("out")
+    forward["out"] = eval_step(state.params, batch)
+    jax.block_until_ready(previous)
+
   forward_time = time_steps(
-    lambda: forward.update(out=eval_step(state.params, batch)),
+    forward_step,
     steps,
     warmup,
     repeats,

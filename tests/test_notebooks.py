@@ -29,8 +29,10 @@ def test_the_groups_hold_every_notebook_once():
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("group", sorted(NOTEBOOK_GROUPS))
-def test_every_notebook_runs_top_to_bottom(group, tmp_path):
+def test_every_notebook_runs_top_to_bottom(group, tmp_path, data_dir, tokenizer):
   names = NOTEBOOK_GROUPS[group]
+  # The notebooks' DATA_DIR is the session's built corpus and trained tokenizer (what they would build first).
+  os.symlink(data_dir, tmp_path / "tensorflow_datasets")
   seconds = run_notebooks.run(
     names, notebook_dir=str(tmp_path), xla_flags=TEST_XLA_FLAGS
   )  # raises CellExecutionError on any cell error
