@@ -106,6 +106,28 @@ def test_paired_comparison():
     stats.paired_comparison(accuracy, [better, labels], [worse[:10], labels], num_resamples=5)
 
 
+def test_batched_metrics_give_the_same_intervals_and_p_values(monkeypatch):
+  """A batched metric (a leading resample axis) scores the very resamples one call each would: the same
+  intervals and p-values, also when the resamples go in several chunks with a padded last one (7 per call here)."""
+  rng = np.random.default_rng(6)
+  labels = rng.integers(0, 3, size=50)
+  probs_a, probs_b = (scipy.special.softmax(rng.normal(size=(50, 3)) * 2, -1) for _ in range(2))
+  brier = lambda p, y: np.mean(np.sum((p - np.eye(3)[y]) ** 2, -1))
+  batched_brier = lambda p, y: np.mean(np.sum((p - np.eye(3)[y]) ** 2, -1), -1)  # [R, N, C], [R, N] -> [R]
+  monkeypatch.setattr(stats, "BATCH_ELEMENTS", 7 * 50 * 4)
+  for seed in (0, 1):
+    one_at_a_time = stats.bootstrap_ci(brier, [probs_a, labels], num_resamples=40, seed=seed)
+    assert stats.bootstrap_ci(batched_brier, [probs_a, labels], 40, seed=seed, batched=True) == pytest.approx(
+      one_at_a_time, rel=1e-12
+    )
+    arrays = ([probs_a, labels], [probs_b, labels])
+    paired = stats.paired_comparison(brier, *arrays, num_resamples=40, seed=seed)
+    assert stats.paired_comparison(batched_brier, *arrays, 40, seed=seed, batched=True) == pytest.approx(
+      paired, rel=1e-12
+    )
+  assert one_at_a_time["low"] < one_at_a_time["value"] < one_at_a_time["high"] and 0 < paired["p_value"] <= 1
+
+
 def test_score_dump_round_trip(tmp_path):
   columns = {
     "id": np.arange(3),

@@ -95,7 +95,7 @@ def test_macro_f1_and_accuracy_match_sklearn():
   predictions[predictions == 3] = 0  # ...nor as a prediction: left out of the mean, as in scikit-learn
   confusion = np.zeros((7, 7))
   np.add.at(confusion, (labels, predictions), 1)
-  assert classification.macro_f1(confusion) == pytest.approx(f1_score(labels, predictions, average="macro"))
+  assert float(classification.macro_f1(confusion)) == pytest.approx(f1_score(labels, predictions, average="macro"))
 
 
 def test_pooling_against_numpy():

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 AVERAGES = (None, "macro", "micro", "weighted")
 TOKENIZERS = ("whitespace", "13a")
@@ -105,12 +104,13 @@ def precision_recall_f1(confusion: jax.Array, average: str | None = None, zero_d
   return result
 
 
-def macro_f1(confusion) -> float:
-  """Mean per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default)."""
-  confusion = np.asarray(confusion, np.float64)
-  present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
-  f1 = np.asarray(precision_recall_f1(confusion)["f1"])
-  return float(f1[present].mean()) if present.any() else 0.0
+def macro_f1(confusion) -> jax.Array:
+  """Mean per-class F1 over the classes that occur as a label or a prediction (scikit-learn's default); 0 when
+  none does. Traceable (the bootstrap scores it under `jax.vmap`); `float()` it for a number."""
+  confusion = jnp.asarray(confusion, jnp.float32)
+  present = (jnp.sum(confusion, axis=0) + jnp.sum(confusion, axis=1)) > 0
+  f1 = precision_recall_f1(confusion)["f1"]
+  return jnp.sum(jnp.where(present, f1, 0.0)) / jnp.maximum(jnp.sum(present), 1)
 
 
 def _counts_below(scores: jax.Array, mask: jax.Array, values: jax.Array, side: str) -> jax.Array:

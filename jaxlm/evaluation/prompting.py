@@ -248,4 +248,4 @@ def accuracy_and_macro_f1(probs, labels) -> dict:
   probs, labels = np.asarray(probs), np.asarray(labels)
   predictions = probs.argmax(axis=-1)
   confusion = metrics.confusion_matrix(predictions, labels, probs.shape[-1])
-  return {"accuracy": float((predictions == labels).mean()), "macro_f1": metrics.macro_f1(confusion)}
+  return {"accuracy": float((predictions == labels).mean()), "macro_f1": float(metrics.macro_f1(confusion))}

@@ -9,7 +9,8 @@ comparisons `stats.paired_comparison` (paired bootstrap interval of the differen
 NLL clips the label probability at `MIN_PROB` (isotonic regression and histogram binning can put 0 on a label,
 whose NLL would be infinite); the report says so.
 
-The metrics are jitted once per shape (their input checks run once on the full arrays, not per resample).
+The metrics are jitted `jax.vmap`s scored over many resamples per call (`stats`' `batched`); their input checks
+run once on the full arrays, not per resample.
 """
 
 import json
@@ -28,17 +29,17 @@ LOWER_IS_BETTER = {"nll", "brier", "ece", "mce", "loss"}
 
 
 def _classification_metrics(num_bins: int) -> dict:
-  """name -> metric(probs [N, C], labels [N]) -> float."""
-  ece = jax.jit(lambda p, y: calibration.expected_calibration_error(p, y, num_bins))
-  mce = jax.jit(lambda p, y: calibration.max_calibration_error(p, y, num_bins))
-  return {
-    "accuracy": jax.jit(lambda p, y: jnp.mean(jnp.argmax(p, axis=-1) == y)),
-    "macro_f1": lambda p, y: metrics.macro_f1(metrics.confusion_matrix(np.argmax(p, -1), y, p.shape[-1])),
-    "nll": jax.jit(lambda p, y: calibration.negative_log_likelihood(p, y, MIN_PROB)),
-    "brier": jax.jit(calibration.brier_score),
-    "ece": ece,
-    "mce": mce,
+  """name -> batched metric(probs [R, N, C], labels [R, N]) -> [R]: jitted `jax.vmap`s over R example resamples
+  (`stats.bootstrap_ci(..., batched=True)`)."""
+  per_set = {
+    "accuracy": metrics.accuracy,
+    "macro_f1": lambda p, y: metrics.macro_f1(metrics.confusion_matrix(jnp.argmax(p, axis=-1), y, p.shape[-1])),
+    "nll": lambda p, y: calibration.negative_log_likelihood(p, y, MIN_PROB),
+    "brier": calibration.brier_score,
+    "ece": lambda p, y: calibration.expected_calibration_error(p, y, num_bins),
+    "mce": lambda p, y: calibration.max_calibration_error(p, y, num_bins),
   }
+  return {name: jax.jit(jax.vmap(metric)) for name, metric in per_set.items()}
 
 
 def classification_intervals(
@@ -56,12 +57,15 @@ def classification_intervals(
   probs, labels = np.asarray(probs, np.float32), np.asarray(labels, np.int32)
   if probs.ndim == 3:  # [N, R, C]: R runs on the same examples, each metric the mean over the runs
     calibration.brier_score(probs, np.repeat(labels[:, None], probs.shape[1], axis=1))  # checks, once
-    over_runs = lambda metric: lambda p, y: np.mean([float(metric(p[:, r], y)) for r in range(p.shape[1])])
+    over_runs = lambda metric: lambda p, y: np.mean([np.asarray(metric(p[:, :, r], y)) for r in range(p.shape[2])], 0)
     functions = {name: over_runs(metric) for name, metric in _classification_metrics(num_bins).items()}
   else:
     calibration.brier_score(probs, labels)  # checks shapes, dtypes and ranges once, with a clear message
     functions = _classification_metrics(num_bins)
-  return {name: stats.bootstrap_ci(functions[name], (probs, labels), num_resamples, confidence, seed) for name in names}
+  return {
+    name: stats.bootstrap_ci(functions[name], (probs, labels), num_resamples, confidence, seed, batched=True)
+    for name in names
+  }
 
 
 def classification_comparisons(
@@ -71,7 +75,9 @@ def classification_comparisons(
   probs, baseline_probs = np.asarray(probs, np.float32), np.asarray(baseline_probs, np.float32)
   labels = np.asarray(labels, np.int32)
   return {
-    name: stats.paired_comparison(metric, (probs, labels), (baseline_probs, labels), num_resamples, confidence, seed)
+    name: stats.paired_comparison(
+      metric, (probs, labels), (baseline_probs, labels), num_resamples, confidence, seed, batched=True
+    )
     for name, metric in _classification_metrics(num_bins).items()
   }
 
@@ -112,7 +118,7 @@ def token_intervals(
     "ece": ece,
   }
   return {
-    name: stats.bootstrap_ci(jax.jit(function), arrays, num_resamples, confidence_level, seed)
+    name: stats.bootstrap_ci(jax.jit(jax.vmap(function)), arrays, num_resamples, confidence_level, seed, batched=True)
     for name, function in functions.items()
   }
 

@@ -199,7 +199,7 @@ class Classification(base.BaseTask):
       "loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9),
       "nll": float(sums["nll_sum"]) / examples,
       "accuracy": float(np.trace(confusion)) / examples,
-      "macro_f1": macro_f1(confusion),
+      "macro_f1": float(macro_f1(confusion)),
     }
     if "bin_count" in sums:
       reported["ece"] = float(calibration.ece_from_bin_sums(sums, "l1"))
@@ -213,4 +213,7 @@ class Classification(base.BaseTask):
       np.add.at(counts, np.asarray(batch["label"])[rows], 1)
     confusion = np.zeros((self.num_classes, self.num_classes))
     confusion[:, counts.argmax()] = counts
-    return {"majority_accuracy": float(counts.max() / max(counts.sum(), 1)), "majority_macro_f1": macro_f1(confusion)}
+    return {
+      "majority_accuracy": float(counts.max() / max(counts.sum(), 1)),
+      "majority_macro_f1": float(macro_f1(confusion)),
+    }
