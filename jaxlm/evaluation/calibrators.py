@@ -27,7 +27,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 import scipy.special
 
 from jaxlm.errors import check
@@ -247,11 +246,20 @@ def _fit_linear(features, labels, kind, regularizer):
     loss = -np.sum(one_hot * log_probs) / n + penalty
     return loss, np.concatenate([(grad_weight + grad_penalty_weight).ravel(), grad_scores.sum(0) + grad_penalty_bias])
 
-  result = scipy.optimize.minimize(
-    objective, initial, jac=True, method="L-BFGS-B", options=dict(maxiter=2000, gtol=1e-10, ftol=1e-15)
-  )
+  result = _lbfgs(objective, initial, maxiter=2000, gtol=1e-10)
   weight, bias = unpack(result.x)
   return {"weight": weight, "bias": bias}
+
+
+def _lbfgs(objective, initial, maxiter: int, gtol: float):
+  """scipy's L-BFGS-B minimum of `objective(theta) -> (loss, gradient)` from `initial`. scipy.optimize is imported
+  here, when a calibrator is fitted, not with this module: every jaxlm process imports this module (the config
+  checks), and scipy.optimize is a sixth of a second of its start."""
+  import scipy.optimize
+
+  return scipy.optimize.minimize(
+    objective, initial, jac=True, method="L-BFGS-B", options=dict(maxiter=maxiter, gtol=gtol, ftol=1e-15)
+  )
 
 
 def _no_regularizer(weight, bias):
@@ -340,9 +348,7 @@ class PlattScaling(Calibrator):
       residual = (scipy.special.expit(scores) - labels) / len(labels)
       return loss, np.array([np.sum(residual * margin), np.sum(residual)])
 
-    result = scipy.optimize.minimize(
-      objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", options=dict(maxiter=1000, gtol=1e-12, ftol=1e-15)
-    )
+    result = _lbfgs(objective, np.array([1.0, 0.0]), maxiter=1000, gtol=1e-12)
     return {"slope": result.x[0], "intercept": result.x[1]}
 
   def _apply(self, logits):
