@@ -117,10 +117,11 @@ def _on_and_beside_edges(num_bins, dtype):
 def test_confidences_on_bin_edges_for_every_bin_count(right_closed):
   """float32 (B = 1..100, 128, 1000) and float16 (a few B): every edge, and the values just beside it."""
   cases = [(b, np.float32) for b in [*range(1, 101), 128, 1000]] + [(b, np.float16) for b in (3, 7, 10, 15, 100)]
+  bin_ids = jax.jit(calibration.equal_width_bin_ids, static_argnums=(1, 2))  # one compile per case, not per op
   for num_bins, dtype in cases:
     confidences = _on_and_beside_edges(num_bins, dtype)
     expected = [_exact_bin(c, num_bins, right_closed) for c in confidences]
-    ours = calibration.equal_width_bin_ids(confidences, num_bins, right_closed=right_closed)
+    ours = bin_ids(confidences, num_bins, right_closed)
     np.testing.assert_array_equal(ours, expected, err_msg=f"{num_bins} bins, {dtype.__name__}")
   # The cases of issue 13 (float32 linspace put these edges at 0.8000001 and 0.049999997).
   for c, num_bins, right, left in [

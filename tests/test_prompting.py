@@ -28,11 +28,12 @@ def test_multi_token_label_words_score_the_sum_or_mean_of_their_token_log_probs(
   params = params_lib.init_params(model, jax.random.key(0))
   prompts = [[2, 10, 11, 12, 13], [2, 20, 21], [2, 30, 31, 32, 33, 34, 35]]
   words = [[40], [41, 42, 43], [44, 45]]  # one- and multi-token label words
+  apply = jax.jit(model.apply)  # one compile per shape; op by op, every op of the model compiled on its own
   calls = []
 
   def log_prob_fn(batch):
     calls.append(batch["tokens"].shape)
-    logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
     return prompting.next_token_log_probs(logits, batch["tokens"])
 
   scores = prompting.score_label_words(
@@ -44,7 +45,7 @@ def test_multi_token_label_words_score_the_sum_or_mean_of_their_token_log_probs(
     for c, word in enumerate(words):
       tokens = np.asarray([prompt + word], np.int32)
       log_probs = _log_softmax(
-        model.apply({"params": params}, tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
+        apply({"params": params}, tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
       )[0]
       token_scores = [log_probs[len(prompt) - 1 + i, token] for i, token in enumerate(word)]
       expected[p, c] = np.sum(token_scores) if reduce == "sum" else np.mean(token_scores)

@@ -13,6 +13,7 @@ The metrics are jitted `jax.vmap`s scored over many resamples per call (`stats`'
 run once on the full arrays, not per resample.
 """
 
+import functools
 import json
 import os
 
@@ -28,9 +29,11 @@ TOKEN_METRICS = ("loss", "token_accuracy", "ece")
 LOWER_IS_BETTER = {"nll", "brier", "ece", "mce", "loss"}
 
 
+@functools.cache
 def _classification_metrics(num_bins: int) -> dict:
   """name -> batched metric(probs [R, N, C], labels [R, N]) -> [R]: jitted `jax.vmap`s over R example resamples
-  (`stats.bootstrap_ci(..., batched=True)`)."""
+  (`stats.bootstrap_ci(..., batched=True)`). Built once per bin count, so that every report of a process reuses
+  their traces and compiled programs (new functions were retraced and recompiled on each call)."""
   per_set = {
     "accuracy": metrics.accuracy,
     "macro_f1": lambda p, y: metrics.macro_f1(metrics.confusion_matrix(jnp.argmax(p, axis=-1), y, p.shape[-1])),
@@ -106,21 +109,28 @@ def token_intervals(
 ) -> dict:
   """{metric: {"value", "low", "high"}} of loss, token accuracy and ECE from per-token arrays [N, T]."""
   arrays = [np.asarray(a, np.float32) for a in (nll, confidence, correct, weights)]
+  return {
+    name: stats.bootstrap_ci(function, arrays, num_resamples, confidence_level, seed, batched=True)
+    for name, function in _token_metrics(num_bins).items()
+  }
+
+
+@functools.cache
+def _token_metrics(num_bins: int) -> dict:
+  """name -> batched metric(nll, confidence, correct, weights, each [R, N, T]) -> [R], built once per bin count
+  (as `_classification_metrics`)."""
 
   def ece(nll, confidence, correct, weights):
     del nll
     sums = calibration.calibration_bin_sums(confidence.reshape(-1), correct.reshape(-1), weights.reshape(-1), num_bins)
     return calibration.ece_from_bin_sums(sums, "l1")
 
-  functions = {
+  per_set = {
     "loss": lambda nll, c, ok, w: jnp.sum(nll * w) / jnp.sum(w),
     "token_accuracy": lambda nll, c, ok, w: jnp.sum(ok * w) / jnp.sum(w),
     "ece": ece,
   }
-  return {
-    name: stats.bootstrap_ci(jax.jit(jax.vmap(function)), arrays, num_resamples, confidence_level, seed, batched=True)
-    for name, function in functions.items()
-  }
+  return {name: jax.jit(jax.vmap(metric)) for name, metric in per_set.items()}
 
 
 def _cell(interval: dict) -> str:
