@@ -140,8 +140,8 @@ def memory_plan(
   mesh = dict(zip(sharding.MESH_AXES, shape))
   sharding.check_model_fits_mesh(model_config, mesh)
   optimizer, _, _ = optim.optimizer_for(config.train, new_params)
+  abstract_params = params_lib.boxed_abstract_params(model)
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    abstract_params = jax.eval_shape(params_lib.boxed_init_fn(model), jax.random.key(0))
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   params = _tree_rows(abstract_params, mesh)
   param_bytes = sum(row.bytes_per_device for row in params)

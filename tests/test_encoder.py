@@ -156,12 +156,13 @@ def test_bert_base_has_the_published_parameter_count():
 @pytest.mark.e2e
 def test_mlm_pretraining_then_encoder_finetuning_from_the_cli(data_dir, tmp_path):
   pretrained = str(tmp_path / "mlm")
-  # 150 of the config's 500 steps keep the suite short (the whole :tiny run ends below 0.7 of its first loss).
+  # 100 of the config's 500 steps keep the suite short (the whole :tiny run ends below 0.7 of its first loss; at
+  # step 100 it is at 0.87 of it: 5.70 at step 10, 4.96 at 100).
   run_cli(
     "--config=experiments/pretrain_mlm.py:tiny",
     f"--workdir={pretrained}",
     f"--config.data.data_dir={data_dir}",
-    "--config.train.steps=150",
+    "--config.train.steps=100",
   )
   rows = [json.loads(line) for line in open(os.path.join(pretrained, "metrics.jsonl"))]
   evals = [row for row in rows if row["split"] == "eval"]

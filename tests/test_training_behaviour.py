@@ -209,3 +209,34 @@ def test_a_best_metric_the_task_does_not_report_is_refused_before_the_first_step
   with pytest.raises(ConfigError, match=r"train.best_metric: 'accuracy' is not an eval metric .*'token_accuracy'"):
     Experiment.from_config(config, str(tmp_path)).train()
   assert not os.path.exists(tmp_path / "metrics.jsonl") and not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_a_finished_run_reruns_as_a_restore_unless_its_final_checkpoint_is_damaged(tiny_workdir, tmp_path, caplog):
+  """Rerunning a finished run returns its last evaluation and changes nothing; with its final checkpoint damaged,
+  the rerun moves it aside, resumes from the one before and trains the last steps again."""
+  import glob
+  import logging
+
+  from jaxlm.training import writer
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_workdir, workdir)
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  history = open(metrics_file).read()
+  last_eval = writer.read_rows(workdir, "eval")[-1]
+  experiment = Experiment.from_workdir(workdir)
+  with caplog.at_level(logging.INFO):
+    metrics = experiment.train()
+  assert metrics == {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+  assert "finished at step 4: nothing to train" in caplog.text and "Compiled" not in caplog.text
+  assert open(metrics_file).read() == history
+
+  data_files = glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_0", "d", "*"))
+  os.remove(max(data_files, key=os.path.getsize))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    retrained = experiment.train()
+  assert "Resuming from the checkpoint at step 2" in caplog.text
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4.corrupt"))
+  assert [row["step"] for row in writer.read_rows(workdir, "eval")] == [2, 4]
+  assert retrained["loss"] == pytest.approx(metrics["loss"], rel=1e-5)  # the same steps again

@@ -6,6 +6,7 @@ one rules table (`jaxlm.sharding`) turns the names into shardings on a mesh; `in
 init jitted with those output shardings, so no host ever holds the full model.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,15 +16,13 @@ import jax.numpy as jnp
 from jaxlm import sharding
 
 
-def boxed_init_fn(model: nn.Module, sample_inputs: tuple | None = None) -> Callable:
+def boxed_init_fn(model: nn.Module) -> Callable:
   """`rng -> params` whose leaves are still boxed with their logical axis names (`nn.Partitioned`).
 
-  `sample_inputs` are positional arguments of `model.init` after the key; the default, one [1, 16] token
-  array, fits every jaxlm model (parameter shapes never depend on the input length; 16 is the shortest row the
-  Pallas flash-attention kernel tiles).
+  The model is initialised on one [1, 16] token array, which fits every jaxlm model (parameter shapes never
+  depend on the input length; 16 is the shortest row the Pallas flash-attention kernel tiles).
   """
-  inputs = sample_inputs if sample_inputs is not None else (jnp.zeros((1, 16), jnp.int32),)
-  return lambda rng: model.init(rng, *inputs)["params"]
+  return lambda rng: model.init(rng, jnp.zeros((1, 16), jnp.int32))["params"]
 
 
 def unbox(tree: Any) -> Any:
@@ -31,34 +30,40 @@ def unbox(tree: Any) -> Any:
   return nn.meta.unbox(tree)
 
 
-def logical_specs(model: nn.Module, sample_inputs: tuple | None = None) -> Any:
-  """A tree of logical `PartitionSpec`s (e.g. `("embed", "mlp")`), one per parameter."""
+@functools.lru_cache(maxsize=32)
+def boxed_abstract_params(model: nn.Module) -> Any:
+  """`jax.eval_shape` of `boxed_init_fn(model)`: ShapeDtypeStructs boxed with their logical axis names.
+
+  Traced once per model (modules are frozen dataclasses, equal when built alike) and shared by everything that
+  needs only shapes and names: shardings, restores, plans and the train state's abstract optimizer state. A
+  tiny CLI run traced the model's init four times for these before the train step was traced at all."""
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    boxed = jax.eval_shape(boxed_init_fn(model, sample_inputs), jax.random.key(0))
-  return nn.get_partition_spec(boxed)
+    return jax.eval_shape(boxed_init_fn(model), jax.random.key(0))
 
 
-def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None, sample_inputs: tuple | None = None) -> Any:
+def logical_specs(model: nn.Module) -> Any:
+  """A tree of logical `PartitionSpec`s (e.g. `("embed", "mlp")`), one per parameter."""
+  return nn.get_partition_spec(boxed_abstract_params(model))
+
+
+def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh | None = None) -> Any:
   """ShapeDtypeStructs of every parameter, each with its `NamedSharding` on `mesh` (none without a mesh).
 
   Nothing is allocated: this is what a checkpoint restores into and what a plan counts.
   """
-  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    abstract = unbox(jax.eval_shape(boxed_init_fn(model, sample_inputs), jax.random.key(0)))
+  abstract = unbox(boxed_abstract_params(model))
   if mesh is None:
     return abstract
-  shardings = sharding.logical_to_sharding(logical_specs(model, sample_inputs), mesh)
+  shardings = sharding.logical_to_sharding(logical_specs(model), mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def init_params(
-  model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None = None, sample_inputs: tuple | None = None
-) -> Any:
+def init_params(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
   """Freshly initialised parameters, created directly in their shardings on `mesh` (or on the default device)."""
-  init = boxed_init_fn(model, sample_inputs)
+  init = boxed_init_fn(model)
   if mesh is None:
     return jax.jit(lambda key: unbox(init(key)))(rng)
-  shardings = sharding.logical_to_sharding(logical_specs(model, sample_inputs), mesh)
+  shardings = sharding.logical_to_sharding(logical_specs(model), mesh)
   with sharding.mesh_context(mesh):
     return jax.jit(lambda key: unbox(init(key)), out_shardings=shardings)(rng)
 

@@ -22,7 +22,6 @@ experiment: config, task, model, tokenizer, mesh, data):
      generates text.
 """
 
-import functools
 import json
 import os
 import signal
@@ -118,10 +117,22 @@ def _log_compiled(name: str, compiled) -> None:
     )
 
 
-def _metric_names(task, model, abstract_params, global_batch) -> list[str]:
-  """The names `task.summarize` reports for eval sums, found without running anything."""
-  sums = jax.eval_shape(functools.partial(steps.eval_step, model=model, task=task), abstract_params, global_batch)
+def _metric_names(task, compiled_eval_step) -> list[str]:
+  """The names `task.summarize` reports for eval sums, found from the compiled eval step without running it."""
+  sums = compiled_eval_step.out_info
   return sorted(task.summarize(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), sums)))
+
+
+def _finished_run_metrics(workdir: str, config, latest: int | None) -> dict | None:
+  """The last eval metrics of a run that already finished (its latest checkpoint at `train.steps`, evaluated at
+  that step, and its test report written when there is a test split), else None. Rerunning a finished run (a
+  notebook's "train it unless it is there" cell) then costs a restore, not compiles, evaluations and a sample."""
+  if latest is None or latest < config.train.steps:
+    return None
+  rows = [row for row in read_rows(workdir, "eval") if row["step"] == latest]
+  if not rows or (config.data.test_split and not os.path.exists(os.path.join(workdir, "eval", "report.json"))):
+    return None
+  return {key: value for key, value in rows[-1].items() if key not in ("step", "split")}
 
 
 def best_so_far(values, better, best=None, since: int = 0) -> tuple:
@@ -174,6 +185,16 @@ def _train_and_evaluate(experiment) -> dict:
   trainable_count = sum(int(x.size) for x, trains in zip(jax.tree.leaves(state.params), mask) if trains)
   total_count = params_lib.count(state.params)
   logging.info("Model: %s parameters, %s trainable", f"{total_count:,}", f"{trainable_count:,}")
+  finished = _finished_run_metrics(workdir, config, latest)
+  if finished is not None:  # its final checkpoint restored above: a damaged one would have been moved aside
+    checkpointer.close()
+    logging.info(
+      "The run in %s finished at step %d: nothing to train (--mode=generate samples from it). Last evaluation: %s",
+      workdir,
+      latest,
+      {k: round(v, 4) for k, v in finished.items()},
+    )
+    return finished
 
   batch_sharding = sharding.batch_sharding(mesh)
   global_batch = lambda rows: {
@@ -196,7 +217,7 @@ def _train_and_evaluate(experiment) -> dict:
     start = time.perf_counter()
     train_step = train_step.lower(abstract_state, global_batch(train.batch_size)).compile()
     eval_step = eval_step.lower(abstract_state.params, global_batch(config.eval.batch_size)).compile()
-    metric_names = _metric_names(task, model, abstract_state.params, global_batch(config.eval.batch_size))
+    metric_names = _metric_names(task, eval_step)
   logging.info("Compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   _log_compiled("train_step", train_step)
   if train.best_metric not in metric_names:
@@ -309,7 +330,7 @@ def _train_and_evaluate(experiment) -> dict:
             evals_without_improvement,
           )
           break
-      if not eval_metrics:  # resumed a finished run
+      if not eval_metrics:  # resumed a finished run that has no evaluation at its last step
         eval_metrics = evaluate_and_log(step, state.params)
     checkpointer.wait()
     if pruning.enabled(train.prune):  # the sparsity reached, per layer -> WORKDIR/eval/sparsity.json

@@ -29,14 +29,10 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
   The optimizer is initialised abstractly on the boxed parameters, so its moments inherit each
   parameter's logical axis names and are sharded like it.
   """
-  init_params = params_lib.boxed_init_fn(model)
-
-  def init(rng):
-    params = init_params(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
+  boxed_params = params_lib.boxed_abstract_params(model)
   with sharding.mesh_context(mesh):
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    opt_state = jax.eval_shape(optimizer.init, boxed_params)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params, opt_state=opt_state)
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
   # Frozen parameters leave an empty `optax.MaskedNode` in the optimizer state, which the sharding tree holds
   # as one (prefix) leaf: keep the node.
