@@ -189,3 +189,17 @@ def tiny_workdir(data_dir, tokenizer, tmp_path_factory):
   config.sample.max_new_tokens = 0
   Experiment.from_config(config, workdir).train()
   return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_workdir(data_dir, tiny_workdir, tmp_path_factory):
+  """A finished finetune_packages:tiny run (3 steps from `tiny_workdir`, its test report written), for tests that
+  read a fine-tuned classifier or copy it to calibrate or compress it."""
+  from jaxlm import Experiment
+
+  workdir = str(tmp_path_factory.mktemp("tiny_classifier"))
+  config = experiment_config("finetune_packages", "tiny")
+  config.data.data_dir, config.init_from = data_dir, tiny_workdir
+  config.train.steps = 3
+  Experiment.from_config(config, workdir).train()
+  return workdir

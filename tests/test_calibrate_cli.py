@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -11,9 +12,11 @@ from jaxlm.evaluation.calibration import expected_calibration_error
 
 
 @pytest.mark.e2e
-def test_calibrate_a_tiny_classifier_then_eval_through_a_calibrator(tiny_workdir, data_dir, tmp_path):
+def test_calibrate_a_tiny_classifier_then_eval_through_a_calibrator(
+  tiny_workdir, tiny_classifier_workdir, data_dir, tmp_path
+):
+  shutil.copytree(tiny_classifier_workdir, tmp_path, dirs_exist_ok=True)  # calibrated and evaluated in the copy
   common = [f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", f"--config.init_from={tiny_workdir}"]
-  run_cli("--config=experiments/finetune_packages.py:tiny", "--config.train.steps=3", *common)
   # Matrix and Dirichlet scaling (checked against scikit-learn in test_calibrators.py) are left out here: their
   # unregularised fits on a barely trained 19-class model take most of a minute.
   names = ["temperature", "vector", "isotonic", "histogram"]

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from conftest import experiment_config
 from jaxlm import Experiment, compress
 
 
@@ -41,12 +40,8 @@ def test_report_of_a_pruned_int8_language_model(tiny_workdir, tmp_path):
   assert "| compressed |" in table and "ece" in table
 
 
-def test_report_of_a_quantized_classifier_compares_with_the_original(tiny_workdir, data_dir, tmp_path):
-  config = experiment_config("finetune_packages", "tiny")
-  config.init_from, config.data.data_dir = tiny_workdir, data_dir
-  config.train.steps = 3
-  classifier = str(tmp_path / "classifier")
-  Experiment.from_config(config, classifier).train()
+def test_report_of_a_quantized_classifier_compares_with_the_original(tiny_classifier_workdir, tmp_path):
+  classifier = tiny_classifier_workdir  # read only: the compressed copy and its report go to `out`
   out = str(tmp_path / "int4")
   compress.compress(classifier, out, step="best", quantize_scheme="int4", report=False)
   report = compress.compression_report(out, classifier, num_resamples=100)
