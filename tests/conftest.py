@@ -55,8 +55,10 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-  """The end-to-end runs (`e2e`: a minute or so each) start first, so that two xdist workers fill their tail with
-  the short tests rather than one worker finishing a long run alone."""
+  """The end-to-end runs (`e2e`: up to a minute each) start first. xdist's `worksteal` (pyproject.toml) gives each
+  worker half of this order and lets an idle worker take half of the other's queue, so the long runs start early
+  and both workers end on short tests (the default `load` sent the first 46 tests, every e2e run among them, to
+  one worker)."""
   items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
