@@ -341,7 +341,11 @@ class Experiment:
     parameter of that run restored (new ones, like a classification head or LoRA adapters, stay initialised);
     `init_from = "hf:PATH"` imports a Hugging Face checkpoint in memory (`jaxlm.interop.hf`) instead."""
     init_rng = jax.random.split(jax.random.key(self.config.seed))[0]
-    params = params_lib.init_params(self.model, init_rng, self.mesh)
+    if not self.config.init_from:
+      return params_lib.init_params(self.model, init_rng, self.mesh)
+    # Restored into the abstract tree; only the parameters the source lacks (a new head, LoRA adapters) are then
+    # initialised, with the values a full init from the seed gives them.
+    abstract = self.abstract_params()
     if _hf_dir(self.config.init_from):
       logging.info(
         "Starting from the Hugging Face checkpoint %s; new parameters from seed %d",
@@ -349,14 +353,15 @@ class Experiment:
         self.config.seed,
       )
       _, imported, _, _ = hf.load_pretrained(_hf_dir(self.config.init_from), self.mesh, self.model_config.param_dtype)
-      params, _ = checkpoint.place_params(
-        params_lib.flatten(imported), params, self.task.new_params, allow_adapters=True, origin=self.config.init_from
+      params, new = checkpoint.place_params(
+        params_lib.flatten(imported), abstract, self.task.new_params, allow_adapters=True, origin=self.config.init_from
       )
-    elif self.config.init_from:
+    else:
       ref = checkpoint.find_checkpoint(self.config.init_from)
       logging.info("Starting from %s (step %d); new parameters from seed %d", ref.workdir, ref.step, self.config.seed)
-      params, _ = checkpoint.restore_params(ref.state_dir, params, self.task.new_params, allow_adapters=True)
-    return params
+      params, new = checkpoint.restore_params(ref.state_dir, abstract, self.task.new_params, allow_adapters=True)
+    fresh = params_lib.init_some_params(self.model, init_rng, new, self.mesh)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fresh.get(params_lib.path_name(path), leaf), params)
 
   def load_params(self, step: str | int = "latest", path: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """Parameters alone of checkpoint `step` ("latest", "best" by `train.best_metric`, or a number) of the run

@@ -15,6 +15,7 @@ from conftest import experiment_config, lm_batch, make_trainer, tiny_model_confi
 from jaxlm import Experiment, sharding
 from jaxlm.errors import ConfigError
 from jaxlm.models import Decoder
+from jaxlm.models import params as params_lib
 from jaxlm.tasks.causal_lm import CausalLm
 from jaxlm.training import checkpoint, optim
 
@@ -123,6 +124,11 @@ def test_init_from_a_checkpoint_directory_and_past_an_unfinished_save(tiny_workd
   at_2 = Experiment.from_workdir(str(run)).load_params(2)
   at_4 = Experiment.from_workdir(str(run)).load_params(4)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["backbone"]), jax.device_get(at_2))
+  # The new head (the only parameters initialised) holds what a full init from the seed gives it.
+  experiment = Experiment.from_config(config)
+  full_init = params_lib.init_params(experiment.model, jax.random.split(jax.random.key(config.seed))[0])
+  assert set(restored) == {"backbone", "head"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["head"]), jax.device_get(full_init["head"]))
   differs = jax.tree.leaves(jax.tree.map(lambda a, b: bool((np.asarray(a) != np.asarray(b)).any()), at_2, at_4))
   assert any(differs)
   with pytest.raises(checkpoint.CheckpointError, match=r"No finished checkpoint 3 .* steps \[2, 4\]"):

@@ -26,7 +26,6 @@ encoder reads `text </s>` (`model.encoder_eos`; its tokenizer has no bos, so not
 decoder starts with `decoder_start_token_id` (`model.decoder_start_id`, pad for T5).
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -40,7 +39,6 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jaxlm import sharding
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.models import params as params_lib
@@ -898,25 +896,9 @@ def load_params(path: str, family: Family, model_config: ModelConfig, mesh: jax.
     return jax.make_array_from_callback(leaf.shape, target, callback)
 
   absent = [name for tensor in table if tensor not in present for name in tensor.jaxlm]
-  flat = _fresh_params(model, absent, abstract, mesh)
+  flat = params_lib.init_some_params(model, jax.random.key(0), absent, mesh)  # the model's own init, seed 0
   flat.update({name: place(name, leaf) for name, leaf in abstract.items() if name not in flat})
   return jax.tree_util.tree_map_with_path(lambda p, _: flat[params_lib.path_name(p)], abstract_tree)
-
-
-def _fresh_params(model, names: list[str], abstract: dict, mesh: jax.sharding.Mesh | None) -> dict:
-  """{name: freshly initialised value} of the parameters `names` (the model's own init, seed 0), in their
-  shardings; the init is jitted for these outputs alone, so no other parameter is computed."""
-  if not names:
-    return {}
-  init = params_lib.boxed_init_fn(model)
-
-  def subset(rng):
-    flat = params_lib.flatten(params_lib.unbox(init(rng)))
-    return {name: flat[name] for name in names}
-
-  shardings = {name: abstract[name].sharding for name in names} if mesh is not None else None
-  with sharding.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
-    return jax.jit(subset, out_shardings=shardings)(jax.random.key(0))
 
 
 def tokenizer_path(path: str) -> str | None:

@@ -68,6 +68,21 @@ def init_params(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh | None
     return jax.jit(lambda key: unbox(init(key)), out_shardings=shardings)(rng)
 
 
+def init_some_params(model: nn.Module, rng: jax.Array, names, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """{name: value} of the parameters `names` (`path_name`s) exactly as `init_params(model, rng, mesh)` creates
+  them, from an init jitted for these outputs alone: XLA drops the rest of the initialiser, so filling the new
+  head of a restored model neither computes nor compiles the random init of every other weight."""
+  if not names:
+    return {}
+  init = boxed_init_fn(model)
+  subset = lambda key: {name: flatten(unbox(init(key)))[name] for name in names}
+  if mesh is None:
+    return jax.jit(subset)(rng)
+  shardings = flatten(sharding.logical_to_sharding(logical_specs(model), mesh))
+  with sharding.mesh_context(mesh):
+    return jax.jit(subset, out_shardings={name: shardings[name] for name in names})(rng)
+
+
 def count(params: Any) -> int:
   """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
   return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -318,9 +318,9 @@ def restore_params(state_dir: str, target, new_params: str | None = None, allow_
 
   `target` is a parameter tree of arrays or ShapeDtypeStructs (`models.params.abstract_params`). Checkpoint
   names match target names as they are, or under the target's `backbone/` prefix. Target parameters the
-  checkpoint lacks are kept from `target` (which must then hold arrays) only when they match the regex
-  `new_params` (a task's new head) or, with `allow_adapters`, are LoRA adapters. Any other difference (a
-  missing or unused parameter, a shape mismatch) raises CheckpointError listing every offending parameter.
+  checkpoint lacks are kept from `target` (arrays, or ShapeDtypeStructs for the caller to initialise) only when
+  they match the regex `new_params` (a task's new head) or, with `allow_adapters`, are LoRA adapters. Any other
+  difference (a missing or unused parameter, a shape mismatch) raises CheckpointError listing every offender.
   Returns (params, names of the parameters kept from `target`). No optimizer state is read.
   """
   source = params_lib.flatten(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"])
