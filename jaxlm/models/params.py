@@ -75,7 +75,11 @@ def init_some_params(model: nn.Module, rng: jax.Array, names, mesh: jax.sharding
   if not names:
     return {}
   init = boxed_init_fn(model)
-  subset = lambda key: {name: flatten(unbox(init(key)))[name] for name in names}
+
+  def subset(key):
+    flat = flatten(unbox(init(key)))
+    return {name: flat[name] for name in names}
+
   if mesh is None:
     return jax.jit(subset)(rng)
   shardings = flatten(sharding.logical_to_sharding(logical_specs(model), mesh))
