@@ -175,6 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # data-parallel ways; -1 = all devices left
   config.mesh.fsdp = 1  # parameter-sharding (ZeRO-3) ways
   config.mesh.tensor = 1  # tensor-parallel ways
+  # The first N of a one-process run's devices (-1: all): a debugging run on one device of a host, a small model
+  # on one of 8 simulated CPU devices (the tests), without hiding the others from JAX.
+  config.mesh.num_devices = -1
   return config
 
 

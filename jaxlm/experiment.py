@@ -169,7 +169,7 @@ class Experiment:
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
-    """The device mesh of `config.mesh` over this machine's (or cluster's) devices."""
+    """The device mesh of `config.mesh` over this machine's (or cluster's) devices, or the first `mesh.num_devices`."""
     mesh = sharding.create_mesh(self.config.mesh)
     sharding.check_model_fits_mesh(self.model_config, mesh.shape)
     return mesh

@@ -134,9 +134,9 @@ def memory_plan(
   config, model_config, model: nn.Module, new_params: str | None = None, num_devices: int | None = None
 ) -> MemoryPlan:
   """The per-device memory plan of training `model` (the task's module) as `config` says, over `num_devices`
-  (default: this machine's devices). The optimizer is the training one, trainable mask included: frozen
+  (default: the devices `config.mesh` spans). The optimizer is the training one, trainable mask included: frozen
   parameters hold no Adam moments."""
-  shape = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
+  shape = sharding.mesh_shape(config.mesh, num_devices or len(sharding.mesh_devices(config.mesh)))
   mesh = dict(zip(sharding.MESH_AXES, shape))
   sharding.check_model_fits_mesh(model_config, mesh)
   optimizer, _, _ = optim.optimizer_for(config.train, new_params)

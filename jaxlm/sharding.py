@@ -69,9 +69,23 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def mesh_devices(mesh_config: Any) -> list:
+  """The devices a mesh of `mesh_config` spans: every device, or the first `mesh.num_devices` of them (one
+  process only: each process of a multi-process run holds its own devices)."""
+  devices, num_devices = jax.devices(), int(mesh_config.get("num_devices", -1))
+  if num_devices == -1:
+    return devices
+  if jax.process_count() > 1:
+    raise ConfigError(f"mesh.num_devices: a multi-process run spans every device (-1), got {num_devices}.")
+  if not 1 <= num_devices <= len(devices):
+    raise ConfigError(f"mesh.num_devices: {num_devices} is not between 1 and the {len(devices)} devices (or -1: all).")
+  return devices[:num_devices]
+
+
 def create_mesh(mesh_config: Any, devices=None) -> Mesh:
-  """A `Mesh` with axes ("data", "fsdp", "tensor") laid out for the device topology."""
-  devices = jax.devices() if devices is None else devices
+  """A `Mesh` with axes ("data", "fsdp", "tensor") laid out for the device topology, over `devices` (default:
+  `mesh_devices(mesh_config)`)."""
+  devices = mesh_devices(mesh_config) if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   device_array = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   return Mesh(device_array, MESH_AXES)

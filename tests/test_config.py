@@ -153,3 +153,14 @@ def test_mesh_shape(mesh, devices, expected):
 def test_bad_mesh_is_a_clear_error(mesh, message):
   with pytest.raises(ConfigError, match=message):
     sharding.mesh_shape(mesh, 8)
+
+
+def test_mesh_num_devices_takes_the_first_devices_of_one_process():
+  import jax
+
+  assert sharding.mesh_devices(dict(data=-1, fsdp=1, tensor=1)) == jax.devices()  # no num_devices: all of them
+  mesh = sharding.create_mesh(dict(data=-1, fsdp=1, tensor=1, num_devices=2))
+  assert list(mesh.devices.flat) == jax.devices()[:2] and mesh.shape["data"] == 2
+  for bad in (0, -2, len(jax.devices()) + 1):
+    with pytest.raises(ConfigError, match="mesh.num_devices"):
+      sharding.mesh_devices(dict(data=-1, fsdp=1, tensor=1, num_devices=bad))

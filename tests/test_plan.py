@@ -14,7 +14,7 @@ from jaxlm.training import state as state_lib
 def test_plan_matches_the_compiled_train_step(remat):
   config = experiment_config("quickstart", None)
   config.model.remat = remat
-  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2, num_devices=-1))
   experiment = Experiment.from_config(config)
   memory = experiment.plan()
   assert memory.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -75,7 +75,7 @@ def test_plan_bytes_of_every_parameter_are_its_real_shard(mesh):
   splits included), and frozen parameters hold no Adam moments."""
   config = experiment_config("finetune_packages", "tiny,lora")
   config.classification.num_classes = 19
-  config.mesh.update(mesh)
+  config.mesh.update(dict(mesh, num_devices=-1))
   experiment = Experiment.from_config(config)
   memory = experiment.plan()
   abstract = {row.path: row for row in memory.params}

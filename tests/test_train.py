@@ -105,7 +105,7 @@ def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   """End to end in-process on a data x FSDP x tensor mesh: data, eval, metrics, checkpoints, sample."""
   config = experiment_config("quickstart", "tiny")
   config.data.data_dir = data_dir
-  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2, num_devices=-1))
   config.train.update(dict(steps=12, eval_every=4, checkpoint_every=4, keep_checkpoints=1, learning_rate=1e-2))
   final = Experiment.from_config(config, str(tmp_path)).train()
 
@@ -119,7 +119,7 @@ def test_tiny_run_on_a_2x2x2_mesh(data_dir, tokenizer, tmp_path, capsys):
   assert eval_rows[-1]["loss"] < eval_rows[0]["loss"]
   assert final["loss"] == eval_rows[-1]["loss"]
   assert eval_rows[-1]["perplexity"] == pytest.approx(np.exp(eval_rows[-1]["loss"]))
-  assert json.load(open(tmp_path / "config.json"))["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert json.load(open(tmp_path / "config.json"))["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "num_devices": -1}
   assert os.listdir(tmp_path / "tensorboard")
   # Kept: the latest checkpoint and the one with the lowest eval loss.
   best = min(eval_rows, key=lambda r: r["loss"])["step"]
