@@ -51,7 +51,7 @@ _STEP = flags.DEFINE_string(
   "for classifiers and eval, latest for a language model's prompted calibration).",
 )
 _CALIBRATOR = flags.DEFINE_string("calibrator", "", "--mode=eval: apply this calibrator saved by --mode=calibrate.")
-_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = this machine's).")
+_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--mode=plan: devices to plan for (0 = the mesh's devices).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer(
   "num_processes", 0, "Processes in a multi-process run (with --coordinator_address)."

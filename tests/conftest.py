@@ -114,8 +114,8 @@ def lm_batch(seed: int = 0, rows: int = 8, length: int = 16, vocab: int = 64) ->
 
 def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devices=None):
   """(state, jitted train step, mesh) of `model` for `task` (default: causal LM) with the real optimizer recipe
-  of the `train` section (default: 10 steps at 1e-2, no warmup) on a mesh (default: `devices`, else the first
-  device alone, as `experiment_config`)."""
+  of the `train` section (default: 10 steps at 1e-2, no warmup) on `mesh` over `devices` (default: the first
+  device alone, as `experiment_config`; a given mesh without `devices` spans all of them)."""
   import jax
   from jaxlm import sharding
   from jaxlm.models import params as params_lib
@@ -125,9 +125,7 @@ def make_trainer(model, *, task=None, mesh=None, train=None, seed: int = 0, devi
 
   task = task or CausalLm()
   train = train or train_config(steps=10, warmup_steps=0, learning_rate=1e-2)
-  if devices is None:
-    devices = jax.devices() if mesh else jax.devices()[:1]
-  mesh = sharding.create_mesh(mesh or dict(data=-1, fsdp=1, tensor=1), devices)
+  mesh = sharding.create_mesh(mesh or dict(data=-1, fsdp=1, tensor=1, num_devices=1), devices)
   optimizer, schedule, _ = optim.optimizer_for(train, task.new_params)
   _, shardings = state_lib.state_shardings(model, optimizer, mesh)
   state = state_lib.create_train_state(
