@@ -1,6 +1,6 @@
 """Compresses a trained run into a new workdir: one-shot pruning and / or post-training weight quantization.
 
-    python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_int4 --quantize=int4-g64
+    python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_int4 --quantize=int4-g16
     python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_24 --prune=2:4
     python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_heads --prune=heads:0.25
     python scripts/compress.py --workdir=runs/quickstart --out=runs/quickstart_p50 --prune=0.5 --quantize=int8
