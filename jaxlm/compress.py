@@ -97,28 +97,43 @@ def compress(
   config.model.fake_quantize = ""
   if quantize_scheme:
     config.model.quantize = quantize_scheme
+  record["source_checkpoint_bytes"] = directory_bytes(os.path.join(workdir, "checkpoints", str(ref.step)))
+  # Written to OUT.incomplete and renamed into place once whole: a failure (a scheme the kernels do not fit, a
+  # full disk) leaves no half-written OUT that would refuse the corrected rerun.
+  staging = os.path.normpath(out) + ".incomplete"
+  shutil.rmtree(staging, ignore_errors=True)  # what a failed earlier attempt left
+  try:
+    _write_compressed(staging, source, config, params, ref.step, quantize_scheme, record)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  os.replace(staging, out)
+  if report:
+    compression_report(out, workdir, step=ref.step)
+  return record
+
+
+def _write_compressed(out: str, source, config, params, step: int, quantize_scheme: str, record: dict) -> None:
+  """Writes the compressed workdir (tokenizer, config.json, the parameters at `step`, compression.json) to `out`,
+  adding its sizes to `record`."""
   os.makedirs(out)
   shutil.copy(source.tokenizer.path, os.path.join(out, "tokenizer.model"))
   target = Experiment.from_config(config, out)
   if quantize_scheme:
     params = quantize.convert_params(params, target.abstract_params(), quantize_scheme)
   workdir_lib.write_config(out, config)
-  checkpoint.save_params(out, params, ref.step)
+  checkpoint.save_params(out, params, step)
   record.update(
     total_params=params_lib.count(params),
     weight_bytes=quantize.kernel_bytes(params),
     checkpoint_bytes=directory_bytes(os.path.join(out, "checkpoints")),
-    source_checkpoint_bytes=directory_bytes(os.path.join(workdir, "checkpoints", str(ref.step))),
   )
   os.makedirs(os.path.join(out, "eval"), exist_ok=True)
-  if prune:
+  if "sparsity" in record:
     with open(os.path.join(out, "eval", "sparsity.json"), "w") as f:
       json.dump(record["sparsity"], f, indent=2)
   with open(os.path.join(out, "compression.json"), "w") as f:
     json.dump(record, f, indent=2)
-  if report:
-    compression_report(out, workdir, step=ref.step)
-  return record
 
 
 def params_kept(params) -> dict:

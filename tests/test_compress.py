@@ -52,3 +52,15 @@ def test_cli_evaluates_and_generates_a_quantized_workdir(int4_workdir):
   run_cli("--mode=eval", f"--workdir={int4_workdir}", "--step=latest")
   result = run_cli("--mode=generate", f"--workdir={int4_workdir}", "--prompt=def ")
   assert result.returncode == 0
+
+
+def test_a_failed_compression_leaves_no_output_and_the_corrected_rerun_writes_it(tiny_workdir, tmp_path):
+  from jaxlm.errors import ConfigError
+
+  out = str(tmp_path / "q")
+  with pytest.raises(ConfigError, match="do not divide"):  # 7-weight groups fit no kernel of the tiny model
+    compress.compress(tiny_workdir, out, quantize_scheme="int4-g7", report=False)
+  assert os.listdir(tmp_path) == []  # neither OUT nor OUT.incomplete
+  record = compress.compress(tiny_workdir, out, quantize_scheme="int8", report=False)
+  assert os.listdir(tmp_path) == ["q"] and record == json.load(open(os.path.join(out, "compression.json")))
+  assert Experiment.from_workdir(out).model_config.quantize == "int8"
